@@ -1,0 +1,60 @@
+"""Shared pieces of the linear-layer kinds: dtype handling, initialisers, activations and validation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array] | None] = {
+    "identity": None,
+    "none": None,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "tanh": jnp.tanh,
+}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+  """Accepts a dtype or one of the names in `DTYPES`; raises ValueError naming anything else."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+  return jnp.dtype(dtype)
+
+
+def resolve_activation(name: str | None):
+  if name is None:
+    return None
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def check_dims(d_in: int, d_out: int) -> None:
+  for name, v in (("d_in", d_in), ("d_out", d_out)):
+    if not isinstance(v, int) or v <= 0:
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def check_rank(rank: int, d_in: int, d_out: int) -> None:
+  if not isinstance(rank, int) or rank <= 0 or rank >= min(d_in, d_out):
+    raise ValueError(
+        f"rank must be an int with 0 < rank < min(d_in, d_out) = {min(d_in, d_out)} "
+        f"(layer {d_in}x{d_out}), got rank={rank!r}")
+
+
+def param(value: jax.Array, axes) -> "nnx.Param":
+  """An nnx.Param carrying logical axis names; mesh placement is left to lostjax.sharding (no eager sharding)."""
+  from flax import nnx
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def dense_init(key: jax.Array, d_in: int, d_out: int, std: float) -> jax.Array:
+  """The LLaMA/GaLore initialiser for a linear weight: N(0, std^2), float32, layout [d_in, d_out]."""
+  return std * jax.random.normal(key, (d_in, d_out), jnp.float32)

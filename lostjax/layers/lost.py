@@ -1,0 +1,155 @@
+"""LOST: low-rank factors from the SVD of the initial weight plus a channel-sparse complement.
+
+Paper: "LOST: Low-rank and Sparse Pre-training for Large Language Models", Li et al., arXiv 2508.02668.
+
+For a linear weight in the JAX layout W0 ∈ R^{d_in × d_out} (y = x W0), drawn with the layer's dense
+initialiser N(0, init_std²), LOST (paper §3, as summarised in ../shared/specs/lost_trp_lift.md §1.1–1.2):
+
+  1. SVD in float32:            W0 = U Σ Vᵀ,  U: [d_in, m], m = min(d_in, d_out)
+  2. low-rank part (trainable): A = U_r Σ_r^{1/2} ∈ R^{d_in×r},  B = Σ_r^{1/2} V_rᵀ ∈ R^{r×d_out}
+                                so A·B is the rank-r truncated SVD W_r of W0
+  3. residual:                  W_comp = Σ_{i=r+1}^{r+k'} σ_i u_i v_iᵀ   (k' = `residual_rank`, default: all)
+  4. channel score:             c_j = ‖W_comp[j, :]‖₂   (the paper's SVD_l2^rem; options: L1, random)
+  5. channel set:               I = sorted top-k of c, k = ⌊s·d_in⌋
+  6. sparse part (trainable):   W_s = W0[I, :] ∈ R^{k×d_out}   (option: W_comp[I, :])
+  7. forward:                   y = γ·σ(x A) B + (1−γ)·x[..., I] W_s
+
+γ is a static float (default 0.5) and σ defaults to the identity. I is stored as a non-trainable
+`SparseIndex` variable: it is checkpointed with the model, never seen by the optimizer (which only
+receives `nnx.Param` leaves) and never changes during training.
+
+Deliberate deviations from the authors' development code (github.com/JiaxiLi1/Lora-init @ec6ce9b,
+``HybridSparseLinear``), each pinned by a test in tests/test_lost.py:
+  * the SVD is taken of a fresh dense draw W0, not of an already rank-r product (which would make every
+    singular value beyond r ≈ 0 and the channel scores numerical noise);
+  * A and B are the SVD factors and are not re-randomised afterwards, so at init
+    γ·A·B + (1−γ)·S(W0[I]) is exactly the decomposition the sparse part was chosen against;
+  * no bias (LLaMA linears have none; the dev code adds a trainable zero bias).
+With k = 0 (s·d_in < 1) the layer has no sparse branch and is γ-scaled low rank.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lostjax.layers import common
+from lostjax.layers.lowrank import svd_factors
+
+SCORES = ("l2", "l1", "random")
+SPARSE_VALUES = ("original", "residual")
+
+
+class SparseIndex(nnx.Variable):
+  """Static int32 channel indices of a LOST layer: checkpointed state, not a trainable parameter."""
+
+
+class Decomposition(NamedTuple):
+  a: jax.Array          # [d_in, r]
+  b: jax.Array          # [r, d_out]
+  w_sparse: jax.Array   # [k, d_out]
+  idx: jax.Array        # [k] int32, sorted ascending
+
+
+def num_sparse_channels(d_in: int, sparsity: float) -> int:
+  """k = ⌊s·d_in⌋ (computed exactly for decimal s such as 0.05)."""
+  return int(d_in * sparsity + 1e-9)
+
+
+def check_sparsity(sparsity: float) -> None:
+  if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+    raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
+
+
+def decompose(w0: jax.Array, rank: int, sparsity: float, *, score: str = "l2",
+              residual_rank: int | None = None, sparse_values: str = "original",
+              key: jax.Array | None = None) -> Decomposition:
+  """Splits a dense weight w0 [d_in, d_out] into LOST factors, sparse rows and channel indices.
+
+  Args:
+    w0: the dense initial weight, layout [d_in, d_out].
+    rank: r, with 0 < r < min(d_in, d_out).
+    sparsity: s in [0, 1); k = ⌊s·d_in⌋ input channels are kept.
+    score: how input channels are ranked: "l2"/"l1" norm of the channel's row of the residual, or "random".
+    residual_rank: k', use only singular components r+1..r+k' for the residual (None: all remaining).
+    sparse_values: "original" (rows of w0) or "residual" (rows of the residual matrix).
+    key: PRNG key, required for score="random".
+  """
+  if w0.ndim != 2:
+    raise ValueError(f"w0 must be 2-D [d_in, d_out], got shape {w0.shape}")
+  d_in, d_out = w0.shape
+  common.check_rank(rank, d_in, d_out)
+  check_sparsity(sparsity)
+  if score not in SCORES:
+    raise ValueError(f"unknown channel score {score!r}; expected one of {SCORES}")
+  if sparse_values not in SPARSE_VALUES:
+    raise ValueError(f"unknown sparse_values {sparse_values!r}; expected one of {SPARSE_VALUES}")
+  m = min(d_in, d_out)
+  if residual_rank is None:
+    residual_rank = m - rank
+  if not isinstance(residual_rank, int) or residual_rank <= 0:
+    raise ValueError(f"residual_rank must be a positive int or None, got {residual_rank!r}")
+  stop = min(m, rank + residual_rank)
+
+  w0 = w0.astype(jnp.float32)
+  a, b, u, s, vt = svd_factors(w0, rank)
+  residual = (u[:, rank:stop] * s[None, rank:stop]) @ vt[rank:stop]
+  if score == "l2":
+    scores = jnp.linalg.norm(residual, axis=1)
+  elif score == "l1":
+    scores = jnp.sum(jnp.abs(residual), axis=1)
+  else:
+    if key is None:
+      raise ValueError("score='random' needs a PRNG key")
+    scores = jax.random.uniform(key, (d_in,))
+  k = num_sparse_channels(d_in, sparsity)
+  _, top = jax.lax.top_k(scores, k)
+  idx = jnp.sort(top).astype(jnp.int32)
+  source = w0 if sparse_values == "original" else residual
+  return Decomposition(a=a, b=b, w_sparse=source[idx], idx=idx)
+
+
+class Lost(nnx.Module):
+  """y = γ·σ(x A) B + (1−γ)·x[..., I] W_s."""
+
+  def __init__(self, d_in: int, d_out: int, *, rank: int, sparsity: float, rngs: nnx.Rngs,
+               gamma: float = 0.5, axes=(None, None), init_std: float = 0.02, activation: str | None = None,
+               score: str = "l2", residual_rank: int | None = None, sparse_values: str = "original",
+               sparse_impl: str = "xla", dtype="float32", param_dtype="float32"):
+    common.check_dims(d_in, d_out)
+    if not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+      raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
+    self.d_in, self.d_out, self.rank = d_in, d_out, rank
+    self.gamma = float(gamma)
+    self.sparse_impl = sparse_impl
+    self.dtype = common.resolve_dtype(dtype)
+    self.act = common.resolve_activation(activation)
+    pdt = common.resolve_dtype(param_dtype)
+    w0 = common.dense_init(rngs.params(), d_in, d_out, init_std)
+    dec = decompose(w0, rank, sparsity, score=score, residual_rank=residual_rank,
+                    sparse_values=sparse_values, key=rngs.params() if score == "random" else None)
+    self.k = int(dec.idx.shape[0])
+    self.a = common.param(dec.a.astype(pdt), (axes[0], "rank"))
+    self.b = common.param(dec.b.astype(pdt), ("rank", axes[1]))
+    self.w_sparse = common.param(dec.w_sparse.astype(pdt), ("sparse", axes[1]))
+    self.idx = SparseIndex(dec.idx, out_sharding=("sparse",), eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    h = jnp.dot(x, self.a[...].astype(self.dtype))
+    if self.act is not None:
+      h = self.act(h)
+    y = self.gamma * jnp.dot(h, self.b[...].astype(self.dtype))
+    if self.k:
+      y = y + (1.0 - self.gamma) * sparse_matmul(x, self.idx[...], self.w_sparse[...].astype(self.dtype),
+                                                 impl=self.sparse_impl)
+    return y
+
+
+def sparse_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: str = "xla") -> jax.Array:
+  """x[..., idx] @ w through lostjax.kernels (XLA gather path or the Pallas kernel)."""
+  from lostjax import kernels  # imported lazily: kernels import this package's layers in their tests
+  return kernels.gather_matmul(x, idx, w, impl=impl)

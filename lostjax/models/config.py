@@ -1,0 +1,84 @@
+"""LLaMA model configuration and the GaLore/LOST size presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lostjax.layers import KINDS
+
+# name: (d_model, d_ff, n_heads, n_layers, default rank for low-rank/LOST layers)
+# 60M…1B are the GaLore/LOST C4 shapes (configs/llama_*.json, vocab 32000); 7B is LLaMA-7B. The tiny presets are
+# for tests and CPU runs.
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (64, 176, 4, 2, 16),
+    "small": (256, 688, 4, 4, 64),
+    "20m": (384, 1024, 6, 6, 96),
+    "60m": (512, 1376, 8, 8, 128),
+    "130m": (768, 2048, 12, 12, 256),
+    "350m": (1024, 2736, 16, 24, 256),
+    "1b": (2048, 5461, 32, 24, 512),
+    "7b": (4096, 11008, 32, 32, 1024),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  d_model: int = 512
+  d_ff: int = 1376
+  n_heads: int = 8
+  n_layers: int = 8
+  max_seq_len: int = 1024
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  # Linear kind per projection group ('dense' | 'lowrank' | 'lost') and its rank.
+  attn_kind: str = "dense"
+  mlp_kind: str = "dense"
+  attn_rank: int = 128
+  mlp_rank: int = 128
+  # LOST / low-rank options, shared by all non-dense projections.
+  sparsity: float = 0.05
+  gamma: float = 0.5
+  lowrank_act: str = "identity"
+  lowrank_init: str = "svd"
+  lost_score: str = "l2"
+  lost_residual_rank: int = 0      # 0: all remaining singular components
+  lost_sparse_values: str = "original"
+  sparse_impl: str = "auto"       # 'auto' | 'xla' | 'pallas' for the LOST sparse branch
+  # Numerics: parameters in param_dtype, matmuls in dtype (bf16 compute with float32 master weights).
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  attention_impl: str = "xla"     # passed to jax.nn.dot_product_attention ('xla' | 'cudnn' | None = auto)
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "max_seq_len"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v <= 0:
+        raise ValueError(f"model.{name} must be a positive int, got {v!r}")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+    if (self.d_model // self.n_heads) % 2:
+      raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings")
+    for name in ("attn_kind", "mlp_kind"):
+      if getattr(self, name) not in KINDS:
+        raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
+    if self.sparse_impl not in ("auto", "xla", "pallas"):
+      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected 'auto', 'xla' or 'pallas'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+  """A LlamaConfig for a named size ('tiny', 'small', '20m', '60m', '130m', '350m', '1b', '7b')."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+  d, ff, h, n, r = PRESETS[name]
+  base = dict(d_model=d, d_ff=ff, n_heads=h, n_layers=n, attn_rank=r, mlp_rank=r)
+  if name in ("tiny", "small"):
+    base["vocab_size"] = 256 + 1  # byte tokenizer + EOS
+  base.update(overrides)
+  return LlamaConfig(**base)

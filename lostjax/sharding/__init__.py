@@ -1,0 +1,103 @@
+"""Device mesh and logical-axis sharding rules (MaxText-style), with no model code involved.
+
+Parameters carry logical axis names (`out_sharding` metadata on each `nnx.Variable`, e.g. ("embed", "mlp")).
+`logical_to_mesh` maps them onto mesh axes through a rules table; a dimension that the mapped mesh axes do not
+divide evenly is replicated instead, so every preset runs on any mesh shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("rank", None),
+    ("sparse", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None):
+  """A 3-axis ('data', 'fsdp', 'tensor') mesh with Auto axis types; data=-1 takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  for name, v in (("fsdp", fsdp), ("tensor", tensor)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"mesh.{name} must be a positive int, got {v!r}")
+  if data == -1:
+    if n % (fsdp * tensor):
+      raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {n} available devices")
+    data = n // (fsdp * tensor)
+  if not isinstance(data, int) or data < 1 or data * fsdp * tensor != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} != {n} available devices")
+  return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(math.prod(mesh.shape[a] for a in axes))
+
+
+def logical_to_mesh(logical: Sequence[str | None] | None, shape: Sequence[int], mesh,
+                    rules=DEFAULT_RULES) -> P:
+  """Maps one array's logical axis names to a PartitionSpec on `mesh`."""
+  if logical is None:
+    return P()
+  table = dict(rules)
+  out, used = [], set()
+  for name, dim in zip(logical, shape):
+    axes = table.get(name) if name is not None else None
+    if axes is not None:
+      tup = (axes,) if isinstance(axes, str) else tuple(axes)
+      tup = tuple(a for a in tup if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+      if tup and dim % _axis_size(mesh, tup) == 0:
+        used.update(tup)
+        out.append(tup[0] if len(tup) == 1 else tup)
+        continue
+    out.append(None)
+  return P(*out)
+
+
+def state_shardings(state, mesh, rules=DEFAULT_RULES):
+  """NamedShardings for an nnx.State (real or abstract) from each Variable's `out_sharding` metadata."""
+  def one(v):
+    if isinstance(v, nnx.Variable):
+      logical = v.get_metadata().get("out_sharding")
+      spec = logical_to_mesh(logical, v.shape, mesh, rules)
+      return v.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+  """Shards the leading (batch) dimension over the mesh axes that 'batch' maps to."""
+  axes = tuple(a for a in dict(rules)["batch"] if mesh.shape.get(a, 1) > 1)
+  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
+  return _axis_size(mesh, tuple(a for a in dict(rules)["batch"] if a in mesh.shape))
+
+
+__all__ = ["make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
+           "MESH_AXES", "batch_divisor"]
