@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state, the model's static variables and the data-iterator position.
+
+Layout: <workdir>/checkpoints/<step>/{state, data}. `state` holds the donated train state (params, optimizer,
+objective state, step) under 'train' and the non-trainable model variables (LOST channel indices) under 'static';
+`data` is the JSON position
+of the training iterator, so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  pass
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, keep: int = 3):
+    if not isinstance(keep, int) or keep < 1:
+      raise ValueError(f"train.keep_ckpts must be a positive int, got {keep!r}")
+    self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, rest, data_state: dict) -> None:
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"train": state, "static": rest}), data=ocp.args.JsonSave(data_state)))
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, state_like, rest_like):
+    """Restores into the shapes/shardings of freshly initialised `state_like`/`rest_like`."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract({"train": state_like, "static": rest_like})),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for missing/corrupt files and structure mismatches
+      raise CheckpointError(
+          f"cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}. The checkpoint is corrupt or was written by a different "
+          f"model/optimizer; nothing was changed on disk.") from e
+    return out["state"]["train"], out["state"]["static"], out["data"]
+
+  def close(self):
+    self.manager.close()
+
+
+def load_model(workdir: str, step: int | None = None):
+  """Rebuilds the trained model of a run directory: returns (model, config) from its latest (or given) checkpoint."""
+  from flax import nnx
+  import ml_collections
+
+  from train import trainer
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"no config.json in workdir {workdir!r}: not a lostjax run directory")
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  ckpt = Checkpointer(workdir)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(f"no checkpoint in {ckpt.directory}")
+  graphdef, params, rest = trainer.init_model(trainer.llama_config(cfg), seed=cfg.train.seed)
+  try:
+    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, _fill(params, raw["train"]["params"]), _fill(rest, raw.get("static", {}))), cfg
+
+
+def _fill(like, raw):
+  """Copies arrays from a raw restored nested dict into the nnx.State `like`, matching paths by name."""
+  from flax import nnx
+  flat = []
+  for path, var in nnx.to_flat_state(like):
+    node = raw
+    for key in path:
+      node = node[key] if key in node else node[str(key)]
+    if hasattr(node, "keys") and "value" in node:
+      node = node["value"]
+    if tuple(node.shape) != tuple(var.shape):
+      raise CheckpointError(f"checkpoint leaf {'/'.join(map(str, path))} has shape {node.shape}, "
+                            f"the model expects {var.shape}")
+    flat.append((path, var.replace(jax.numpy.asarray(node))))
+  return nnx.from_flat_state(flat)

@@ -1,0 +1,53 @@
+"""Defaults shared by every training config. Config files call `base_config()` and override fields.
+
+Every field can be overridden on the command line, e.g. `--config.train.steps=500 --config.optim.lr=3e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from lostjax.models import preset
+from train.data import default_data_config
+from train.objectives import default_objectives_config
+from train.optimizer import default_optim_config
+
+METHODS = ("dense", "lowrank", "lost")
+
+
+def model_config(size: str, method: str = "dense") -> ml_collections.ConfigDict:
+  """All LlamaConfig fields for a preset size, with the projections of the chosen method."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  cfg = preset(size, attn_kind=method, mlp_kind=method)
+  c = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  c.preset = size
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_config("tiny", "dense")
+  c.data = default_data_config()
+  c.optim = default_optim_config()
+  c.objectives = default_objectives_config()
+  # data=-1 takes the devices left after fsdp x tensor; num_devices=0 uses every device.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  c.train = ml_collections.ConfigDict(dict(
+      seed=0,
+      steps=1000,
+      global_batch=32,        # sequences per optimizer step (all devices, all microbatches)
+      seq_len=256,
+      grad_accum=1,           # microbatches per step (global_batch must divide evenly)
+      log_every=10,
+      eval_every=200,         # 0: only at the end
+      ckpt_every=500,         # 0: only at the end (and on SIGTERM/SIGINT)
+      keep_ckpts=3,
+      nan_policy="stop",      # 'stop': stop at the first non-finite loss/gradient; 'skip': skip that update
+      progress=True,          # tqdm progress bar
+      plot=True,              # loss.png at the end
+      stop_at=0,              # >0: stop (with a checkpoint) after this step in this invocation; resume later
+  ))
+  return c

@@ -1,0 +1,45 @@
+"""LLaMA presets on the GaLore/LOST C4 protocol: `--config=train/configs/llama.py:<size>,<method>`.
+
+size: tiny | small | 20m | 60m | 130m | 350m | 1b | 7b; method: dense | lowrank | lost (default lost).
+Protocol (GaLore scripts/benchmark_c4, LOST §4): seq 256, 512×256 tokens per step, warmup 10 % then cosine to
+10 %, AdamW, 10K/20K/60K/100K steps for 60M/130M/350M/1B, C4 `c4/en` with T5's SentencePiece tokenizer (vocab
+32000 in the model). Provide the tokenizer with `--config.data.tokenizer_path=/path/to/spiece.model`; any local
+text works too: `--config.data.source=files --config.data.paths='/data/*.jsonl.gz'`.
+
+The learning rates are the GaLore/LOST scripts' (1e-3 for 60M–350M dense AdamW; LOST's dev code uses 1e-3 as
+well); they are starting points, not tuned values.
+"""
+
+from train.configs.base import base_config, model_config
+
+STEPS = {"tiny": 2000, "small": 5000, "20m": 5000, "60m": 10_000, "130m": 20_000, "350m": 60_000,
+         "1b": 100_000, "7b": 150_000}
+
+
+def get_config(arg: str = "60m,lost"):
+  parts = [p.strip() for p in (arg or "60m,lost").split(",")]
+  size = parts[0]
+  method = parts[1] if len(parts) > 1 else "lost"
+  if size not in STEPS:
+    raise ValueError(f"unknown preset size {size!r} in --config=...:{arg}; expected one of {sorted(STEPS)}")
+  c = base_config()
+  c.model = model_config(size, method)
+  if size not in ("tiny", "small"):
+    c.model.vocab_size = 32000
+    c.data.source = "tfds"
+    c.data.tfds_name = "c4/en"
+    c.data.tokenizer = "sentencepiece"
+    c.data.eval_max_tokens = 10_000_000
+    c.data.max_bytes = 0
+  c.model.max_seq_len = 1024
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-3
+  c.optim.warmup_frac = 0.1
+  c.optim.min_lr_ratio = 0.1
+  c.train.steps = STEPS[size]
+  c.train.global_batch = 512
+  c.train.seq_len = 256
+  c.train.eval_every = 1000
+  c.train.ckpt_every = 1000
+  c.train.log_every = 50
+  return c

@@ -1,0 +1,45 @@
+"""Entry point: `python -m train.main --config=train/configs/quickstart.py --workdir=runs/quick`.
+
+Flags: --config (an ml_collections config file, `path.py:arg` passes `arg` to get_config; override any field
+with --config.section.field=value), --workdir (outputs; rerunning with the same workdir resumes), --summary_only
+(print parameter counts, optimizer-state size and a memory estimate as one JSON line, then exit).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, loss.png, config.json.")
+flags.DEFINE_bool("summary_only", False, "Print one JSON line of counts and a memory estimate, then exit.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  cfg = FLAGS.config
+  if cfg is None:
+    raise app.UsageError("--config is required, e.g. --config=train/configs/quickstart.py")
+  from train import trainer  # after flag parsing, so --help is fast
+  try:
+    if FLAGS.summary_only:
+      print(json.dumps(trainer.summarize(cfg)))
+      return 0
+    if not FLAGS.workdir:
+      raise ValueError("--workdir is required for training")
+    out = trainer.train(cfg, FLAGS.workdir)
+    out.pop("state", None)
+    print(json.dumps({k: v for k, v in out.items() if isinstance(v, (int, float, str))}))
+  except (ValueError, trainer.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
