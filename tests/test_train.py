@@ -61,6 +61,15 @@ def test_end_to_end_outputs_and_loss_decreases(tmp_path):
   assert out["final_step"] == 30
   summary = json.load(open(run / "summary.json"))
   assert summary["params"]["index_count"] > 0
+  # the checkpoint rebuilds the trained model (used by the analysis commands)
+  from flax import nnx
+  from train.checkpoint import load_model
+  model, _ = load_model(str(run))
+  tokens = jax.numpy.arange(16, dtype=jax.numpy.int32)[None]
+  trained = nnx.state(model, nnx.Param)
+  for a, b in zip(jax.tree.leaves(trained), _params(out["state"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert model(tokens).shape == (1, 16, 257)
 
 
 @pytest.mark.parametrize("method", ["dense", "lost"])
@@ -100,6 +109,19 @@ def test_refuses_workdir_of_a_different_model(tmp_path):
   with pytest.raises(ValueError, match="model.d_model: 64 -> 128"):
     trainer.train(other, str(tmp_path / "run"))
   assert open(tmp_path / "run" / "config.json").read() == before
+
+
+def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
+  trainer.train(_cfg(tmp_path, steps=3), str(tmp_path / "run"))
+  ckpt = tmp_path / "run" / "checkpoints" / "3" / "state"
+  files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.stat().st_size > 0)
+  for p in files:
+    p.write_bytes(b"garbage")
+  listing = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+  with pytest.raises(ValueError, match="cannot restore checkpoint step 3"):
+    trainer.train(_cfg(tmp_path, steps=6), str(tmp_path / "run"))
+  assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == listing
+  assert all(p.read_bytes() == b"garbage" for p in files)
 
 
 def test_nan_loss_stops_with_step_and_skip_policy(tmp_path):
