@@ -126,6 +126,18 @@ def test_bf16_compute():
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=3e-2 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_sparse_impls_agree(impl):
+  x = jax.random.normal(jax.random.key(1), (3, 5, 32))
+  ref = Lost(32, 24, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), activation="silu", sparse_impl="xla")
+  other = Lost(32, 24, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), activation="silu", sparse_impl=impl)
+  np.testing.assert_allclose(np.asarray(other(x)), np.asarray(ref(x)), atol=1e-6)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p, nnx.state(m, SparseIndex))(x) ** 2))(
+      nnx.state(m, nnx.Param))
+  for a, b in zip(jax.tree.leaves(grad(other)), jax.tree.leaves(grad(ref))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_zero_sparsity_is_scaled_lowrank():
   layer = Lost(16, 16, rank=4, sparsity=0.0, gamma=0.5, rngs=nnx.Rngs(0), sparse_impl="xla")
   assert layer.k == 0
@@ -137,6 +149,7 @@ def test_zero_sparsity_is_scaled_lowrank():
     (dict(rank=16), "rank"), (dict(rank=20), "rank"), (dict(rank=0), "rank"),
     (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
     (dict(gamma=1.5), "gamma"), (dict(score="l3"), "l3"), (dict(activation="swish2"), "swish2"),
+    (dict(sparse_impl="cuda"), "cuda"),
 ])
 def test_bad_input(kwargs, match):
   args = dict(rank=4, sparsity=0.1)

@@ -41,6 +41,9 @@ from lostjax.layers.lowrank import svd_factors
 
 SCORES = ("l2", "l1", "random")
 SPARSE_VALUES = ("original", "residual")
+# 'auto' | 'xla' | 'pallas': the sparse branch through kernels.gather_matmul (auto = Pallas on GPU, else XLA);
+# 'fused': both branches as one GEMM over [σ(xA), x[:, I]] (kernels.lost_matmul, impl='concat').
+SPARSE_IMPLS = ("auto", "xla", "pallas", "fused")
 
 
 class SparseIndex(nnx.Variable):
@@ -124,6 +127,8 @@ class Lost(nnx.Module):
       raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
     self.d_in, self.d_out, self.rank = d_in, d_out, rank
     self.gamma = float(gamma)
+    if sparse_impl not in SPARSE_IMPLS:
+      raise ValueError(f"unknown sparse_impl {sparse_impl!r}; expected one of {SPARSE_IMPLS}")
     self.sparse_impl = sparse_impl
     self.dtype = common.resolve_dtype(dtype)
     self.act = common.resolve_activation(activation)
@@ -139,6 +144,10 @@ class Lost(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
+    if self.sparse_impl == "fused" and self.k:
+      from lostjax import kernels
+      return kernels.lost_matmul(x, self.a[...].astype(self.dtype), self.b[...].astype(self.dtype), self.idx[...],
+                                 self.w_sparse[...].astype(self.dtype), self.gamma, act=self.act, impl="concat")
     h = jnp.dot(x, self.a[...].astype(self.dtype))
     if self.act is not None:
       h = self.act(h)

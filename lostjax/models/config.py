@@ -45,7 +45,7 @@ class LlamaConfig:
   lost_score: str = "l2"
   lost_residual_rank: int = 0      # 0: all remaining singular components
   lost_sparse_values: str = "original"
-  sparse_impl: str = "auto"       # 'auto' | 'xla' | 'pallas' for the LOST sparse branch
+  sparse_impl: str = "auto"       # LOST: 'auto' | 'xla' | 'pallas' sparse branch, or 'fused' (one GEMM)
   # Numerics: parameters in param_dtype, matmuls in dtype (bf16 compute with float32 master weights).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -64,8 +64,8 @@ class LlamaConfig:
     for name in ("attn_kind", "mlp_kind"):
       if getattr(self, name) not in KINDS:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
-    if self.sparse_impl not in ("auto", "xla", "pallas"):
-      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected 'auto', 'xla' or 'pallas'")
+    if self.sparse_impl not in ("auto", "xla", "pallas", "fused"):
+      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected 'auto', 'xla', 'pallas' or 'fused'")
 
   @property
   def head_dim(self) -> int:
