@@ -7,8 +7,11 @@ warmup + cosine schedule used by GaLore/FRUGAL/LOST pre-training (linear warmup 
 cosine decay to `min_lr_ratio * lr`).
 
 Names: adamw, frugal, galore, lift, trp (normalized_gd is for logistic regression and needs per-sample
-margins, so it is not offered here). Defaults: betas (0.9, 0.999) and eps 1e-8 as in the FRUGAL/GaLore C4 pre-training scripts (LOST's dev code uses
-b2 = 0.95; override with `--config.optim.b2=0.95`).
+margins, so it is not offered here). Defaults: betas (0.9, 0.999) and eps 1e-8 as in the FRUGAL/GaLore C4
+pre-training scripts (LOST's dev code uses b2 = 0.95: `--config.optim.b2=0.95`). FRUGAL defaults to the paper's
+runs (proj_type='blockwise', descending, rho 0.25, T 200); GaLore to rank 128, scale 0.25, eps 1e-6 (its scripts use
+lr 0.01: set `--config.optim.lr=0.01`). LIFT and TRP need `params` in `tx.update`; LIFT's filter_rank (64) must
+not exceed the smaller side of any matrix.
 """
 from __future__ import annotations
 

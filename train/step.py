@@ -59,7 +59,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg):
           body, (zeros, 0.0, 0.0), (micro(tokens), micro(ids)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, ce = loss / accum, ce / accum
-      obj_updates = jax.tree.map(lambda x: x[-1], obj_updates)
+      obj_updates = objectives.merge_microbatch_updates(obj_cfg, obj_updates)
       obj_metrics = jax.tree.map(jnp.mean, obj_metrics)
 
     grad_norm = optax.global_norm(grads)

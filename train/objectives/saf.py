@@ -24,7 +24,8 @@ Language-model adaptation (deliberate deviations from the image-classification r
   (data-processing inequality) and equals it when k = vocabulary size. Storing full logits (the reference keeps
   all 1000 classes) would cost N·Ẽ·T·V floats, which is impossible for LMs.
 * Memory: N examples × Ẽ slots × T positions × ((k+1)·bytes(store_dtype) + k·bytes(id)) + 4 bytes (visit
-  counter); ids are uint16 when the vocabulary has ≤ 65536 tokens, else int32. Example: T=256, k=8, Ẽ=3, bf16,
+  counter); ids are uint16 when the vocabulary has ≤ 65536 tokens, else int32. N is rounded up to a multiple of
+  1024 rows so that the shape does not depend on the device count. Example: T=256, k=8, Ẽ=3, bf16,
   uint16 → 3·256·(18+16) + 4 = 26,116 B ≈ 25.5 KiB per sequence (`store_bytes_per_example`).
 * The store is keyed by the GLOBAL example id (the data pipeline's index of the packed sequence), one array
   [N, Ẽ, T, ...] in the train state, sharded over the batch mesh axes (row i on the device that owns it; XLA
@@ -151,24 +152,32 @@ def store_bytes_per_example(*, seq_len: int, topk: int, epochs_back: int, vocab_
   return epochs_back * seq_len * ((topk + 1) * vb + topk * ib) + 4
 
 
-def _batch_axes():
-  """Mesh axes of the current mesh context that shard the batch dimension (empty without a mesh)."""
+# The store has N rounded up to a multiple of this many rows, whatever the mesh: its shape must not depend on the
+# device count, or a checkpoint could not be restored on another mesh.
+ROW_MULTIPLE = 1024
+
+
+def _store_axes(rows: int):
+  """The batch mesh axes of the current mesh context whose total size divides `rows` (() without a mesh)."""
   from lostjax import sharding as sharding_lib
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return (), 1
+    return ()
   rule = dict(sharding_lib.DEFAULT_RULES)["batch"]
   rule = (rule,) if isinstance(rule, str) else tuple(rule)
   axes = tuple(a for a in rule if mesh.shape.get(a, 1) > 1)
-  return axes, int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  while axes and rows % int(np.prod([mesh.shape[a] for a in axes])):
+    axes = axes[:-1]
+  return axes
 
 
 def store_init(*, num_examples: int, epochs_back: int, seq_len: int, topk: int, vocab_size: int,
                store_dtype: str = "bfloat16") -> dict:
-  """Empty store {'logp': [N', Ẽ, T, k+1], 'ids': [N', Ẽ, T, k], 'count': int32[N']}.
+  """Empty store {'logp': [N', Ẽ, T, k+1], 'ids': [N', Ẽ, T, k], 'count': int32[N'], 'size': int32 N}.
 
-  Inside a `jax.set_mesh` context the leading axis is sharded over the batch mesh axes (N' = N rounded up to a
-  multiple of their size; the padding rows are never addressed). Without a mesh the arrays are plain.
+  N' = N rounded up to a multiple of ROW_MULTIPLE (the padding rows are never addressed), independent of the mesh.
+  Inside a `jax.set_mesh` context the leading axis is sharded over the batch mesh axes (those whose size divides
+  N'; replicated if none does). Without a mesh the arrays are plain.
   """
   for name, v in (("num_train_examples", num_examples), ("saf.epochs_back", epochs_back), ("seq_len", seq_len),
                   ("saf.topk", topk), ("vocab_size", vocab_size)):
@@ -180,24 +189,28 @@ def store_init(*, num_examples: int, epochs_back: int, seq_len: int, topk: int, 
     raise ValueError(f"saf.topk={topk} exceeds vocab_size={vocab_size}")
   if store_dtype not in STORE_DTYPES:
     raise ValueError(f"saf.store_dtype={store_dtype!r}; expected one of {sorted(STORE_DTYPES)}")
-  axes, div = _batch_axes()
-  n = -(-int(num_examples) // div) * div
+  n = -(-int(num_examples) // ROW_MULTIPLE) * ROW_MULTIPLE
+  axes = _store_axes(n)
   shapes = {"logp": ((n, epochs_back, seq_len, topk + 1), STORE_DTYPES[store_dtype]),
             "ids": ((n, epochs_back, seq_len, topk), id_dtype(vocab_size)),
             "count": ((n,), jnp.int32)}
-  make = lambda: {k: jnp.zeros(s, d) for k, (s, d) in shapes.items()}
+
+  def make():
+    out = {k: jnp.zeros(s, d) for k, (s, d) in shapes.items()}
+    out["size"] = jnp.asarray(num_examples, jnp.int32)  # N: ids >= N are out of range
+    return out
+
   if not axes:
     return make()
   lead = axes[0] if len(axes) == 1 else axes
-  return jax.jit(make, out_shardings={k: jax.P(lead) for k in shapes})()
+  return jax.jit(make, out_shardings={**{k: jax.P(lead) for k in shapes}, "size": jax.P()})()
 
 
 def _safe_ids(store, ids):
-  """(row index, in-range mask); out-of-range ids address row N' (dropped by scatters, clamped by gathers)."""
-  n = store["count"].shape[0]
+  """(row index, in-range mask); ids outside [0, N) address row N' (dropped by scatters, filled by gathers)."""
   ids = ids.astype(jnp.int32)
-  ok = (ids >= 0) & (ids < n)
-  return jnp.where(ok, ids, n), ok
+  ok = (ids >= 0) & (ids < store["size"])
+  return jnp.where(ok, ids, store["count"].shape[0]), ok
 
 
 def store_read(store, ids):
@@ -225,7 +238,7 @@ def store_write(store, ids, logp, tok):
   slot = count % e
   return {"logp": store["logp"].at[rows, slot].set(logp.astype(store["logp"].dtype), mode="drop"),
           "ids": store["ids"].at[rows, slot].set(tok.astype(store["ids"].dtype), mode="drop"),
-          "count": store["count"].at[rows].add(1, mode="drop")}
+          "count": store["count"].at[rows].add(1, mode="drop"), "size": store["size"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
