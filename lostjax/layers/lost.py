@@ -41,9 +41,10 @@ from lostjax.layers.lowrank import svd_factors
 
 SCORES = ("l2", "l1", "random")
 SPARSE_VALUES = ("original", "residual")
-# 'auto' | 'xla' | 'pallas': the sparse branch through kernels.gather_matmul (auto = Pallas on GPU, else XLA);
+# 'xla' | 'xla_onehot' | 'auto' | 'pallas': the sparse branch through kernels.gather_matmul ('xla_onehot': its
+# input gradient as a one-hot GEMM instead of a scatter; 'auto': the Pallas kernel on GPU, XLA elsewhere);
 # 'fused': both branches as one GEMM over [σ(xA), x[:, I]] (kernels.lost_matmul, impl='concat').
-SPARSE_IMPLS = ("auto", "xla", "pallas", "fused")
+SPARSE_IMPLS = ("auto", "xla", "xla_onehot", "pallas", "fused")
 
 
 class SparseIndex(nnx.Variable):
@@ -161,4 +162,6 @@ class Lost(nnx.Module):
 def sparse_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: str = "xla") -> jax.Array:
   """x[..., idx] @ w through lostjax.kernels (XLA gather path or the Pallas kernel)."""
   from lostjax import kernels  # imported lazily: kernels import this package's layers in their tests
+  if impl == "xla_onehot":
+    return kernels.gather_matmul(x, idx, w, impl="xla", dx_mode="onehot")
   return kernels.gather_matmul(x, idx, w, impl=impl)

@@ -98,7 +98,7 @@ class _Matrix:
   proj: str
   kind: str          # 'dense' | 'lowrank' | 'lost'
   leaves: tuple      # indices into the flattened params: (kernel,) or (a, b) or (a, b, w_sparse)
-  idx: object        # LOST channel indices (np int array) or None
+  idx: tuple | None  # LOST channel indices (python ints, hashable) or None
   gamma: float
 
 
@@ -119,14 +119,17 @@ def _find_matrices(params, static, include_mlp: bool, gamma) -> tuple[list, list
       if m is not None and m["leaf"] == "idx" and m["prefix"] in groups:
         groups[m["prefix"]]["idx"] = np.asarray(leaf)
   matrices = []
-  for prefix, e in sorted(groups.items(), key=lambda kv: (kv[1]["group"], kv[1]["layer"], kv[1]["proj"])):
+  known = ATTN_PROJECTIONS + MLP_PROJECTIONS
+  order = lambda e: (e["group"], e["layer"], known.index(e["proj"]) if e["proj"] in known else len(known), e["proj"])
+  for prefix, e in sorted(groups.items(), key=lambda kv: order(kv[1])):
     if "kernel" in e:
       matrices.append(_Matrix(prefix, e["layer"], e["group"], e["proj"], "dense", (e["kernel"],), None, 1.0))
     elif "a" in e and "b" in e and "w_sparse" in e:
       if "idx" not in e:
         raise ValueError(f"LOST layer {prefix!r} has 'w_sparse' but no 'idx' index variable in params or static")
       matrices.append(_Matrix(prefix, e["layer"], e["group"], e["proj"], "lost",
-                              (e["a"], e["b"], e["w_sparse"]), e["idx"].astype(np.int32), _gamma_for(prefix, gamma)))
+                              (e["a"], e["b"], e["w_sparse"]), tuple(int(i) for i in np.ravel(e["idx"])),
+                              _gamma_for(prefix, gamma)))
     elif "a" in e and "b" in e:
       matrices.append(_Matrix(prefix, e["layer"], e["group"], e["proj"], "lowrank", (e["a"], e["b"]), None, 1.0))
     else:
@@ -153,17 +156,19 @@ def _gamma_for(prefix: str, gamma) -> float:
 
 
 def _analysed(mat: _Matrix, grads, leaves):
-  """The analysed matrix of one layer for a chunk of samples: grads are [chunk, ...] per selected leaf."""
+  """The analysed matrix of one layer for a chunk of samples: grads are [chunk, ...] per selected leaf.
+  Computed in float32 whatever the parameter dtype."""
+  f32 = lambda x: x.astype(jnp.float32)
   if mat.kind == "dense":
-    return grads[0]
-  a, b = leaves[mat.leaves[0]], leaves[mat.leaves[1]]
-  g_a, g_b = grads[0], grads[1]
+    return f32(grads[0])
+  a, b = f32(leaves[mat.leaves[0]]), f32(leaves[mat.leaves[1]])
+  g_a, g_b = f32(grads[0]), f32(grads[1])
   lowrank = jnp.einsum("nir,ro->nio", g_a, b) + jnp.einsum("ir,nro->nio", a, g_b)
   if mat.kind == "lowrank":
     return lowrank
-  g_s = grads[2]
-  d_in = a.shape[0]
-  sparse = jnp.zeros((g_s.shape[0], d_in, g_s.shape[2]), g_s.dtype).at[:, jnp.asarray(mat.idx)].add(g_s)
+  g_s = f32(grads[2])
+  idx = jnp.asarray(np.asarray(mat.idx, np.int32))
+  sparse = jnp.zeros((g_s.shape[0], a.shape[0], g_s.shape[2]), jnp.float32).at[:, idx].add(g_s)
   return mat.gamma * lowrank + (1.0 - mat.gamma) * sparse
 
 
@@ -189,16 +194,6 @@ def _chunk_matrices(loss_fn, treedef, matrices, want_matrices, leaves, examples)
     analysed = _analysed(mat, [grads[pos[i]] for i in mat.leaves], leaves)
     out.append(analysed if want_matrices else matrix_spectrum_metrics(analysed))
   return out
-
-
-class _Hashable:
-  """Wraps a tuple of _Matrix (holding numpy idx arrays) so it can be a static jit argument (by identity)."""
-
-  def __init__(self, items):
-    self.items = tuple(items)
-
-  def __iter__(self):
-    return iter(self.items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +270,7 @@ def _prepare(loss_fn, params, batch, static, include_mlp, gamma, chunk_size):
 
 def _run_chunks(loss_fn, params, batch, static, include_mlp, gamma, chunk_size, want_matrices):
   matrices, leaves, treedef, num = _prepare(loss_fn, params, batch, static, include_mlp, gamma, chunk_size)
-  key = _Hashable(matrices)
+  key = tuple(matrices)   # hashable by value: repeated calls on the same model reuse the compilation
   chunk = min(chunk_size, num)
   results = []
   for start in range(0, num, chunk):

@@ -21,7 +21,7 @@ Deliberate choices / deviations:
 - Following Besiroglu et al. (arXiv:2404.10102), the Huber loss is *summed* (not averaged) and optimised in
   float64 with a tight gradient tolerance, because the averaged loss made the original optimiser stop early.
   The L-BFGS is optax.lbfgs (zoom line search), vmapped over the 4500 starts (not scipy's L-BFGS-B). To keep
-  a fit to seconds on CPU, every start first runs `screen_iters`=20 iterations and only the 32 lowest are
+  a fit to seconds on CPU, every start first runs `screen_iters`=10 iterations and only the 32 lowest are
   then run to convergence (gradient norm < 1e-12 or 1000 iterations); `screen_iters=max_iter` restores the
   run-every-start-to-convergence procedure.
 - The Hitchhiker cut of 1e10 tokens is a parameter (`min_tokens`); for the small runs of this project the CLI
@@ -191,9 +191,18 @@ def _lbfgs_solve(fun, x0, max_iter, tol, max_linesearch_steps, ftol=1e-14):
   return x, fun(x)
 
 
+def _huber_objective_logs(params, log_n, log_d, log_loss, weights, delta):
+  """`huber_objective` on precomputed logs (keeps 3 logs per point out of the optimiser's loop)."""
+  a, b, e, alpha, beta = (params[i] for i in range(5))
+  pred_log = jax.scipy.special.logsumexp(
+      jnp.stack([a - alpha * log_n, b - beta * log_d, jnp.broadcast_to(e, log_n.shape)], -1), axis=-1)
+  return jnp.sum(weights * huber(pred_log - log_loss, delta))
+
+
 @functools.partial(jax.jit, static_argnames=("max_linesearch_steps",))
 def _solve_many(x0s, n, d, loss, weights, delta, tol, max_iter, max_linesearch_steps):
-  fun = lambda x: huber_objective(x, n, d, loss, delta, weights)
+  log_n, log_d, log_loss = jnp.log(n), jnp.log(d), jnp.log(loss)
+  fun = lambda x: _huber_objective_logs(x, log_n, log_d, log_loss, weights, delta)
   return jax.vmap(lambda x0: _lbfgs_solve(fun, x0, max_iter, tol, max_linesearch_steps))(x0s)
 
 
@@ -256,7 +265,7 @@ def _fit_least_squares(n, d, loss, p0):
 
 def fit_scaling_law(n, d, loss, *, method: str = "huber", delta: float = 1e-3, init_grid=None,
                     p0: Sequence[float] = P0_DATABLATIONS, max_iter: int = 1000, tol: float = 1e-12,
-                    screen_iters: int = 20, polish_top: int = 32, chunk: int = 1500) -> ScalingLawFit:
+                    screen_iters: int = 10, polish_top: int = 32, chunk: int = 1500) -> ScalingLawFit:
   """Fits L(N, D) = E + A / N^alpha + B / D^beta to points (n[i], d[i], loss[i]).
 
   Args:
@@ -391,6 +400,10 @@ def fit_runs(runs: Sequence[RunCurve], *, methods=("huber", "least_squares"), ho
   if holdout:
     target = max(runs, key=lambda r: r.n)
     others = [r for r in runs if r is not target]
+    if len({r.n for r in others}) < 2 and target_train_fraction <= 0:
+      raise ValueError(f"hold-out fitting needs at least 2 runs of different sizes besides the largest (target) "
+                       f"run, got {len(runs)} runs with sizes {sorted(r.n for r in runs)}; pass holdout=False "
+                       f"(--no-holdout) or target_train_fraction > 0")
     n, d, loss = fit_points(others, min_tokens, min_fraction)
     if target_train_fraction > 0:
       tn, td, tl = fit_points([target], min_tokens, min_fraction, target_train_fraction)
