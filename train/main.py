@@ -16,6 +16,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, loss.png, config.json.")
 flags.DEFINE_bool("summary_only", False, "Print one JSON line of counts and a memory estimate, then exit.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU; run the "
+                  "same command on every host).")
 FLAGS = flags.FLAGS
 
 
@@ -25,6 +27,9 @@ def main(argv):
   cfg = FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=train/configs/quickstart.py")
+  if FLAGS.distributed:
+    import jax
+    jax.distributed.initialize()
   from train import trainer  # after flag parsing, so --help is fast
   try:
     if FLAGS.summary_only:
