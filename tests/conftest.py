@@ -8,3 +8,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Many tests build the same tiny models and train steps through fresh jit objects (every trainer.train call);
+# a persistent compilation cache keyed on the HLO lets repeated compilations be served from disk.
+jax.config.update("jax_compilation_cache_dir", os.environ.get("LOSTJAX_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="lostjax-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -126,21 +126,21 @@ def test_sequence_too_long():
     model(jnp.zeros((1, 9), jnp.int32))
 
 
-def test_forward_under_8_device_mesh():
+@pytest.mark.parametrize("sharded", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_forward_under_8_device_mesh(sharded):
   assert jax.device_count() == 8
   cfg = _tiny(attn_kind="lost", mlp_kind="lost")
   mesh = sharding.make_mesh(data=2, fsdp=4)
-  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abs_state = nnx.split(abstract)
-  shard = sharding.state_shardings(abs_state, mesh)
+  graphdef, params, rest = sharding.init_module(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh, sharded=sharded)
+  emb = params["embed"]["embedding"][...]
+  assert emb.sharding.spec == jax.P(None, "fsdp") and len(emb.sharding.device_set) == 8
+  assert params["layers"][0]["mlp"]["gate"]["a"][...].sharding.spec == jax.P("fsdp", None)
+  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (8, 16), 0, cfg.vocab_size),
+                          sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))[1], out_shardings=shard)()
-    emb = state["embed"]["embedding"][...]
-    assert emb.sharding.spec == jax.P(None, "fsdp")
-    tokens = jax.device_put(jax.random.randint(jax.random.key(0), (8, 16), 0, cfg.vocab_size),
-                            sharding.batch_sharding(mesh))
-    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
-  single = Llama(cfg, rngs=nnx.Rngs(0))(jax.device_get(tokens))
+    logits = jax.jit(lambda p, r, t: nnx.merge(graphdef, p, r)(t))(params, rest, tokens)
+  assert len(logits.sharding.device_set) == 8
+  single = jax.jit(lambda t: Llama(cfg, rngs=nnx.Rngs(0))(t))(jax.device_get(tokens))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(single), atol=1e-5)
 
 

@@ -50,22 +50,14 @@ def llama_config(cfg, vocab_size: int | None = None) -> LlamaConfig:
   return LlamaConfig(**fields)
 
 
-def init_model(model_cfg: LlamaConfig, seed: int, mesh=None):
-  """(graphdef, params, rest): initialised inside jit, placed by the logical-axis rules when a mesh is given."""
-  def build():
-    return nnx.split(Llama(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-  graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(seed))),
-                                             nnx.Param, ...)
-  if mesh is None:
-    _, params, rest = jax.jit(lambda: build())()
-    return graphdef, params, rest
-  shardings = (sharding.state_shardings(abs_params, mesh), sharding.state_shardings(abs_rest, mesh))
-  with jax.set_mesh(mesh):
-    params, rest = jax.jit(lambda: build()[1:], out_shardings=shardings)()
-  return graphdef, params, rest
+def init_model(model_cfg: LlamaConfig, seed: int, mesh=None, sharded: bool = False):
+  """(graphdef, params, rest), placed by the logical-axis rules when a mesh is given (see sharding.init_module)."""
+  return sharding.init_module(lambda: Llama(model_cfg, rngs=nnx.Rngs(seed)), mesh, sharded=sharded)
 
 
 def make_mesh(cfg):
+  if not isinstance(cfg.mesh.sharded_init, bool):
+    raise ValueError(f"mesh.sharded_init must be a bool, got {cfg.mesh.sharded_init!r}")
   n = cfg.mesh.num_devices
   if not isinstance(n, int) or n < 0 or n > jax.device_count():
     raise ValueError(f"mesh.num_devices={n!r} must be 0 (all) or at most the {jax.device_count()} available devices")
@@ -195,7 +187,7 @@ def train(cfg, workdir: str) -> dict:
     raise ValueError(f"tokenizer vocabulary {bundle.vocab_size} exceeds model.vocab_size={model_cfg.vocab_size}")
   resuming = prepare_workdir(cfg, workdir)
 
-  graphdef, params, rest = init_model(model_cfg, t.seed, mesh)
+  graphdef, params, rest = init_model(model_cfg, t.seed, mesh, sharded=cfg.mesh.sharded_init)
   schedule = optim_lib.lr_schedule(cfg.optim, t.steps)
   tx = optim_lib.build_optimizer(cfg.optim, schedule)
   with jax.set_mesh(mesh):

@@ -84,6 +84,30 @@ def state_shardings(state, mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def init_module(build, mesh=None, *, sharded: bool = False, rules=DEFAULT_RULES):
+  """Initialises an NNX module and splits it into (graphdef, params, rest) placed on `mesh`.
+
+  build: a no-argument function returning the module (e.g. `lambda: Llama(cfg, rngs=nnx.Rngs(seed))`).
+  sharded=False: initialise inside one single-device jit, then `device_put` every leaf to its logical-axis sharding
+  (fast to compile; needs the model to fit on one device). sharded=True: initialise inside a jit with
+  `out_shardings`, so no device ever holds the whole model (for models larger than one device's memory; compiling
+  the SPMD-partitioned init, e.g. the LOST SVDs, takes longer).
+  """
+  def split():
+    return nnx.split(build(), nnx.Param, ...)
+  graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  if mesh is None:
+    _, params, rest = jax.jit(split)()
+    return graphdef, params, rest
+  shardings = (state_shardings(abs_params, mesh, rules), state_shardings(abs_rest, mesh, rules))
+  if sharded:
+    with jax.set_mesh(mesh):
+      params, rest = jax.jit(lambda: split()[1:], out_shardings=shardings)()
+  else:
+    params, rest = jax.device_put(jax.jit(lambda: split()[1:])(), shardings)
+  return graphdef, params, rest
+
+
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
   """Shards the leading (batch) dimension over the mesh axes that 'batch' maps to."""
   axes = tuple(a for a in dict(rules)["batch"] if mesh.shape.get(a, 1) > 1)
@@ -99,5 +123,5 @@ def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
   return _axis_size(mesh, tuple(a for a in dict(rules)["batch"] if a in mesh.shape))
 
 
-__all__ = ["make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
+__all__ = ["init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
            "MESH_AXES", "batch_divisor"]
