@@ -20,7 +20,7 @@ Implementations (``impl``):
 * ``'separate'``: reference composition ``gamma*act(x A) B + (1-gamma)*gather_matmul(x, I, W_s, 'xla')``
                   with plain autodiff for the low-rank branch (three forward GEMMs).
 * ``'pallas'``  : as 'separate' but with the Pallas gather-matmul kernel (GPU; interpret on CPU).
-* ``'auto'``    : 'concat' (fastest measured on CPU, bench/results/kernels.md; GPU choice pending the
+* ``'auto'``    : 'concat' (fastest measured on CPU, BENCHMARKS.md; GPU choice pending the
                   bench/layers_gpu.py numbers).
 ``gamma`` may be a Python float or a scalar array (it then gets a gradient). No bias (LLaMA linears
 have none; the dev code's extra bias is a documented deviation we do not copy, spec §1.4 item 4).
