@@ -48,11 +48,7 @@ def galore_leaf_spec(rank: int, proj_side: str = "std"):
 def scale_by_galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25, proj_side: str = "std",
                     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
   """GaLore direction for a tree of 2-D matrices (update = −lr·direction)."""
-  if not pj.is_static_number(rank):
-    raise ValueError(f"GaLore rank sets state shapes and must be a static Python int (with "
-                     f"optax.inject_hyperparams pass static_args=('rank', 'update_gap')), got {rank!r}")
-  if isinstance(rank, bool) or int(rank) != rank or rank < 1:
-    raise ValueError(f"GaLore rank must be an integer >= 1, got {rank}")
+  pj.validate_static_int("rank", rank, method="GaLore")
   pj.validate_gap(update_gap)
   if pj.is_static_number(scale) and scale < 0:
     raise ValueError(f"GaLore scale must be >= 0, got {scale}")

@@ -64,12 +64,8 @@ class LiftState(NamedTuple):
 def scale_by_lift(lora_rank: int = 128, filter_rank: int = 64, update_gap: int = 400, b1: float = 0.9,
                   b2: float = 0.95, eps: float = 1e-6, weight_decay: float = 0.0) -> optax.GradientTransformation:
   """LIFT direction for a tree of 2-D matrices (update = −lr·direction); needs params in update()."""
-  for name, v in (("lora_rank", lora_rank), ("filter_rank", filter_rank)):
-    if not pj.is_static_number(v):
-      raise ValueError(f"LIFT {name} sets state shapes and must be a static Python int (with "
-                       f"optax.inject_hyperparams pass it in static_args), got {v!r}")
-    if isinstance(v, bool) or int(v) != v or v < 1:
-      raise ValueError(f"LIFT {name} must be an integer >= 1, got {v}")
+  pj.validate_static_int("lora_rank", lora_rank, method="LIFT")
+  pj.validate_static_int("filter_rank", filter_rank, method="LIFT")
   pj.validate_gap(update_gap)
   pj.validate_adam(b1, b2, eps)
   if pj.is_static_number(weight_decay) and weight_decay < 0:

@@ -245,12 +245,18 @@ def validate_adam(b1, b2, eps):
     raise ValueError(f"eps must be >= 0, got {eps}")
 
 
+def validate_static_int(name: str, value, *, method: str = "") -> None:
+  """A hyperparameter that sets state shapes or schedules: a static Python int >= 1, or a clear ValueError."""
+  label = f"{method} {name}".strip()
+  if not is_static_number(value):
+    raise ValueError(f"{label} sets state shapes and must be a static Python int (with optax.inject_hyperparams "
+                     f"pass it in static_args), got {value!r}")
+  if isinstance(value, bool) or int(value) != value or value < 1:
+    raise ValueError(f"{label} must be an integer >= 1, got {value}")
+
+
 def validate_gap(update_gap):
-  if not is_static_number(update_gap):
-    raise ValueError(f"update_gap must be a static Python int (with optax.inject_hyperparams pass it in "
-                     f"static_args), got {update_gap!r}")
-  if isinstance(update_gap, bool) or int(update_gap) != update_gap or update_gap < 1:
-    raise ValueError(f"update_gap must be an integer >= 1, got {update_gap}")
+  validate_static_int("update_gap", update_gap)
 
 
 # ----------------------------------------------------------------------------------------------------------
