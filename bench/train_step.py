@@ -70,7 +70,10 @@ def _matmul_params(params) -> int:
 
 def build_lostjax(size: str, method: str, batch: int, seq: int, seed: int = 0):
   """(step_fn, state, rest, batch, info): the jitted, donating train step exactly as trainer.train builds it."""
+  method, _, sparse_impl = method.partition("@")   # e.g. "lost@fused" sets model.sparse_impl
   cfg = get_config(f"{size},{method}")
+  if sparse_impl:
+    cfg.model.sparse_impl = sparse_impl
   cfg.train.global_batch = batch
   cfg.train.seq_len = seq
   cfg.train.steps = 1000
@@ -231,7 +234,8 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first one compiles)")
   p.add_argument("--steps", type=int, default=4, help="timed rounds; each round runs every variant once")
-  p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of <preset>/<dense|lowrank|lost>")
+  p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                 help="comma list of <preset>/<dense|lowrank|lost>[@<model.sparse_impl>], e.g. 60m/lost@fused")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/HF peer and the torch matmul")
   p.add_argument("--no-lmhead", action="store_true", help="skip the 60M LM-head-alone timing")
   p.add_argument("--torch-1thread", type=int, default=1,

@@ -87,9 +87,13 @@ def test_resume_is_bit_identical(tmp_path, method):
   assert rows("full")[6] == rows("split")[6]
 
 
-def test_eight_device_mesh_matches_one_device(tmp_path):
-  one = trainer.train(_cfg(tmp_path, steps=2, log_every=1), str(tmp_path / "one"))
+@pytest.mark.parametrize("sparse_impl", ["xla", pytest.param("fused", marks=pytest.mark.slow)])
+def test_eight_device_mesh_matches_one_device(tmp_path, sparse_impl):
+  cfg1 = _cfg(tmp_path, steps=2, log_every=1)
+  cfg1.model.sparse_impl = sparse_impl
+  one = trainer.train(cfg1, str(tmp_path / "one"))
   cfg8 = _cfg(tmp_path, steps=2, log_every=1)
+  cfg8.model.sparse_impl = sparse_impl
   cfg8.mesh.update(dict(num_devices=8, data=2, fsdp=4))
   eight = trainer.train(cfg8, str(tmp_path / "eight"))
   losses = lambda d: [r["train_loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))

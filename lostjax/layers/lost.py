@@ -41,10 +41,18 @@ from lostjax.layers.lowrank import svd_factors
 
 SCORES = ("l2", "l1", "random")
 SPARSE_VALUES = ("original", "residual")
-# 'xla' | 'xla_onehot' | 'auto' | 'pallas': the sparse branch through kernels.gather_matmul ('xla_onehot': its
-# input gradient as a one-hot GEMM instead of a scatter; 'auto': the Pallas kernel on GPU, XLA elsewhere);
-# 'fused': both branches as one GEMM over [σ(xA), x[:, I]] (kernels.lost_matmul, impl='concat').
+# 'xla' | 'xla_onehot' | 'pallas': the sparse branch through kernels.gather_matmul ('xla_onehot': its input
+# gradient as a one-hot GEMM instead of a scatter; 'pallas': the Pallas/Triton kernel, GPU only);
+# 'fused': both branches as one GEMM over [σ(xA), x[:, I]] (kernels.lost_matmul, impl='concat');
+# 'auto': the fastest measured in the whole 60M/350M train step per backend (BENCHMARKS.md): 'fused' on CPU
+# (1.28× the 'xla' tokens/s at 60M), 'xla' on GPU (H200, 350M: 180k tok/s vs 141k fused, 128k Pallas) and TPU.
 SPARSE_IMPLS = ("auto", "xla", "xla_onehot", "pallas", "fused")
+
+
+def resolve_sparse_impl(impl: str) -> str:
+  if impl != "auto":
+    return impl
+  return "fused" if jax.default_backend() == "cpu" else "xla"
 
 
 class SparseIndex(nnx.Variable):
@@ -130,7 +138,7 @@ class Lost(nnx.Module):
     self.gamma = float(gamma)
     if sparse_impl not in SPARSE_IMPLS:
       raise ValueError(f"unknown sparse_impl {sparse_impl!r}; expected one of {SPARSE_IMPLS}")
-    self.sparse_impl = sparse_impl
+    self.sparse_impl = resolve_sparse_impl(sparse_impl)
     self.dtype = common.resolve_dtype(dtype)
     self.act = common.resolve_activation(activation)
     pdt = common.resolve_dtype(param_dtype)

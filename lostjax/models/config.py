@@ -45,10 +45,10 @@ class LlamaConfig:
   lost_score: str = "l2"
   lost_residual_rank: int = 0      # 0: all remaining singular components
   lost_sparse_values: str = "original"
-  # LOST sparse branch: 'xla' | 'xla_onehot' | 'auto' (Pallas on GPU) | 'pallas' | 'fused' (one GEMM). Default XLA:
-  # on an H200 the whole 350M LOST train step ran at 180k tok/s with 'xla' vs 128k with the Pallas kernel
-  # ('auto') and 141k 'fused' (BENCHMARKS.md, GPU section), although the kernel wins on the sparse branch alone.
-  sparse_impl: str = "xla"
+  # LOST sparse branch: 'auto' | 'xla' | 'xla_onehot' | 'pallas' | 'fused' (one GEMM). 'auto' picks the path that
+  # was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
+  # 'xla' on GPU/TPU — on an H200 the Pallas kernel wins on the sparse branch alone but not in the model.
+  sparse_impl: str = "auto"
   # Numerics: parameters in param_dtype, matmuls in dtype (bf16 compute with float32 master weights).
   dtype: str = "float32"
   param_dtype: str = "float32"
