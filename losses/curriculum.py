@@ -28,6 +28,16 @@ from jax.scipy.special import ndtr
 from losses import _utils as U
 
 
+
+def _check_run_scores(scores, run_scores, run_where):
+  """(scores, run_scores [Q, N], run mask, compute dtype) with the shape checks shared by the difficulty measures."""
+  s = U.check_float_array("scores", scores)
+  rs = U.check_float_array("run_scores", run_scores)
+  U.check_ndim("run_scores", rs, 2)
+  if s.shape[0] != rs.shape[0]:
+    raise ValueError(f"scores and run_scores need the same number of queries, got {s.shape} and {rs.shape}")
+  return s, rs, U.mask_or_ones("run_where", run_where, rs.shape), U.compute_dtype(s, rs)
+
 def reciprank_difficulty(ranks, *, missing_rank: int = 1000):
   """1/rank with 1-based ranks; ranks <= 0 (absent from the run) count as `missing_rank`."""
   r = jnp.asarray(ranks)
@@ -40,13 +50,7 @@ def normscore_difficulty(scores, run_scores, run_where: Optional[jax.Array] = No
 
   scores: [Q, K] scores of the training documents; run_scores: [Q, N] first-stage run scores.
   """
-  s = U.check_float_array("scores", scores)
-  rs = U.check_float_array("run_scores", run_scores)
-  U.check_ndim("run_scores", rs, 2)
-  if s.shape[0] != rs.shape[0]:
-    raise ValueError(f"scores and run_scores need the same number of queries, got {s.shape} and {rs.shape}")
-  w = U.mask_or_ones("run_where", run_where, rs.shape)
-  dt = U.compute_dtype(s, rs)
+  s, rs, w, dt = _check_run_scores(scores, run_scores, run_where)
   lo = U.masked_min(rs.astype(dt), w, axis=1, empty=0.)[:, None]
   hi = U.masked_max(rs.astype(dt), w, axis=1, empty=1.)[:, None]
   rng = hi - lo
@@ -55,13 +59,7 @@ def normscore_difficulty(scores, run_scores, run_where: Optional[jax.Array] = No
 
 def kde_difficulty(scores, run_scores, run_where: Optional[jax.Array] = None):
   """Gaussian-KDE CDF (Scott bandwidth) of each query's run scores evaluated at `scores`."""
-  s = U.check_float_array("scores", scores)
-  rs = U.check_float_array("run_scores", run_scores)
-  U.check_ndim("run_scores", rs, 2)
-  if s.shape[0] != rs.shape[0]:
-    raise ValueError(f"scores and run_scores need the same number of queries, got {s.shape} and {rs.shape}")
-  w = U.mask_or_ones("run_where", run_where, rs.shape)
-  dt = U.compute_dtype(s, rs)
+  s, rs, w, dt = _check_run_scores(scores, run_scores, run_where)
   rs = rs.astype(dt)
   wf = w.astype(dt)
   n = jnp.sum(wf, 1, keepdims=True)

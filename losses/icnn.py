@@ -82,14 +82,7 @@ def icnn_score(origin, origin_labels, target=None, target_labels=None, *, k: int
       raise ValueError("target_labels given without target")
     t, yt = o, yo
   else:
-    t = U.check_float_array("target", target)
-    U.check_ndim("target", t, 2)
-    if t.shape[1] != o.shape[1]:
-      raise ValueError(f"target must have dim {o.shape[1]}, got shape {t.shape}")
-    if target_labels is None:
-      raise ValueError("target_labels is required with target")
-    yt = U.check_int_array("target_labels", target_labels)
-    U.check_shape("target_labels", yt, t.shape[:1])
+    t, yt = U.check_labeled_matrix("target", target, "target_labels", target_labels, dim=o.shape[1])
   drop = self_ref if drop_nearest is None else bool(drop_nearest)
   n_t = t.shape[0]
   k = n_t - 2 if k + 2 >= n_t else int(k)

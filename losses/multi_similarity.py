@@ -44,14 +44,8 @@ def _similarity_and_masks(embeddings, labels, ref_embeddings, ref_labels, where,
       raise ValueError("ref_labels given without ref_embeddings")
     ref_embeddings, ref_labels, ref_where = embeddings, labels, where
   else:
-    ref_embeddings = U.check_float_array("ref_embeddings", ref_embeddings)
-    U.check_ndim("ref_embeddings", ref_embeddings, 2)
-    if ref_embeddings.shape[1] != embeddings.shape[1]:
-      raise ValueError(f"ref_embeddings must have dim {embeddings.shape[1]}, got shape {ref_embeddings.shape}")
-    if ref_labels is None:
-      raise ValueError("ref_labels is required with ref_embeddings")
-    ref_labels = U.check_int_array("ref_labels", ref_labels)
-    U.check_shape("ref_labels", ref_labels, ref_embeddings.shape[:1])
+    ref_embeddings, ref_labels = U.check_labeled_matrix("ref_embeddings", ref_embeddings, "ref_labels", ref_labels,
+                                                        dim=embeddings.shape[1])
   b, r = embeddings.shape[0], ref_embeddings.shape[0]
   where = U.mask_or_ones("where", where, (b,))
   ref_where = U.mask_or_ones("ref_where", ref_where, (r,))
