@@ -72,10 +72,7 @@ def proto_triplet_loss(query_features, query_labels, prototypes, *, margin: floa
 def icnn_score(origin, origin_labels, target=None, target_labels=None, *, k: int = 4,
                ipc: Optional[int] = None, drop_nearest: Optional[bool] = None):
   """ICNN score in (0, 1] (official `modified_score`); see the module docstring."""
-  o = U.check_float_array("origin", origin)
-  U.check_ndim("origin", o, 2)
-  yo = U.check_int_array("origin_labels", origin_labels)
-  U.check_shape("origin_labels", yo, o.shape[:1])
+  o, yo = U.check_labeled_matrix("origin", origin, "origin_labels", origin_labels)
   self_ref = target is None
   if self_ref:
     if target_labels is not None:

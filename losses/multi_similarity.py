@@ -34,10 +34,7 @@ from losses import _utils as U
 
 
 def _similarity_and_masks(embeddings, labels, ref_embeddings, ref_labels, where, ref_where):
-  embeddings = U.check_float_array("embeddings", embeddings)
-  U.check_ndim("embeddings", embeddings, 2)
-  labels = U.check_int_array("labels", labels)
-  U.check_shape("labels", labels, embeddings.shape[:1])
+  embeddings, labels = U.check_labeled_matrix("embeddings", embeddings, "labels", labels)
   self_ref = ref_embeddings is None
   if self_ref:
     if ref_labels is not None:

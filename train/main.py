@@ -33,7 +33,8 @@ def main(argv):
   from train import trainer  # after flag parsing, so --help is fast
   try:
     if FLAGS.summary_only:
-      print(json.dumps(trainer.summarize(cfg)))
+      from train import summary
+      print(json.dumps(summary.summarize(cfg)))
       return 0
     if not FLAGS.workdir:
       raise ValueError("--workdir is required for training")

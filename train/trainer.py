@@ -23,8 +23,8 @@ from lostjax.models import Llama, LlamaConfig, count_params
 from train import checkpoint as ckpt_lib
 from train import objectives
 from train import optimizer as optim_lib
-from train import summary as summary_lib
 from train.data import make_data
+from train.step import make_eval_step, make_train_step
 from train.writer import MetricWriter
 
 # Config sections whose change makes an existing workdir incompatible (train.steps may change: extend a run).
@@ -209,9 +209,8 @@ def train(cfg, workdir: str) -> dict:
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   rest_sh = jax.tree.map(lambda x: x.sharding, rest)
   data_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_step(graphdef, tx, schedule, cfg), donate_argnums=(0,),
+  step_fn = jax.jit(make_train_step(graphdef, tx, schedule, cfg), donate_argnums=(0,),
                     in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
-  from train.step import make_eval_step
   eval_fn = jax.jit(make_eval_step(graphdef))
 
   counts = count_params(nnx.merge(graphdef, state["params"], rest))
@@ -283,11 +282,6 @@ def _on_mesh(x, mesh):
   return jax.device_put(x, sharding.replicated(mesh))
 
 
-def make_step(graphdef, tx, schedule, cfg):
-  from train.step import make_train_step
-  return make_train_step(graphdef, tx, schedule, cfg)
-
-
 def _check_finite(state, step, policy):
   bad = int(jax.device_get(state["bad_step"]))
   if bad >= 0 and policy == "stop":
@@ -309,7 +303,3 @@ def _progress(t, start):
   except ImportError:
     return None
   return tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
-
-
-def summarize(cfg) -> dict:
-  return summary_lib.summarize(cfg)
