@@ -26,6 +26,8 @@ FLOPs per step (stated, counted explicitly from the built parameter trees):
   python bench/train_step.py                       # batch 4 x seq 256, 2 warm-up + 4 timed rounds, ~5 min idle
   python bench/train_step.py --batch 8 --steps 7   # more tokens per step / more samples
   python bench/train_step.py --variants tiny/dense,tiny/lost --no-torch   # quick smoke
+  Variant syntax: <size>/<method>[-sep][@<sparse_impl>]; "-sep" computes q/k/v and gate/up one by one
+  (model.fuse_projections=False) instead of together.
 
 Prints one JSON object (also written to --out if given).
 """
@@ -71,9 +73,12 @@ def _matmul_params(params) -> int:
 def build_lostjax(size: str, method: str, batch: int, seq: int, seed: int = 0):
   """(step_fn, state, rest, batch, info): the jitted, donating train step exactly as trainer.train builds it."""
   method, _, sparse_impl = method.partition("@")   # e.g. "lost@fused" sets model.sparse_impl
+  separate = method.endswith("-sep")               # e.g. "dense-sep": model.fuse_projections=False
+  method = method.removesuffix("-sep")
   cfg = get_config(f"{size},{method}")
   if sparse_impl:
     cfg.model.sparse_impl = sparse_impl
+  cfg.model.fuse_projections = not separate
   cfg.train.global_batch = batch
   cfg.train.seq_len = seq
   cfg.train.steps = 1000

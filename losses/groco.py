@@ -25,8 +25,17 @@ GroCo loss (per anchor view, Sec. 3.2-3.3 of the paper, official `GroCo.compute_
 Negatives are the other samples of the anchor's own view (cosine with eps 1e-8); with
 `stop_grad=True` (default of all released configs) positives and negatives are detached.
 Defaults: steepness=1, topk_neg=10, network odd_even, distribution cauchy (official configs).
-Deviation: no cross-device negative gathering (pass the gathered batch yourself); no padding mask
-(top-k needs at least `topk_neg` valid negatives per row).
+Padding: `where` [B] marks valid rows. A padded row is neither an anchor nor a negative (its
+similarities are masked to -inf before the top-k), its rows are zeroed first so garbage/NaN padding
+cannot leak, and the mean runs over valid anchors only - the loss equals the unpadded batch's and
+padded rows get exactly zero gradient. An anchor with fewer than `topk_neg` valid negatives (only
+possible with padding) contributes nothing; an all-padded batch gives 0 (with zero gradients).
+Cross-device negatives: with `axis_name` (inside `jax.shard_map` over the batch axis) every device's
+anchors take their negatives from the all-gathered batch (gradient-passing `all_gather`, as the
+official distributed code; self excluded by global row index) and the loss is the mean over all
+devices' valid anchors (`psum` of sums and counts), i.e. equal to the unsharded loss on the
+concatenated batch. Deviation from the official code: it averages per-device means (DDP), which
+differs from the global mean only when devices hold different numbers of valid rows.
 """
 import functools
 import math
@@ -151,50 +160,72 @@ def _unit(a, eps=1e-8):
   return a / jnp.maximum(U.safe_sqrt(jnp.sum(a * a, -1, keepdims=True)), eps)
 
 
-def _bce_torch(p, t):
+def _bce_terms(p, t):
+  """Elementwise torch BCELoss terms (log clamped at -100)."""
   logp = jnp.maximum(jnp.log(p), -100.)
   log1mp = jnp.maximum(jnp.log1p(-p), -100.)
-  return -jnp.mean(t * logp + (1 - t) * log1mp)
+  return -(t * logp + (1 - t) * log1mp)
 
 
-def groco_sorting_loss(neg_sims, pos_sims, *, steepness: float = 1.0, network: str = "odd_even",
-                       distribution: str = "cauchy"):
-  """GroCo ordering loss for given similarity lists (one row per anchor).
-
-  Args:
-    neg_sims: [B, k] negative similarities; pos_sims: [B, n_pos] positive similarities
-      (any order: both are sorted ascending here, as in the official preordering).
-  Returns: scalar, (BCE(q_high, t_high) + BCE(q_low, t_low)) / 2.
-  """
+def _check_sims(neg_sims, pos_sims):
   neg_sims, pos_sims = U.check_float_array("neg_sims", neg_sims), U.check_float_array("pos_sims", pos_sims)
   U.check_ndim("neg_sims", neg_sims, 2)
   U.check_ndim("pos_sims", pos_sims, 2)
   if neg_sims.shape[0] != pos_sims.shape[0]:
     raise ValueError(f"neg_sims/pos_sims batch mismatch: {neg_sims.shape} vs {pos_sims.shape}")
+  return neg_sims, pos_sims
+
+
+def _row_losses(neg_sims, pos_sims, where, steepness, network, distribution):
+  """Per-row GroCo ordering loss [B]: (BCE(q_high, t_high) + BCE(q_low, t_low)) / 2, BCE averaged
+  over the row's list; rows with where=False are evaluated on zeros (finite, zero gradient)."""
   k = neg_sims.shape[1]
   dt = U.compute_dtype(neg_sims, pos_sims)
   x = jnp.concatenate([jnp.sort(neg_sims.astype(dt), -1), jnp.sort(pos_sims.astype(dt), -1)], -1)
+  x = jnp.where(where[:, None], x, 0.)
   _, perm = diffsort_permutation(x, network=network, steepness=steepness, distribution=distribution)
   q_low = jnp.clip(jnp.sum(perm[..., :k], -1), 0., 1.)
   q_high = jnp.clip(jnp.sum(perm[..., k:], -1), 0., 1.)
   t_low = (jnp.arange(x.shape[-1]) < k).astype(dt)
-  t_low = jnp.broadcast_to(t_low, q_low.shape)
-  return 0.5 * (_bce_torch(q_high, 1 - t_low) + _bce_torch(q_low, t_low))
+  return 0.5 * (jnp.mean(_bce_terms(q_high, 1 - t_low), -1) + jnp.mean(_bce_terms(q_low, t_low), -1))
+
+
+def groco_sorting_loss(neg_sims, pos_sims, *, steepness: float = 1.0, network: str = "odd_even",
+                       distribution: str = "cauchy", where: Optional[jax.Array] = None):
+  """GroCo ordering loss for given similarity lists (one row per anchor).
+
+  Args:
+    neg_sims: [B, k] negative similarities; pos_sims: [B, n_pos] positive similarities
+      (any order: both are sorted ascending here, as in the official preordering).
+    where: optional [B] bool, rows to include (others may hold any value, even inf/NaN).
+  Returns: scalar, (BCE(q_high, t_high) + BCE(q_low, t_low)) / 2 averaged over the included rows
+    (torch BCELoss mean when all are included); 0 when no row is included.
+  """
+  neg_sims, pos_sims = _check_sims(neg_sims, pos_sims)
+  where = U.mask_or_ones("where", where, neg_sims.shape[:1])
+  rows = _row_losses(neg_sims, pos_sims, where, steepness, network, distribution)
+  return U.safe_mean(rows, where)
 
 
 def groco_loss(views, *, steepness: float = 1.0, topk_neg: int = 10, n_pos_views: Optional[int] = None,
-               stop_grad: bool = True, network: str = "odd_even", distribution: str = "cauchy"):
+               stop_grad: bool = True, network: str = "odd_even", distribution: str = "cauchy",
+               where: Optional[jax.Array] = None, axis_name=None):
   """GroCo loss over `V` augmented views of a batch.
 
   Args:
     views: [V, B, D] projections of V augmentations of the same B images. Views `0..n_pos_views-1`
       are "full" views used as positives (multi-crop: later views are small crops, anchors only).
     steepness, network, distribution: sorter settings (official: 1, odd_even, cauchy).
-    topk_neg: number of hardest in-batch negatives per anchor (requires B - 1 >= topk_neg).
+    topk_neg: number of hardest in-batch negatives per anchor (requires B - 1 >= topk_neg, B the
+      global batch with `axis_name`).
     n_pos_views: number of positive views (default V).
     stop_grad: detach positives and negatives (official default True).
+    where: optional [B] bool, valid (non-padding) rows; see the module docstring. An anchor with
+      fewer than `topk_neg` valid negatives contributes nothing; all rows padded -> 0.
+    axis_name: optional `jax.shard_map` axis (name or tuple of names) sharding the B axis: negatives
+      are all-gathered over it and the returned loss (identical on every device) is the global one.
 
-  Returns: scalar, mean over the V anchor views of the per-view ordering loss.
+  Returns: scalar, mean over the V anchor views of the per-view ordering loss (mean over valid anchors).
   """
   views = U.check_float_array("views", views)
   U.check_ndim("views", views, 3)
@@ -202,20 +233,36 @@ def groco_loss(views, *, steepness: float = 1.0, topk_neg: int = 10, n_pos_views
   n_pos = n_views if n_pos_views is None else int(n_pos_views)
   if not 1 <= n_pos <= n_views:
     raise ValueError(f"n_pos_views must be in [1, {n_views}], got {n_pos_views}")
-  if not 0 <= topk_neg <= b - 1:
-    raise ValueError(f"topk_neg must be in [0, B-1={b - 1}], got {topk_neg}")
   if n_pos < 2 and n_views <= n_pos:
     raise ValueError(f"need at least 2 views to form positives, got {n_views} views")
+  where = U.mask_or_ones("where", where, (b,))
   views = views.astype(U.compute_dtype(views))
+  views = jnp.where(where[None, :, None], views, 0.)
   sg = jax.lax.stop_gradient if stop_grad else (lambda v: v)
+  if axis_name is None:
+    gather = lambda v: v
+    offset = 0
+  else:
+    gather = lambda v: jax.lax.all_gather(v, axis_name, axis=0, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * b
+  where_all = gather(where)
+  b_all = where_all.shape[0]
+  if not 0 <= topk_neg <= b_all - 1:
+    raise ValueError(f"topk_neg must be in [0, B-1={b_all - 1}], got {topk_neg}")
+  # every valid row has the same number of valid negatives: all valid rows but itself
+  anchor_ok = where & (jnp.sum(where_all) - 1 >= topk_neg)
+  neg_ok = where_all[None, :] & (jnp.arange(b_all)[None, :] != (offset + jnp.arange(b))[:, None])
   total = 0.
   for n in range(n_views):
     anchor = _unit(views[n])
     pos = [p for p in range(n_pos) if p != n]
     pos_sims = jnp.stack([jnp.sum(anchor * _unit(sg(views[p])), -1) for p in pos], axis=1)
-    neg = anchor @ sg(anchor).T
-    neg = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, neg)
+    neg = anchor @ gather(sg(anchor)).T
+    neg = jnp.where(neg_ok, neg, -jnp.inf)
     neg_sims = jax.lax.top_k(neg, topk_neg)[0]
-    total = total + groco_sorting_loss(neg_sims, pos_sims, steepness=steepness, network=network,
-                                       distribution=distribution)
-  return total / n_views
+    total = total + _row_losses(neg_sims, pos_sims, anchor_ok, steepness, network, distribution)
+  num = jnp.sum(jnp.where(anchor_ok, total, 0.))
+  count = jnp.sum(anchor_ok)
+  if axis_name is not None:
+    num, count = jax.lax.psum(num, axis_name), jax.lax.psum(count, axis_name)
+  return jnp.where(count > 0, num / jnp.maximum(count, 1), 0.) / n_views

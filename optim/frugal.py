@@ -20,11 +20,22 @@ Projection kinds (`proj_type`):
   (int(ρ·d_in) random torch columns = JAX rows of the [d_in, d_out] kernel), 'rows' (int(ρ·d_out) torch rows =
   JAX columns); 'blockwise' (BAdam-like: a ρ-fraction of the matrices is state-full, re-chosen every T steps).
 
+Blockwise orders (`block_order`; reference `BlockOptimizer._update_states`), over L matrices with k active:
+  'descending'  k consecutive matrices L−1, L−2, ... from a cursor that starts at L−1 and moves down by k (cyclic);
+  'ascending'   k consecutive matrices 0, 1, ... from a cursor that starts at 0 and moves up by k (cyclic);
+  'random'      a fresh random k-subset at every refresh;
+  'mirror'      k/2 pairs (j, L−1−j) with j = (s + i) mod ⌊L/2⌋, i < k/2; the cursor s starts at 0 and moves up by
+                k/2 modulo ⌊L/2⌋, so both ends of the stack walk towards its middle together. k must be even (the
+                reference asserts it; here a ValueError at init); for odd L the middle matrix (index ⌊L/2⌋) is
+                never state-full, as in the reference.
+
 Deliberate deviations from the reference:
-  * 'blockwise' counts blocks per group of same-shaped matrices (k_g = round(ρ·L_g) active out of L_g, cyclic
-    'descending'/'ascending' or 'random' within the group) instead of over one global list of tensors, so that
-    the Adam state has static shapes ([k_g, *shape] per group). For LLaMA (7 matrices per layer, three shapes)
-    with descending order this selects the same tensors as the reference. 'mirror' order is not implemented.
+  * 'blockwise' counts blocks per group of same-shaped matrices (k_g = round(ρ·L_g) active out of L_g, the order
+    applied within the group) instead of over one global list of tensors, so that the Adam state has static
+    shapes ([k_g, *shape] per group). For LLaMA (7 matrices per layer, three shapes) with descending or ascending
+    order this selects the same tensors as the reference; with 'mirror' too when the number of layers is even and
+    the reference's k/2 is a whole number of layers (60M/350M/1B at ρ = 0.25). 130M at ρ = 0.25 is refused with
+    'mirror' (its 12 down projections give k_g = 3), as the reference refuses its global k = 21.
   * Adam moments are kept in fp32 whatever the parameter dtype; SVD basis vectors are sign-canonicalised.
 """
 from __future__ import annotations
@@ -38,7 +49,7 @@ import optax
 from optim import projection as pj
 
 PROJ_TYPES = pj.BASIS_TYPES + pj.COORD_TYPES + ("blockwise",)
-BLOCK_ORDERS = ("descending", "ascending", "random")
+BLOCK_ORDERS = ("descending", "ascending", "random", "mirror")
 
 
 def _validate(rho, update_gap, proj_type, proj_side, inactive_update_rule, proj_lr_scale, inactive_lr_scale,
@@ -120,6 +131,9 @@ def scale_by_frugal_blockwise(rho: float = 0.25, update_gap: int = 200, block_or
     active, start, mu, nu = [], [], [], []
     for shape, idxs in _groups(leaves):
       k = pj.round_half_even(len(idxs) * rho)
+      if block_order == "mirror" and k % 2:
+        raise ValueError(f"block_order='mirror' needs an even number of active matrices per shape group; the "
+                         f"{len(idxs)} matrices of shape {shape} get round({rho}*{len(idxs)}) = {k}")
       active.append(jnp.zeros([k], jnp.int32))
       start.append(jnp.asarray(len(idxs) - 1 if block_order == "descending" else 0, jnp.int32))
       mu.append(jnp.zeros((k,) + shape, jnp.float32))
@@ -137,6 +151,13 @@ def scale_by_frugal_blockwise(rho: float = 0.25, update_gap: int = 200, block_or
       act = (order_start + ar) % n
       nxt = order_start + k
       return act, jnp.where(nxt >= n, nxt - n, nxt)
+    if block_order == "mirror":
+      half, h = k // 2, n // 2
+      if half == 0:
+        return jnp.zeros([0], jnp.int32), order_start
+      low = (order_start + jnp.arange(half, dtype=jnp.int32)) % h
+      nxt = order_start + half
+      return jnp.concatenate([low, n - 1 - low]), jnp.where(nxt >= h, nxt - h, nxt)
     return jax.random.permutation(key, n)[:k].astype(jnp.int32), order_start
 
   def update_fn(updates, state, params=None):

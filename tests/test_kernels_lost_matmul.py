@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lostjax.kernels import LOST_IMPLS, lost_matmul
+from lostjax.kernels import LOST_IMPLS, lost_group_matmul, lost_matmul
 
 
 def _np_silu(h):
@@ -105,3 +105,76 @@ def test_bad_input_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):
     lost_matmul(args["x"], args["a"], args["b"], args["idx"], args["ws"], args["gamma"],
                 act=args["act"], impl=args["impl"])
+
+
+# ----------------------------------------------------------------------------- lost_group_matmul
+
+def _group_data(seed=3):
+  """Three layers reading one x [2, 5, 30]: different ranks, k and d_out; overlapping channel sets."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((2, 5, 30)).astype(np.float32)
+  shapes = [(4, 6, 11), (7, 3, 11), (5, 6, 9)]  # (r, k, d_out)
+  layers = []
+  for j, (r, k, d_out) in enumerate(shapes):
+    _, a, b, idx, ws = _data((1,), 30, r, k, d_out, seed=seed + j + 1)
+    layers.append((a, b, idx, ws))
+  layers[1] = layers[1][:2] + (np.sort(np.concatenate([layers[0][2][:2], [29]])).astype(np.int32),) + layers[1][3:]
+  return x, layers
+
+
+@pytest.mark.parametrize("impl", ["concat", "onehot"])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_group_equals_separate_layers(impl, act):
+  x, layers = _group_data()
+  gamma = 0.35
+  a, b, idx, ws = (tuple(l[i] for l in layers) for i in range(4))
+  assert set(idx[0]) & set(idx[1])  # shared channels are gathered and scattered twice
+  ys = lost_group_matmul(x, a, b, idx, ws, gamma, act=act, impl=impl)
+  assert len(ys) == 3
+  for y, l in zip(ys, layers):
+    np.testing.assert_allclose(np.asarray(y), _np_lost(x, *l, gamma, act), rtol=1e-5, atol=1e-5)
+
+  weights = [np.cos(np.arange(np.prod(y.shape))).reshape(y.shape) for y in ys]
+  def loss(x_, a_, b_, ws_, g_):
+    out = lost_group_matmul(x_, a_, b_, idx, ws_, g_, act=act, impl=impl)
+    return sum(jnp.sum(w * jnp.sin(o)) for w, o in zip(weights, out))
+  def ref_loss(x_, a_, b_, ws_, g_):
+    return sum(jnp.sum(w * jnp.sin(_plain(x_, a_[j], b_[j], idx[j], ws_[j], g_, act)))
+               for j, w in enumerate(weights))
+  args = (x, a, b, ws, jnp.float32(gamma))
+  got = jax.jit(jax.grad(loss, argnums=range(5)))(*args)
+  ref = jax.grad(ref_loss, argnums=range(5))(*args)
+  for name, g, rr in zip(["x", "a", "b", "ws", "gamma"], got, ref):
+    for gl, rl in zip(jax.tree.leaves(g), jax.tree.leaves(rr)):
+      np.testing.assert_allclose(np.asarray(gl), np.asarray(rl), rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_group_of_one_is_lost_matmul_and_bf16():
+  x, layers = _group_data(seed=5)
+  cast = lambda t: jnp.asarray(t, jnp.bfloat16)
+  a, b, idx, ws = layers[0]
+  (y,) = lost_group_matmul(cast(x), [cast(a)], [cast(b)], [idx], [cast(ws)], 0.5, act="silu")
+  ref = lost_matmul(cast(x), cast(a), cast(b), idx, cast(ws), 0.5, act="silu")
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+  ys = lost_group_matmul(cast(x), *[[cast(l[i]) if i != 2 else l[i] for l in layers] for i in range(4)], 0.5)
+  for y, l in zip(ys, layers):
+    ref = _np_lost(np.asarray(cast(x).astype(jnp.float32)), *[np.asarray(cast(t).astype(jnp.float32))
+                   if i != 2 else t for i, t in enumerate(l)], 0.5, None)
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), ref, rtol=3e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: (s[0], s[1][:2], s[2], s[3]), "equal non-zero length"),
+    (lambda s: ((), (), (), ()), "equal non-zero length"),
+    (lambda s: (s[0][:1] + (np.ones((29, 7), np.float32),) + s[0][2:], s[1], s[2], s[3]), r"a\[1\] must"),
+    (lambda s: (s[0], s[1], s[2][:2] + (s[2][2][:-1],), s[3]), r"idx\[2\] must have shape"),
+    (lambda s: (s[0], s[1], s[2][:2] + (s[2][2].astype(np.float32),), s[3]), r"idx\[2\] must be integer"),
+])
+def test_group_bad_input_raises(mutate, match):
+  x, layers = _group_data()
+  seqs = mutate(tuple(tuple(l[i] for l in layers) for i in range(4)))
+  with pytest.raises(ValueError, match=match):
+    lost_group_matmul(x, *seqs, 0.5)
+  with pytest.raises(ValueError, match="impl must be"):
+    lost_group_matmul(x, *(tuple(l[i] for l in layers) for i in range(4)), 0.5, impl="pallas")

@@ -106,7 +106,7 @@ def test_lost_closed_form_function():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(n_heads=5), "n_heads"), (dict(attn_kind="sparse"), "sparse"), (dict(d_model=0), "d_model"),
-    (dict(sparse_impl="cuda"), "cuda"),
+    (dict(sparse_impl="cuda"), "cuda"), (dict(fuse_projections=1), "fuse_projections"),
 ])
 def test_bad_config(kw, match):
   with pytest.raises(ValueError, match=match):
@@ -147,3 +147,34 @@ def test_forward_under_8_device_mesh(sharded):
 def test_mesh_bad_shape():
   with pytest.raises(ValueError, match="fsdp=3"):
     sharding.make_mesh(fsdp=3)
+
+
+@pytest.mark.parametrize("kind,impl", [("dense", "xla"), ("lowrank", "xla"), ("lost", "fused"),
+                                       ("lost", "xla")])
+def test_fused_projections_same_function(kind, impl):
+  """q/k/v and gate/up computed together (lostjax.layers.group) == one by one: outputs and every gradient."""
+  cfgs = [_tiny(attn_kind=kind, mlp_kind=kind, sparse_impl=impl, lowrank_act="silu", fuse_projections=f)
+          for f in (True, False)]
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, cfgs[0].vocab_size)
+  outs = []
+  for cfg in cfgs:
+    graphdef, params, rest = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(tokens))[..., 3])
+    outs.append(jax.jit(jax.value_and_grad(loss))(params))
+  (v1, g1), (v2, g2) = outs
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  assert jax.tree.structure(g1) == jax.tree.structure(g2)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_fused_dense_projections_under_tensor_parallel_mesh():
+  cfg = _tiny(fuse_projections=True)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  graphdef, params, rest = sharding.init_module(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (4, 16), 0, cfg.vocab_size),
+                          sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    logits = jax.jit(lambda p, r, t: nnx.merge(graphdef, p, r)(t))(params, rest, tokens)
+  single = jax.jit(lambda t: Llama(_tiny(fuse_projections=False), rngs=nnx.Rngs(0))(t))(jax.device_get(tokens))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(single), atol=1e-5)

@@ -1,4 +1,6 @@
 """Sorting networks and GroCo vs diffsort, a torch transcription of GroCo.compute_loss, numpy loops."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.test_util as jtu
@@ -14,7 +16,8 @@ import losses as _L  # eager originals, used by test_jit_matches_eager
 def _jitted(name, *static):
   return jax.jit(getattr(_L, name), static_argnames=static)
 
-groco_loss = _jitted('groco_loss', 'steepness', 'topk_neg', 'n_pos_views', 'stop_grad', 'network', 'distribution')
+groco_loss = _jitted('groco_loss', 'steepness', 'topk_neg', 'n_pos_views', 'stop_grad', 'network', 'distribution',
+                     'axis_name')
 groco_sorting_loss = _jitted('groco_sorting_loss', 'steepness', 'network', 'distribution')
 soft_sort = _jitted('soft_sort', 'network', 'steepness', 'art_lambda', 'distribution')
 
@@ -166,6 +169,103 @@ def test_monotone_in_separation_edge_cases_and_jit():
     assert np.isfinite(float(f(x)))
     assert np.all(np.isfinite(gf(x).astype(jnp.float32)))
   assert float(groco_loss(v, topk_neg=0)) >= 0.0
+
+
+def _padded(views, n_pad, rng):
+  """Inserts n_pad garbage rows (huge values, one NaN row) at random batch positions; returns (padded, where)."""
+  v, b, d = views.shape
+  where = np.ones(b + n_pad, bool)
+  where[rng.choice(b + n_pad, n_pad, replace=False)] = False
+  out = np.empty((v, b + n_pad, d))
+  out[:, where] = views
+  out[:, ~where] = 1e6 * rng.normal(size=(v, n_pad, d))
+  out[0, np.flatnonzero(~where)[0]] = np.nan
+  return out, where
+
+
+@functools.lru_cache(maxsize=None)
+def _groco_vg(stop_grad):
+  """One jitted value_and_grad(groco_loss(views, where)) per flag, shared by the padding and sharding tests."""
+  return jax.jit(jax.value_and_grad(lambda v, w: _L.groco_loss(v, topk_neg=4, stop_grad=stop_grad, where=w)))
+
+
+def _padded_batch():
+  rng = np.random.default_rng(1)
+  views = rng.normal(size=(2, 19, 5))
+  return (views,) + _padded(views, 5, rng)   # 24 rows, 5 of them padding
+
+
+@pytest.mark.parametrize("stop_grad", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_groco_padding_mask(stop_grad):
+  """Masked padding rows: loss == loss of the unpadded batch (JAX and the torch transcription on
+  diffsort), padded rows' gradients exactly 0 even for garbage/NaN padding; all rows padded, or too
+  few valid negatives for topk_neg -> 0 with zero gradients."""
+  views, padded, where = _padded_batch()
+  f = _groco_vg(stop_grad)
+  with jax.enable_x64(True):
+    val, g = f(jnp.asarray(padded), jnp.asarray(where))
+    ref, g_ref = f(jnp.asarray(views), jnp.ones(19, bool))
+    few = jnp.asarray(np.cumsum(where) <= 4) & jnp.asarray(where)   # 4 valid rows: 3 negatives < topk_neg = 4
+    empty = [f(jnp.asarray(padded), w) for w in (jnp.zeros(24, bool), few)]
+  np.testing.assert_allclose(float(val), float(ref), rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(g)[:, where], g_ref, rtol=1e-10, atol=1e-15)
+  assert np.all(np.asarray(g)[:, ~where] == 0)
+  for v0, g0 in empty:
+    assert float(v0) == 0.0 and np.all(np.asarray(g0) == 0)
+  try:
+    import diffsort
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None:
+    tv = torch.tensor(views, requires_grad=True)
+    tl = _torch_groco(torch, diffsort, list(tv), 1.0, 4, 2, stop_grad)
+    tl.backward()
+    np.testing.assert_allclose(float(val), tl.item(), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(g)[:, where], tv.grad.numpy(), rtol=1e-8, atol=1e-12)
+  with pytest.raises(ValueError, match="where"):
+    groco_loss(jnp.asarray(padded, jnp.float32), topk_neg=4, where=jnp.ones(5, bool))
+
+
+def test_groco_sorting_loss_where():
+  """Masked rows of the primitive may hold inf/NaN: finite, zero gradient; the masked mean is the
+  mean of the single-row losses; nothing included -> 0."""
+  rng = np.random.default_rng(2)
+  neg, pos = rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+  neg[[1, 4]], pos[1] = np.inf, np.nan
+  rows = np.array([1, 0, 1, 1, 0, 1], bool)
+  h = jax.jit(jax.value_and_grad(lambda n_, p_, w_: _L.groco_sorting_loss(n_, p_, where=w_)))
+  with jax.enable_x64(True):
+    n_, p_ = jnp.asarray(neg), jnp.asarray(pos)
+    val, gn = h(n_, p_, jnp.asarray(rows))
+    singles = [float(h(n_, p_, jnp.arange(6) == r)[0]) for r in np.flatnonzero(rows)]
+    none, g_none = h(n_, p_, jnp.zeros(6, bool))
+  np.testing.assert_allclose(float(val), np.mean(singles), rtol=1e-12)
+  np.testing.assert_allclose(singles[0], float(groco_sorting_loss(jnp.asarray(neg[:1], jnp.float32),
+                                                                  jnp.asarray(pos[:1], jnp.float32))), rtol=1e-5)
+  assert np.all(np.isfinite(gn)) and np.all(np.asarray(gn)[~rows] == 0)
+  assert float(none) == 0.0 and np.all(np.asarray(g_none) == 0)
+
+
+@pytest.mark.parametrize("stop_grad", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_groco_cross_device_negatives(stop_grad):
+  """shard_map over 8 devices with axis_name == unsharded loss on the concatenated batch (value, grad).
+
+  3 rows per device < topk_neg + 1 = 5: the loss only exists with the other devices' negatives."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py fakes 8 CPU devices)")
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:8]), ("b",))
+  _, padded, where = _padded_batch()
+  sharded = jax.shard_map(lambda v, w: _L.groco_loss(v, where=w, axis_name="b", topk_neg=4, stop_grad=stop_grad),
+                          mesh=mesh, in_specs=(P(None, "b"), P("b")), out_specs=P())
+  with jax.enable_x64(True):
+    v, w = jnp.asarray(padded), jnp.asarray(where)
+    val, g = jax.jit(jax.value_and_grad(sharded))(v, w)
+    ref, g_ref = _groco_vg(stop_grad)(v, w)
+  np.testing.assert_allclose(float(val), float(ref), rtol=1e-12)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-15)
+  assert np.all(np.asarray(g)[:, ~where] == 0)
 
 
 def test_bad_inputs():

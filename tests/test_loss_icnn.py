@@ -161,6 +161,36 @@ def test_icnn_properties_edges_grads():
     assert np.all(np.isfinite(jax.grad(lambda a: icnn_loss(a, jnp.array([0, 0, 0, 1, 1, 1, 1])))(x).astype(jnp.float32)))
 
 
+def test_icnn_candidate_path_large_sets():
+  """Sets larger than ipc + drop + 8 take the matmul-preselection path: still equal to the numpy
+  transcription (float64 tight, float32 within float tolerance), coincident points included, and no
+  [N_o, N_t, D] intermediate in the value+grad program."""
+  way, n, dim = 4, 60, 8
+  centers = RNG.normal(size=(way, dim)) * 2
+  y = RNG.integers(0, way, n)
+  x = centers[y] + 1.5 * RNG.normal(size=(n, dim))
+  x[10:14] = x[0]   # coincident points (ties in the distance and in the neighbour order)
+  t, yt = x[::2] + 0.1, y[::2]
+  with jax.enable_x64(True):
+    J = jnp.asarray
+    np.testing.assert_allclose(float(icnn_score(J(x), J(y))), np_modified_score(x, y), rtol=1e-10)
+    np.testing.assert_allclose(float(icnn_score(J(x), J(y), J(t), J(yt), drop_nearest=True)),
+                               np_modified_score(x, y, t, yt), rtol=1e-10)
+  x32, y32 = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+  want = np_modified_score(x, y)
+  for scale in (1., 1e3):   # the ranking key's rounding grows with |x|^2
+    np.testing.assert_allclose(float(icnn_score(scale * x32, y32)), np_modified_score(scale * x, y), rtol=2e-5)
+  f = lambda a: icnn_loss(a, y32)
+  val, g = jax.value_and_grad(f)(x32)
+  np.testing.assert_allclose(float(val), -np.log(want), rtol=2e-5)
+  assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
+  g_dup = jax.grad(f)(jnp.zeros_like(x32).at[:5].set(x32[:5]))   # 55 coincident points
+  assert np.all(np.isfinite(g_dup))
+  hlo = jax.jit(jax.value_and_grad(_L.icnn_loss)).lower(x32, y32).as_text()
+  assert f"{n}x{n}x{dim}x" not in hlo and f"{n}x{n // 2}x{dim}x" not in hlo
+  assert f"{n}x{n}x" in hlo   # the [N_o, N_t] ranking key (sanity check of the pattern)
+
+
 def test_bad_inputs():
   with pytest.raises(ValueError, match="target set too small"):
     icnn_loss(jnp.ones((2, 3)), jnp.zeros(2, int))

@@ -150,35 +150,105 @@ def torch_order(params):
   return out
 
 
-def test_blockwise_matches_reference_descending():
+def ref_block_selection(n, rho, order, refreshes):
+  """Plain-Python transcription of BlockOptimizer._update_states (fzmushko/FRUGAL): active indices per refresh."""
+  k = round(n * rho)
+  if order == "mirror":
+    assert k % 2 == 0
+  start = {"descending": n - 1, "ascending": 0, "mirror": 0}[order]
+  out = []
+  for _ in range(refreshes):
+    if order == "ascending":
+      act = [i % n for i in range(start, start + k)]
+      start += k
+      if start >= n:
+        start -= n
+    elif order == "descending":
+      act = [i % n for i in range(start, start - k, -1)]
+      start -= k
+      if start < 0:
+        start += n
+    else:
+      h = n // 2
+      act = []
+      for i in range(start, start + k // 2):
+        act += [i % h, n - 1 - i % h]
+      start += k // 2
+      if start >= h:
+        start -= h
+    out.append(sorted(act))
+  return out
+
+
+def observed_active_sets(tx, params, refreshes, order_keys):
+  """Active matrices per refresh seen from the outside: update_gap=1, inactive rule 'no' => only they move."""
+  state = tx.init(params)
+  upd = jax.jit(tx.update)
+  rng = np.random.default_rng(7)
+  out = []
+  for _ in range(refreshes):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
+    u, state = upd(g, state, params)
+    out.append([j for j, key in enumerate(order_keys) if float(jnp.abs(key(u)).max()) > 0])
+  return out
+
+
+def test_mirror_selection_matches_reference_llama_56():
+  params = mini_llama(n_layers=8)  # 56 matrices in the reference's module order, three shape groups
+  order = torch_order(params)
+  keys = [lambda t, key=key: t["layers"][key[0]][key[1]][key[2]]["kernel"] for key in order]
+  tx = scale_by_frugal(rho=0.25, update_gap=1, proj_type="blockwise", block_order="mirror",
+                       inactive_update_rule="no")
+  matrices = {"layers": {i: {"attn": lay["attn"], "mlp": lay["mlp"]} for i, lay in params["layers"].items()}}
+  got = observed_active_sets(tx, matrices, 10, keys)
+  ref = ref_block_selection(56, 0.25, "mirror", 10)
+  assert ref[0] == list(range(7)) + list(range(49, 56))  # layers 0 and 7, then 1 and 6, ...
+  assert got == ref
+
+
+@pytest.mark.parametrize("n,rho", [(13, 0.3), (10, 0.4), (12, 0.5), (6, 1.0), (9, 0.25)])
+def test_mirror_selection_matches_reference_one_group(n, rho):
+  params = {f"w{i:02d}": jnp.ones((3, 2)) for i in range(n)}  # one shape group, flatten order = index order
+  keys = [lambda t, i=i: t[f"w{i:02d}"] for i in range(n)]
+  tx = scale_by_frugal(rho=rho, update_gap=1, proj_type="blockwise", block_order="mirror",
+                       inactive_update_rule="no")
+  got = observed_active_sets(tx, params, 10, keys)
+  ref = ref_block_selection(n, rho, "mirror", 10)
+  assert got == ref
+  if n % 2:
+    assert all(n // 2 not in act for act in got)  # the middle matrix of an odd stack is never state-full
+
+
+@pytest.mark.parametrize("n,rho", [(7, 1.0), (12, 0.25), (5, 0.2)])
+def test_mirror_odd_active_count_raises(n, rho):
+  tx = frugal(0.01, rho=rho, proj_type="blockwise", block_order="mirror")
+  with pytest.raises(ValueError, match="mirror"):
+    tx.init({f"w{i}": {"kernel": jnp.ones((3, 2))} for i in range(n)})
+
+
+@pytest.mark.parametrize("block_order", ["descending", "ascending", "mirror"])
+def test_blockwise_matches_reference(block_order):
   steps, gap, lr, b1, b2, eps, rho = 7, 2, 0.01, 0.9, 0.999, 1e-8, 0.25
-  params = mini_llama()
+  params = mini_llama(n_layers=8)
   rng = np.random.default_rng(5)
   noise = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
            for _ in range(steps)]
   grad_fn = lambda p, k: jax.tree.map(lambda a, n: 0.3 * a + n, p, noise[k])
-  tx = frugal(lr, rho=rho, update_gap=gap, proj_type="blockwise", block_order="descending", b1=b1, b2=b2, eps=eps)
+  tx = frugal(lr, rho=rho, update_gap=gap, proj_type="blockwise", block_order=block_order, b1=b1, b2=b2, eps=eps)
   out, _ = run_jax(tx, params, grad_fn, steps)
 
-  # Oracle: BlockAdamW over the global tensor list, descending cyclic order, state cleared at every refresh.
+  # Oracle: BlockAdamW over the global tensor list (reference order), state cleared at every refresh.
   order = torch_order(params)
   ws = {key: np.asarray(params["layers"][key[0]][key[1]][key[2]]["kernel"], np.float64) for key in order}
-  n_active = round(len(order) * rho)
-  start, states = len(order) - 1, {}
+  selection = ref_block_selection(len(order), rho, block_order, (steps + gap - 1) // gap)
+  states = {}
   for k in range(steps):
     if k % gap == 0:
-      states = {}
-      for j in range(start, start - n_active, -1):
-        states[order[j % len(order)]] = [np.zeros_like(ws[order[0]]) * 0, None, 0]
-      start -= n_active
-      if start < 0:
-        start += len(order)
+      states = {order[j]: [0.0, 0.0, 0] for j in selection[k // gap]}
     for key in order:
       g = 0.3 * ws[key] + np.asarray(noise[k]["layers"][key[0]][key[1]][key[2]]["kernel"])
       if key in states:
         st = states[key]
-        if st[1] is None:
-          st[0], st[1] = np.zeros_like(g), np.zeros_like(g)
         st[2] += 1
         st[0] = b1 * st[0] + (1 - b1) * g
         st[1] = b2 * st[1] + (1 - b2) * g ** 2
@@ -262,7 +332,7 @@ def test_bf16_params():
 
 @pytest.mark.parametrize("kwargs", [dict(rho=-0.1), dict(rho=1.5), dict(update_gap=0), dict(update_gap=2.5),
                                     dict(proj_type="qr"), dict(inactive_update_rule="same"),
-                                    dict(block_order="mirror"), dict(proj_side="up"), dict(b2=1.0),
+                                    dict(block_order="spiral"), dict(proj_side="up"), dict(b2=1.0),
                                     dict(proj_lr_scale=-1.0)])
 def test_bad_hyperparameters(kwargs):
   with pytest.raises(ValueError):

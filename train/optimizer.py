@@ -44,7 +44,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.update_gap = 200  # T: projector / active-block refresh period (FRUGAL and GaLore)
   c.proj_type = "blockwise"  # FRUGAL: svd|random|randperm|randk|columns|rows|blockwise (paper runs: blockwise)
   c.proj_side = "std"  # std|reverse_std|left|right (torch-layout names; see optim/projection.py)
-  c.block_order = "descending"  # blockwise order: descending (all paper scripts)|ascending|random
+  c.block_order = "descending"  # blockwise order: descending (all paper scripts)|ascending|random|mirror
   c.reset_statistics = True  # FRUGAL: zero Adam moments + step counter at each refresh
   c.inactive_update_rule = "sign_sgd"  # FRUGAL state-free rule: sign_sgd|sgd|no
   c.proj_lr_scale = 1.0  # FRUGAL proj_params_lr_scale
@@ -61,7 +61,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.trp_energy = 0.9
   c.trp_period = 5
   c.trp_nuclear_weight = 3e-4
-  c.trp_scheme = "channel"  # conv kernels: channel|spatial
+  c.trp_scheme = "channel"  # conv kernels: channel (NC)|spatial (VH)|decouple (ND, per-filter ranks)
   c.trp_nuclear_every_step = False  # False: nuclear sub-gradient on projection steps only (reference code)
   c.trp_base = "adamw"
   return c

@@ -13,6 +13,12 @@ Backward (custom VJP, all GEMMs accumulate in float32):
   dgamma = <dWcat[:r], B> - <dWcat[r:], W_s>;  dh = act'(h) * dz[:, :r];  dA = x^T dh;
   dx = dh A^T + scatter(dz[:, r:] into the I columns).
 
+Layers that read the same x (``lost_group_matmul``: q/k/v, gate/up; §1.8 "share one gather") run the
+steps that depend only on x once for all G layers: h = x [A_1 .. A_G] (one GEMM), xg = x[..., I_1 .. I_G]
+(one gather; the sets may overlap), and in the backward [dA_1 .. dA_G] = x^T [dh_1 .. dh_G] and
+dx = [dh_1 .. dh_G] [A_1 .. A_G]^T + scatter-add of all [dz_g[:, r_g:]] (one GEMM each). The per-layer
+output GEMMs z_g Wcat_g and their weight gradients stay separate. ``lost_matmul`` is the case G = 1.
+
 Implementations (``impl``):
 * ``'concat'``  : gather with ``jnp.take``; dx = dh A^T then ``.at[..., I].add`` (in place, no zero buffer).
 * ``'onehot'``  : selection as a one-hot GEMM: ``[h, xg] = x @ [A, P]`` with ``P = one_hot(I, d_in)^T``
@@ -36,7 +42,7 @@ import numpy as np
 from lostjax.kernels.gather_matmul import dot_f32 as _dot32
 from lostjax.kernels.gather_matmul import gather_matmul
 
-__all__ = ["lost_matmul", "LOST_IMPLS"]
+__all__ = ["lost_matmul", "lost_group_matmul", "LOST_IMPLS", "GROUP_IMPLS"]
 
 LOST_IMPLS = ("auto", "concat", "onehot", "separate", "pallas")
 
@@ -69,15 +75,30 @@ def _act(cfg, h):
   return h if cfg.act is None else cfg.act(h)
 
 
+def _splits(sizes):
+  """Start offsets of consecutive column blocks of the given sizes."""
+  return np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+
+
+def _cols(v, offs, g):
+  return v[..., offs[g]:offs[g + 1]]
+
+
 def _front(x, a, idx, cfg):
-  """h = x A (pre-activation) and xg = x[..., idx]."""
-  a = a.astype(x.dtype)
-  r = a.shape[1]
+  """Pre-activations h = x [A_1..A_G] [.., Σr] and gathered channels xg = x[.., I_1..I_G] [.., Σk].
+
+  The G down-projections are ONE GEMM and the G gathers ONE gather (the channel sets may overlap).
+  """
+  dt = x.dtype
+  a_cat = jnp.concatenate([ai.astype(dt) for ai in a], axis=1)
+  idx_cat = jnp.concatenate(idx)
   if cfg.mode == "onehot":
-    hz = _mm(x, jnp.concatenate([a, _onehot_t(idx, cfg.d_in, x.dtype)], axis=1))
+    hz = _mm(x, jnp.concatenate([a_cat, _onehot_t(idx_cat, cfg.d_in, dt)], axis=1))
+    r = a_cat.shape[1]
     return hz[..., :r], hz[..., r:]
-  xg = jnp.take(x, idx, axis=-1, indices_are_sorted=True, unique_indices=True, mode="clip")
-  return _mm(x, a), xg
+  single = len(idx) == 1  # one sorted unique set; a concatenation of several may repeat channels
+  xg = jnp.take(x, idx_cat, axis=-1, indices_are_sorted=single, unique_indices=single, mode="clip")
+  return _mm(x, a_cat), xg
 
 
 def _wcat(b, w, gamma, dtype):
@@ -85,47 +106,65 @@ def _wcat(b, w, gamma, dtype):
                          axis=0).astype(dtype)
 
 
-def _primal(x, a, b, idx, w, gamma, cfg):
+def _outputs(x, a, b, idx, w, gamma, cfg):
   h, xg = _front(x, a, idx, cfg)
-  z = jnp.concatenate([_act(cfg, h), xg], axis=-1)
-  return _mm(z, _wcat(b, w, gamma, x.dtype))
+  ro, ko = _splits([ai.shape[1] for ai in a]), _splits([i.shape[0] for i in idx])
+  ah = _act(cfg, h)
+  ys = tuple(_mm(jnp.concatenate([_cols(ah, ro, g), _cols(xg, ko, g)], axis=-1), _wcat(b[g], w[g], gamma, x.dtype))
+             for g in range(len(a)))
+  return ys, (h, xg)
+
+
+def _primal(x, a, b, idx, w, gamma, cfg):
+  return _outputs(x, a, b, idx, w, gamma, cfg)[0]
 
 
 def _fwd(x, a, b, idx, w, gamma, cfg):
-  h, xg = _front(x, a, idx, cfg)
-  z = jnp.concatenate([_act(cfg, h), xg], axis=-1)
-  y = _mm(z, _wcat(b, w, gamma, x.dtype))
-  return y, (x, a, b, idx, w, gamma, h, xg)
+  ys, (h, xg) = _outputs(x, a, b, idx, w, gamma, cfg)
+  return ys, (x, a, b, idx, w, gamma, h, xg)
 
 
-def _bwd(cfg, res, dy):
+def _bwd(cfg, res, dys):
   x, a, b, idx, w, gamma, h, xg = res
   dt = x.dtype
-  dy = dy.astype(dt)
-  r = a.shape[1]
-  lead = tuple(range(dy.ndim - 1))
-  wcat = _wcat(b, w, gamma, dt)
-  dz = _dot32(dy, wcat, ((dy.ndim - 1,), (1,))).astype(dt)  # [.., r + k]
+  n = len(a)
+  ro, ko = _splits([ai.shape[1] for ai in a]), _splits([i.shape[0] for i in idx])
+  lead = tuple(range(x.ndim - 1))
+  last = x.ndim - 1
   if cfg.act is None:
-    az, dh = h, dz[..., :r]
+    az = h
   else:
     az, act_vjp = jax.vjp(cfg.act, h)
-    dh = act_vjp(dz[..., :r])[0]
-  z = jnp.concatenate([az, xg], axis=-1)
-  dwcat = _dot32(z, dy, (lead, lead))  # [r + k, d_out] float32
-  db32, dw32 = dwcat[:r], dwcat[r:]
-  dgamma = jnp.sum(db32 * b.astype(jnp.float32)) - jnp.sum(dw32 * w.astype(jnp.float32))
-  da = _dot32(x, dh, (lead, lead))  # [d_in, r]
-  a_c = a.astype(dt)
+  dzh, dzg, db, dw = [], [], [], []
+  dgamma = jnp.zeros((), jnp.float32)
+  for g in range(n):
+    dy = dys[g].astype(dt)
+    dz = _dot32(dy, _wcat(b[g], w[g], gamma, dt), ((last,), (1,))).astype(dt)  # [.., r_g + k_g]
+    r = ro[g + 1] - ro[g]
+    z = jnp.concatenate([_cols(az, ro, g), _cols(xg, ko, g)], axis=-1)
+    dwcat = _dot32(z, dy, (lead, lead))  # [r_g + k_g, d_out_g] float32
+    db32, dw32 = dwcat[:r], dwcat[r:]
+    dgamma = dgamma + jnp.sum(db32 * b[g].astype(jnp.float32)) - jnp.sum(dw32 * w[g].astype(jnp.float32))
+    db.append((gamma * db32).astype(b[g].dtype))
+    dw.append(((1.0 - gamma) * dw32).astype(w[g].dtype))
+    dzh.append(dz[..., :r])
+    dzg.append(dz[..., r:])
+  dzh = jnp.concatenate(dzh, axis=-1) if n > 1 else dzh[0]
+  dzg = jnp.concatenate(dzg, axis=-1) if n > 1 else dzg[0]
+  dh = dzh if cfg.act is None else act_vjp(dzh)[0]
+  da = _dot32(x, dh, (lead, lead))  # [d_in, Σr]: all G factor gradients in one GEMM
+  a_cat = jnp.concatenate([ai.astype(dt) for ai in a], axis=1)
+  idx_cat = jnp.concatenate(idx)
   if cfg.mode == "onehot":
-    acat = jnp.concatenate([a_c, _onehot_t(idx, cfg.d_in, dt)], axis=1)
-    dx = _dot32(dz.at[..., :r].set(dh), acat, ((dy.ndim - 1,), (1,))).astype(dt)
+    acat = jnp.concatenate([a_cat, _onehot_t(idx_cat, cfg.d_in, dt)], axis=1)
+    dx = _dot32(jnp.concatenate([dh, dzg], axis=-1), acat, ((last,), (1,))).astype(dt)
   else:
-    dx = _dot32(dh, a_c, ((dy.ndim - 1,), (1,))).astype(dt)
-    dx = dx.at[..., idx].add(dz[..., r:], indices_are_sorted=True, unique_indices=True)
+    single = n == 1
+    dx = _dot32(dh, a_cat, ((last,), (1,))).astype(dt)
+    dx = dx.at[..., idx_cat].add(dzg, indices_are_sorted=single, unique_indices=single)
   dgamma = jnp.asarray(dgamma, jnp.result_type(gamma)).reshape(jnp.shape(gamma))
-  return (dx, da.astype(a.dtype), (gamma * db32).astype(b.dtype), None,
-          ((1.0 - gamma) * dw32).astype(w.dtype), dgamma)
+  da = tuple(_cols(da, ro, g).astype(a[g].dtype) for g in range(n))
+  return dx, da, tuple(db), tuple(None for _ in idx), tuple(dw), dgamma
 
 
 _lost_fused = jax.custom_vjp(_primal, nondiff_argnums=(6,))
@@ -141,6 +180,29 @@ def _resolve_act(act):
   return _ACTS[act]
 
 
+def _check_one(x, a, b, idx, w_sparse, where=""):
+  d_in = x.shape[-1]
+  if a.ndim != 2 or a.shape[0] != d_in:
+    raise ValueError(f"a{where} must have shape [d_in={d_in}, r], got {a.shape}")
+  if b.ndim != 2 or b.shape[0] != a.shape[1]:
+    raise ValueError(f"b{where} must have shape [r={a.shape[1]}, d_out], got {b.shape}")
+  if w_sparse.ndim != 2 or w_sparse.shape[1] != b.shape[1]:
+    raise ValueError(f"w_sparse{where} must have shape [k, d_out={b.shape[1]}], got {w_sparse.shape}")
+  if idx.ndim != 1 or idx.shape[0] != w_sparse.shape[0]:
+    raise ValueError(f"idx{where} must have shape [k={w_sparse.shape[0]}], got {idx.shape}")
+  if not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise ValueError(f"idx{where} must be integer, got dtype {idx.dtype}")
+
+
+def _check_common(x, gamma, impl, impls):
+  if impl not in impls:
+    raise ValueError(f"impl must be one of {impls}, got {impl!r}")
+  if x.ndim < 1:
+    raise ValueError(f"x must be [..., d_in], got shape {x.shape}")
+  if np.ndim(gamma) != 0:
+    raise ValueError(f"gamma must be a scalar, got shape {np.shape(gamma)}")
+
+
 def lost_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto", interpret=None):
   """LOST layer ``gamma * act(x a) b + (1 - gamma) * x[..., idx] w_sparse``.
 
@@ -153,23 +215,11 @@ def lost_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto", int
     impl: one of LOST_IMPLS (see module docstring).
     interpret: Pallas interpret flag for impl='pallas'.
   """
-  if impl not in LOST_IMPLS:
-    raise ValueError(f"impl must be one of {LOST_IMPLS}, got {impl!r}")
   x, a, b, w_sparse, idx = map(jnp.asarray, (x, a, b, w_sparse, idx))
-  if x.ndim < 1:
-    raise ValueError(f"x must be [..., d_in], got shape {x.shape}")
-  d_in = x.shape[-1]
-  if a.ndim != 2 or a.shape[0] != d_in:
-    raise ValueError(f"a must have shape [d_in={d_in}, r], got {a.shape}")
-  if b.ndim != 2 or b.shape[0] != a.shape[1]:
-    raise ValueError(f"b must have shape [r={a.shape[1]}, d_out], got {b.shape}")
-  if w_sparse.ndim != 2 or w_sparse.shape[1] != b.shape[1]:
-    raise ValueError(f"w_sparse must have shape [k, d_out={b.shape[1]}], got {w_sparse.shape}")
-  if idx.ndim != 1 or idx.shape[0] != w_sparse.shape[0]:
-    raise ValueError(f"idx must have shape [k={w_sparse.shape[0]}], got {idx.shape}")
-  if np.ndim(gamma) != 0:
-    raise ValueError(f"gamma must be a scalar, got shape {np.shape(gamma)}")
+  _check_common(x, gamma, impl, LOST_IMPLS)
+  _check_one(x, a, b, idx, w_sparse)
   act_fn = _resolve_act(act)
+  d_in = x.shape[-1]
   if impl == "auto":
     impl = "concat"
   if impl in ("separate", "pallas"):
@@ -177,7 +227,39 @@ def lost_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto", int
     gm_impl = "pallas" if impl == "pallas" else "xla"
     sp = gather_matmul(x, idx, w_sparse, impl=gm_impl, interpret=interpret)
     return (gamma * lr.astype(jnp.float32) + (1.0 - gamma) * sp.astype(jnp.float32)).astype(x.dtype)
-  if not jnp.issubdtype(idx.dtype, jnp.integer):
-    raise ValueError(f"idx must be integer, got dtype {idx.dtype}")
   gamma = jnp.asarray(gamma, jnp.float32)
-  return _lost_fused(x, a, b, idx.astype(jnp.int32), w_sparse, gamma, _Cfg(impl, act_fn, d_in))
+  return _lost_fused(x, (a,), (b,), (idx.astype(jnp.int32),), (w_sparse,), gamma, _Cfg(impl, act_fn, d_in))[0]
+
+
+GROUP_IMPLS = ("auto", "concat", "onehot")
+
+
+def lost_group_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto"):
+  """G LOST layers that read the same input (q/k/v, or gate/up), with their shared work done once.
+
+  Returns the tuple ``(y_1, .., y_G)``, ``y_g = gamma * act(x a_g) b_g + (1 - gamma) * x[..., idx_g] w_g``,
+  equal to G calls of :func:`lost_matmul`. The G down-projections are one GEMM ``x [a_1 .. a_G]``, the G
+  channel gathers one gather ``x[..., idx_1 .. idx_G]`` (sets may overlap), and in the backward the G
+  factor gradients are one GEMM ``x^T [dh_1 .. dh_G]`` and the input gradient one GEMM
+  ``[dh_1 .. dh_G] [a_1 .. a_G]^T`` plus one scatter-add of all sparse columns. The per-layer output GEMMs
+  ``[act(h_g), xg_g] @ [gamma b_g; (1 - gamma) w_g]`` stay separate (their weights differ).
+
+  Args:
+    x: [..., d_in]; a, b, idx, w_sparse: sequences of G arrays shaped as in :func:`lost_matmul`
+      (ranks, k and d_out may differ between layers; d_in is shared).
+    gamma, act: shared by the G layers (as in the LLaMA model, where one config sets them).
+    impl: 'concat' (gather; 'auto') or 'onehot' (selection as part of the down-projection GEMM).
+  """
+  x = jnp.asarray(x)
+  _check_common(x, gamma, impl, GROUP_IMPLS)
+  seqs = [tuple(map(jnp.asarray, v)) for v in (a, b, idx, w_sparse)]
+  if len({len(v) for v in seqs}) != 1 or not seqs[0]:
+    raise ValueError(f"a, b, idx, w_sparse must be sequences of equal non-zero length, got lengths "
+                     f"{[len(v) for v in seqs]}")
+  a, b, idx, w_sparse = seqs
+  for g in range(len(a)):
+    _check_one(x, a[g], b[g], idx[g], w_sparse[g], where=f"[{g}]")
+  act_fn = _resolve_act(act)
+  impl = "concat" if impl == "auto" else impl
+  idx = tuple(i.astype(jnp.int32) for i in idx)
+  return _lost_fused(x, a, b, idx, w_sparse, jnp.asarray(gamma, jnp.float32), _Cfg(impl, act_fn, x.shape[-1]))

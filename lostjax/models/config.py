@@ -49,6 +49,9 @@ class LlamaConfig:
   # was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
   # 'xla' on GPU/TPU — on an H200 the Pallas kernel wins on the sparse branch alone but not in the model.
   sparse_impl: str = "auto"
+  # q/k/v and gate/up read the same input: compute them together (lostjax.layers.group: one GEMM for dense
+  # kernels and for the low-rank down-projections, one gather for LOST channel sets). Same parameters either way.
+  fuse_projections: bool = True
   # Numerics: parameters in param_dtype, matmuls in dtype (bf16 compute with float32 master weights).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -67,6 +70,8 @@ class LlamaConfig:
     for name in ("attn_kind", "mlp_kind"):
       if getattr(self, name) not in KINDS:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
+    if not isinstance(self.fuse_projections, bool):
+      raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
     impls = ("auto", "xla", "xla_onehot", "pallas", "fused")
     if self.sparse_impl not in impls:
       raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected one of {impls}")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lostjax.layers import common, make_linear
+from lostjax.layers.group import grouped_call
 from lostjax.models.config import LlamaConfig
 
 
@@ -52,6 +53,13 @@ def _linear(cfg: LlamaConfig, group: str, d_in: int, d_out: int, axes, rngs):
                      sparse_impl=cfg.sparse_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
+def _project(cfg: LlamaConfig, layers, x):
+  """The projections reading x: together (one GEMM / one gather for the shared work) or one by one."""
+  if cfg.fuse_projections:
+    return grouped_call(layers, x)
+  return tuple(layer(x) for layer in layers)
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -64,9 +72,10 @@ class Attention(nnx.Module):
   def __call__(self, x, positions):
     b, s, _ = x.shape
     h, hd = self.cfg.n_heads, self.cfg.head_dim
-    q = rotary(self.q(x).reshape(b, s, h, hd), positions, self.cfg.rope_theta)
-    k = rotary(self.k(x).reshape(b, s, h, hd), positions, self.cfg.rope_theta)
-    v = self.v(x).reshape(b, s, h, hd)
+    q, k, v = _project(self.cfg, (self.q, self.k, self.v), x)
+    q = rotary(q.reshape(b, s, h, hd), positions, self.cfg.rope_theta)
+    k = rotary(k.reshape(b, s, h, hd), positions, self.cfg.rope_theta)
+    v = v.reshape(b, s, h, hd)
     impl = self.cfg.attention_impl
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     return self.o(out.reshape(b, s, h * hd))
@@ -76,12 +85,14 @@ class Mlp(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
     self.gate = _linear(cfg, "mlp", cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
     self.up = _linear(cfg, "mlp", cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
     self.down = _linear(cfg, "mlp", cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
 
   def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    gate, up = _project(self.cfg, (self.gate, self.up), x)
+    return self.down(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
