@@ -48,6 +48,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lostjax import cpu_malloc  # noqa: E402
+
+MALLOC_TUNED = cpu_malloc.tune()  # as train.main does (LOSTJAX_MALLOC_TUNING=off to compare without)
+
 from train import objectives  # noqa: E402
 from train import optimizer as optim_lib  # noqa: E402
 from train.configs.llama import get_config  # noqa: E402
@@ -252,6 +256,7 @@ def main(argv=None):
   result = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "jax": jax.__version__, "backend": jax.default_backend(), "devices": str(jax.devices()),
             "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "malloc_tuned": MALLOC_TUNED,
             "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,
             "warmup": args.warmup, "timed_rounds": args.steps,

@@ -11,6 +11,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import tempfile  # noqa: E402
 
+from lostjax import cpu_malloc  # noqa: E402
+
+cpu_malloc.tune()  # as train.main does: the step temporaries stay in the heap between steps
+
+
 import jax  # noqa: E402
 
 # Many tests build the same tiny models and train steps through fresh jit objects (every trainer.train call);

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from lostjax import cpu_malloc
+
+cpu_malloc.tune()  # before JAX starts its threads: no fresh mmap of the step's temporaries on CPU
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, loss.png, config.json.")
