@@ -244,7 +244,7 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first one compiles)")
   p.add_argument("--steps", type=int, default=4, help="timed rounds; each round runs every variant once")
   p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                 help="comma list of <preset>/<dense|lowrank|lost>[@<model.sparse_impl>], e.g. 60m/lost@fused")
+                 help="comma list of <preset>/<dense|lowrank|lost>[-sep][@<model.sparse_impl>], e.g. 60m/lost@fused")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/HF peer and the torch matmul")
   p.add_argument("--no-lmhead", action="store_true", help="skip the 60M LM-head-alone timing")
   p.add_argument("--torch-1thread", type=int, default=1,

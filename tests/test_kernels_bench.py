@@ -74,3 +74,5 @@ def test_gpu_script_smoke_mode(tmp_path):
   assert all("error" not in r for r in res["layers"]["rows"])
   assert all(r["max_abs_diff_y"] < 1e-3 for r in res["check"]["rows"])
   assert {r["kind"] for r in res["model"]["rows"]} == {"dense", "lost"}
+  assert all("tokens_per_s" in r for r in res["model"]["rows"]), res["model"]["rows"]
+  assert {"fused", "auto-sep"} <= {r["sparse_impl"] for r in res["model"]["rows"]}
