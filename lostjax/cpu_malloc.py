@@ -10,7 +10,8 @@ time per step (BENCHMARKS.md, "host malloc").
 `tune()` sets three glibc malloc options through `mallopt` (no environment variable, no re-exec):
   * M_ARENA_MAX = 1       every thread allocates from the main arena, which can grow with brk;
   * M_MMAP_MAX = 0        large blocks come from that heap, not from their own mapping;
-  * M_TRIM_THRESHOLD = 2 GiB - 1   freed memory at the top of the heap is kept for the next step.
+  * M_TRIM_THRESHOLD = -1  never trim: freed memory at the top of the heap is kept for the next step (a
+    finite threshold, even 2 GiB - 1, still let the 1.17 GB block of the 60M step go back every other step).
 The price is that freed memory is not handed back to the OS (peak RSS stays, e.g. 1.0 → 1.5 GB on the
 quickstart) and that threads share one malloc lock (small blocks still go through glibc's per-thread
 cache). Effective only if called before JAX starts its thread pools (i.e. before the first computation).
@@ -60,4 +61,4 @@ def tune(force: bool = False) -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return all(mallopt(opt, val) == 1 for opt, val in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
-                                                     (M_TRIM_THRESHOLD, 2**31 - 1)))
+                                                     (M_TRIM_THRESHOLD, -1)))

@@ -70,11 +70,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # 'stop': once a step was non-finite, no later update is applied either (the run stops at the next check).
     take = finite if skip_bad else finite & (state["bad_step"] < 0)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(take, n, o), new, old)
+    # lax.cond, not a per-leaf jnp.where: the where kept the old state alive next to the new one and made XLA
+    # copy the donated state (60M dense on CPU: 1170 vs 1018 MiB of temporaries, BENCHMARKS.md §1c).
+    kept_params, kept_opt, kept_obj = jax.lax.cond(
+        take, lambda: (new_params, new_opt, new_obj), lambda: (params, state["opt"], state["obj"]))
     new_state = {
-        "params": keep(new_params, params),
-        "opt": keep(new_opt, state["opt"]),
-        "obj": keep(new_obj, state["obj"]),
+        "params": kept_params,
+        "opt": kept_opt,
+        "obj": kept_obj,
         "step": step + 1,
         "bad_step": jnp.where((~finite) & (state["bad_step"] < 0), step, state["bad_step"]),
     }
