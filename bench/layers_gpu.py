@@ -589,7 +589,8 @@ def parse(argv=None):
     args.sweep_blocks = [(16, 16, 16), (32, 32, 16)]
     args.model_tokens, args.model_steps = 64, 2
     args.model_plan = [("tiny", "dense", 32, "auto"), ("tiny", "lost", 32, "auto"),
-                       ("tiny", "lost", 32, "fused"), ("tiny", "dense", 32, "auto-sep"),
+                       ("tiny", "lost", 32, "fused"), ("tiny", "lost", 32, "fused_onehot"),
+                       ("tiny", "dense", 32, "auto-sep"),
                        ("tiny", "lost", 32, "fused_concat")]
     args.torch_plan = [("tiny", 32, False)]
     args.attention_impl = None
@@ -602,10 +603,12 @@ def parse(argv=None):
                          (128, 128, 64)]
     args.model_tokens, args.model_steps = 16384, 10
     # 'auto' is the model default (XLA gather on GPU since the 2026-11-28 H200 run); 'pallas', 'xla_onehot' and
-    # 'fused' (one GEMM per layer, q/k/v and gate/up sharing one down-projection GEMM and one gather) are the
+    # 'fused' (one GEMM per layer, q/k/v and gate/up sharing one down-projection GEMM and one gather; 'fused_onehot':
+    # the selection inside that GEMM as one-hot columns, no gather/scatter) are the
     # candidates to re-time in the whole model; '-sep' rows time q/k/v and gate/up one by one.
     args.model_plan = [("350m", "dense", 1024, "auto"), ("350m", "lost", 1024, "auto"),
-                       ("350m", "lost", 1024, "fused"), ("350m", "lost", 1024, "xla_onehot"),
+                       ("350m", "lost", 1024, "fused"), ("350m", "lost", 1024, "fused_onehot"),
+                       ("350m", "lost", 1024, "xla_onehot"),
                        ("350m", "lost", 1024, "pallas"), ("350m", "dense", 1024, "auto-sep"),
                        ("350m", "dense", 256, "auto"), ("350m", "lost", 256, "auto"),
                        ("130m", "dense", 256, "auto"), ("130m", "lost", 256, "auto"),

@@ -22,7 +22,7 @@ def _layers(kind, n=3, **kw):
 
 @pytest.mark.parametrize("kind,kw,shared", [
     ("dense", {}, True), ("lowrank", {}, True), ("lost", dict(sparse_impl="fused"), True),
-    ("lost", dict(sparse_impl="xla"), False),
+    ("lost", dict(sparse_impl="fused_onehot"), True), ("lost", dict(sparse_impl="xla"), False),
 ])
 def test_grouped_equals_separate(kind, kw, shared, monkeypatch):
   layers = _layers(kind, **kw)

@@ -150,7 +150,7 @@ def test_mesh_bad_shape():
 
 
 @pytest.mark.parametrize("kind,impl", [("dense", "xla"), ("lowrank", "xla"), ("lost", "fused"),
-                                       ("lost", "xla")])
+                                       ("lost", "fused_onehot"), ("lost", "xla")])
 def test_fused_projections_same_function(kind, impl):
   """q/k/v and gate/up computed together (lostjax.layers.group) == one by one: outputs and every gradient."""
   cfgs = [_tiny(attn_kind=kind, mlp_kind=kind, sparse_impl=impl, lowrank_act="silu", fuse_projections=f)

@@ -126,7 +126,7 @@ def test_bf16_compute():
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=3e-2 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused", "xla_onehot"])
+@pytest.mark.parametrize("impl", ["auto", "fused", "fused_onehot", "xla_onehot"])
 def test_sparse_impls_agree(impl):
   x = jax.random.normal(jax.random.key(1), (3, 5, 32))
   ref = Lost(32, 24, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), activation="silu", sparse_impl="xla")

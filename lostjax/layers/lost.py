@@ -44,9 +44,12 @@ SPARSE_VALUES = ("original", "residual")
 # 'xla' | 'xla_onehot' | 'pallas': the sparse branch through kernels.gather_matmul ('xla_onehot': its input
 # gradient as a one-hot GEMM instead of a scatter; 'pallas': the Pallas/Triton kernel, GPU only);
 # 'fused': both branches as one GEMM over [σ(xA), x[:, I]] (kernels.lost_matmul, impl='concat');
+# 'fused_onehot': the same with the selection as part of the down-projection GEMM x [A, onehot(I)ᵀ] and the
+# input gradient as one GEMM (impl='onehot'; no gather/scatter — a GPU candidate, see BENCHMARKS.md);
 # 'auto': the fastest measured in the whole 60M/350M train step per backend (BENCHMARKS.md): 'fused' on CPU
 # (1.28× the 'xla' tokens/s at 60M), 'xla' on GPU (H200, 350M: 180k tok/s vs 141k fused, 128k Pallas) and TPU.
-SPARSE_IMPLS = ("auto", "xla", "xla_onehot", "pallas", "fused")
+SPARSE_IMPLS = ("auto", "xla", "xla_onehot", "pallas", "fused", "fused_onehot")
+FUSED_IMPLS = {"fused": "concat", "fused_onehot": "onehot"}  # sparse_impl -> lost_matmul impl
 
 
 def resolve_sparse_impl(impl: str) -> str:
@@ -153,10 +156,11 @@ class Lost(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    if self.sparse_impl == "fused" and self.k:
+    if self.sparse_impl in FUSED_IMPLS and self.k:
       from lostjax import kernels
       return kernels.lost_matmul(x, self.a[...].astype(self.dtype), self.b[...].astype(self.dtype), self.idx[...],
-                                 self.w_sparse[...].astype(self.dtype), self.gamma, act=self.act, impl="concat")
+                                 self.w_sparse[...].astype(self.dtype), self.gamma, act=self.act,
+                                 impl=FUSED_IMPLS[self.sparse_impl])
     h = jnp.dot(x, self.a[...].astype(self.dtype))
     if self.act is not None:
       h = self.act(h)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lostjax.layers import KINDS
+from lostjax.layers.lost import SPARSE_IMPLS
 
 # name: (d_model, d_ff, n_heads, n_layers, default rank for low-rank/LOST layers)
 # 60M…1B are the GaLore/LOST C4 shapes (configs/llama_*.json, vocab 32000); 7B is LLaMA-7B. The tiny presets are
@@ -45,8 +46,8 @@ class LlamaConfig:
   lost_score: str = "l2"
   lost_residual_rank: int = 0      # 0: all remaining singular components
   lost_sparse_values: str = "original"
-  # LOST sparse branch: 'auto' | 'xla' | 'xla_onehot' | 'pallas' | 'fused' (one GEMM). 'auto' picks the path that
-  # was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
+  # LOST sparse branch: 'auto' | 'xla' | 'xla_onehot' | 'pallas' | 'fused' (one GEMM) | 'fused_onehot' (one GEMM,
+  # selection by a one-hot GEMM; lostjax.layers.lost.SPARSE_IMPLS). 'auto' picks the path that was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
   # 'xla' on GPU/TPU — on an H200 the Pallas kernel wins on the sparse branch alone but not in the model.
   sparse_impl: str = "auto"
   # q/k/v and gate/up read the same input: compute them together (lostjax.layers.group: one GEMM for dense
@@ -72,9 +73,8 @@ class LlamaConfig:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
-    impls = ("auto", "xla", "xla_onehot", "pallas", "fused")
-    if self.sparse_impl not in impls:
-      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected one of {impls}")
+    if self.sparse_impl not in SPARSE_IMPLS:
+      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected one of {SPARSE_IMPLS}")
 
   @property
   def head_dim(self) -> int:
