@@ -126,10 +126,11 @@ def test_sequence_too_long():
     model(jnp.zeros((1, 9), jnp.int32))
 
 
-@pytest.mark.parametrize("sharded", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_forward_under_8_device_mesh(sharded):
+@pytest.mark.parametrize("sharded,impl", [(False, "xla"), (False, "fused"),
+                                          pytest.param(True, "xla", marks=pytest.mark.slow)])
+def test_forward_under_8_device_mesh(sharded, impl):
   assert jax.device_count() == 8
-  cfg = _tiny(attn_kind="lost", mlp_kind="lost")
+  cfg = _tiny(attn_kind="lost", mlp_kind="lost", sparse_impl=impl)  # 'fused': grouped q/k/v, gate/up
   mesh = sharding.make_mesh(data=2, fsdp=4)
   graphdef, params, rest = sharding.init_module(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh, sharded=sharded)
   emb = params["embed"]["embedding"][...]
