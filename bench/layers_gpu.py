@@ -580,7 +580,11 @@ def parse(argv=None):
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, < 1 min)")
   ap.add_argument("--total-budget-s", type=float, default=450.0)
   ap.add_argument("--only", default="", help="comma list of sections to run (default: all)")
+  ap.add_argument("--budgets", default="",
+                  help="per-section seconds overriding the defaults, e.g. 'layers=90,model=330,torch=120'")
+  ap.add_argument("--sizes", default="", help="per-layer section sizes, e.g. '1b,350m' (default 350m,60m,130m,1b)")
   args = ap.parse_args(argv)
+  sizes_arg, budgets_arg = args.sizes, args.budgets
   all_variants = list(layer_bench.LAYER_VARIANTS + layer_bench.SPARSE_VARIANTS)
   if args.smoke:
     args.tokens, args.dtype, args.reps, args.peak_n = 128, "float32", 2, 256
@@ -594,7 +598,7 @@ def parse(argv=None):
                        ("tiny", "lost", 32, "fused_concat")]
     args.torch_plan = [("tiny", 32, False)]
     args.attention_impl = None
-    args.budgets = dict(peak=20, check=40, sweep=40, layers=60, model=90, torch=60)
+    args.budgets_map = dict(peak=20, check=40, sweep=40, layers=60, model=90, torch=60)
   else:
     args.tokens, args.dtype, args.reps, args.peak_n = 256 * 64, "bfloat16", 20, 8192
     args.sizes, args.check_size, args.check_layers = ["350m", "60m", "130m", "1b"], "350m", 3
@@ -617,8 +621,17 @@ def parse(argv=None):
     args.torch_plan = [("350m", 1024, False), ("350m", 256, False), ("130m", 256, False),
                        ("130m", 1024, False), ("350m", 1024, True)]
     args.attention_impl = "cudnn"
-    args.budgets = dict(peak=20, check=30, sweep=40, layers=110, model=170, torch=80)
+    args.budgets_map = dict(peak=20, check=30, sweep=40, layers=110, model=170, torch=80)
   args.only = [s for s in args.only.split(",") if s]
+  for item in filter(None, budgets_arg.split(",")):
+    name, _, val = item.partition("=")
+    if name not in args.budgets_map:
+      raise SystemExit(f"--budgets: unknown section {name!r}; expected one of {sorted(args.budgets_map)}")
+    args.budgets_map[name] = float(val)
+  args.budgets = args.budgets_map
+  if sizes_arg:
+    args.sizes = [s for s in sizes_arg.split(",") if s]
+    args.check_size = args.sizes[0]
   return args
 
 
