@@ -126,11 +126,15 @@ def _fwd(x, a, b, idx, w, gamma, cfg):
 
 def _bwd(cfg, res, dys):
   x, a, b, idx, w, gamma, h, xg = res
+  # Everything as 2-D [tokens, features] (free reshapes): weight gradients are then single-axis contractions,
+  # which XLA:CPU runs without transposed copies (BENCHMARKS.md §1c).
+  x_shape = x.shape
+  x, h, xg = (v.reshape(-1, v.shape[-1]) for v in (x, h, xg))
+  dys = tuple(d.reshape(-1, d.shape[-1]) for d in dys)
   dt = x.dtype
   n = len(a)
   ro, ko = _splits([ai.shape[1] for ai in a]), _splits([i.shape[0] for i in idx])
-  lead = tuple(range(x.ndim - 1))
-  last = x.ndim - 1
+  lead, last = (0,), 1
   if cfg.act is None:
     az = h
   else:
@@ -164,7 +168,7 @@ def _bwd(cfg, res, dys):
     dx = dx.at[..., idx_cat].add(dzg, indices_are_sorted=single, unique_indices=single)
   dgamma = jnp.asarray(dgamma, jnp.result_type(gamma)).reshape(jnp.shape(gamma))
   da = tuple(_cols(da, ro, g).astype(a[g].dtype) for g in range(n))
-  return dx, da, tuple(db), tuple(None for _ in idx), tuple(dw), dgamma
+  return dx.reshape(x_shape), da, tuple(db), tuple(None for _ in idx), tuple(dw), dgamma
 
 
 _lost_fused = jax.custom_vjp(_primal, nondiff_argnums=(6,))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from lostjax.layers import common
@@ -22,4 +21,4 @@ class Dense(nnx.Module):
     self.kernel = common.param(w.astype(pdt), tuple(axes))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return common.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))

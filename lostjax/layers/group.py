@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lostjax.layers import common
 from lostjax.layers.dense import Dense
 from lostjax.layers.lost import FUSED_IMPLS, Lost
 from lostjax.layers.lowrank import LowRank
@@ -41,16 +42,16 @@ def grouped_call(layers, x: jax.Array) -> tuple[jax.Array, ...]:
   dt = layers[0].dtype
   if kind is Dense and _same(layers, "dtype", "d_out"):
     w = jnp.stack([l.kernel[...].astype(dt) for l in layers], axis=1)  # [d_in, G, d_out]
-    y = jax.lax.dot_general(x.astype(dt), w, (((x.ndim - 1,), (0,)), ((), ())))
+    y = common.matmul(x.astype(dt), w.reshape(w.shape[0], -1)).reshape(*x.shape[:-1], *w.shape[1:])
     return tuple(y[..., g, :] for g in range(len(layers)))
   if kind is LowRank and _same(layers, "dtype", "act"):
     a = jnp.concatenate([l.a[...].astype(dt) for l in layers], axis=1)
-    h = jnp.dot(x.astype(dt), a)
+    h = common.matmul(x.astype(dt), a)
     out, start = [], 0
     for l in layers:
       hg = h[..., start:start + l.rank]
       start += l.rank
-      out.append(jnp.dot(hg if l.act is None else l.act(hg), l.b[...].astype(dt)))
+      out.append(common.matmul(hg if l.act is None else l.act(hg), l.b[...].astype(dt)))
     return tuple(out)
   if (kind is Lost and _same(layers, "dtype", "act", "gamma", "sparse_impl")
       and layers[0].sparse_impl in FUSED_IMPLS and all(l.k for l in layers)):

@@ -161,10 +161,10 @@ class Lost(nnx.Module):
       return kernels.lost_matmul(x, self.a[...].astype(self.dtype), self.b[...].astype(self.dtype), self.idx[...],
                                  self.w_sparse[...].astype(self.dtype), self.gamma, act=self.act,
                                  impl=FUSED_IMPLS[self.sparse_impl])
-    h = jnp.dot(x, self.a[...].astype(self.dtype))
+    h = common.matmul(x, self.a[...].astype(self.dtype))
     if self.act is not None:
       h = self.act(h)
-    y = self.gamma * jnp.dot(h, self.b[...].astype(self.dtype))
+    y = self.gamma * common.matmul(h, self.b[...].astype(self.dtype))
     if self.k:
       y = y + (1.0 - self.gamma) * sparse_matmul(x, self.idx[...], self.w_sparse[...].astype(self.dtype),
                                                  impl=self.sparse_impl)

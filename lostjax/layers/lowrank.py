@@ -58,7 +58,7 @@ class LowRank(nnx.Module):
     self.b = common.param(b.astype(pdt), ("rank", axes[1]))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jnp.dot(x.astype(self.dtype), self.a[...].astype(self.dtype))
+    h = common.matmul(x.astype(self.dtype), self.a[...].astype(self.dtype))
     if self.act is not None:
       h = self.act(h)
-    return jnp.dot(h, self.b[...].astype(self.dtype))
+    return common.matmul(h, self.b[...].astype(self.dtype))
