@@ -6,14 +6,16 @@ once when they are all of one kind:
   * Dense:   y_g = x W_g for all g as one GEMM against the stacked kernels [d_in, G, d_out] (stacked on a new
              axis, not concatenated, so a kernel sharded over its output axis stays sharded the same way);
   * LowRank: the G down-projections x A_g as one GEMM (x [A_1 .. A_G]), then σ(h_g) B_g per layer;
-  * LOST with a fused path (`sparse_impl='fused'`, the CPU default, or 'fused_onehot'): `kernels.lost_group_matmul` — one
-             down-projection GEMM, one gather of all the layers' channel sets, and in the backward one GEMM for
-             all factor gradients and one for the input gradient (LOST, arXiv 2508.02668, §1.8 of the spec
-             lost_trp_lift.md suggests sharing the gather across q/k/v and gate/up).
+  * LOST on a fused path (`sparse_impl='fused'`, the CPU default, or 'fused_onehot'):
+             `kernels.lost_group_matmul` — one down-projection GEMM, one gather of all the layers' channel
+             sets, and in the backward one GEMM for all factor gradients and one for the input gradient
+             (LOST, arXiv 2508.02668; §1.8 of the spec lost_trp_lift.md suggests sharing the gather across
+             q/k/v and gate/up).
 
 Parameters are untouched (each projection keeps its own Params, names, sharding and optimizer state), so
 checkpoints and optimizers see the same tree with or without grouping; only the order of float additions in
-the backward differs. Mixed kinds, or LOST layers on another sparse path, fall back to separate calls.
+the backward differs. The dense and low-rank GEMMs go through `common.matmul` (2-D weight gradients on
+CPU). Mixed kinds, or LOST layers on another sparse path, fall back to separate calls.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from lostjax.layers.lowrank import LowRank
 
 
 def _same(layers, *attrs):
-  return all(getattr(l, a) is getattr(layers[0], a) or getattr(l, a) == getattr(layers[0], a)
-             for l in layers for a in attrs)
+  return all(getattr(l, a) == getattr(layers[0], a) for l in layers for a in attrs)
 
 
 def grouped_call(layers, x: jax.Array) -> tuple[jax.Array, ...]:
