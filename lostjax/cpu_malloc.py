@@ -14,7 +14,9 @@ time per step (BENCHMARKS.md, "host malloc").
     finite threshold, even 2 GiB - 1, still let the 1.17 GB block of the 60M step go back every other step).
 The price is that freed memory is not handed back to the OS (peak RSS stays, e.g. 1.0 → 1.5 GB on the
 quickstart) and that threads share one malloc lock (small blocks still go through glibc's per-thread
-cache). Effective only if called before JAX starts its thread pools (i.e. before the first computation).
+cache). Effective only if called before JAX starts its thread pools (i.e. before the first computation) and
+before other threads have allocated: threads that already own an arena keep it and new threads may be handed
+one of those (seen in pytest-xdist workers, whose execnet threads start first).
 
 It is applied only on Linux/glibc, only when JAX will run on CPU (JAX_PLATFORMS=cpu, or no GPU/TPU plugin is
 installed), and never when LOSTJAX_MALLOC_TUNING=off.

@@ -13,7 +13,7 @@ import tempfile  # noqa: E402
 
 from lostjax import cpu_malloc  # noqa: E402
 
-cpu_malloc.tune()  # as train.main does: the step temporaries stay in the heap between steps
+cpu_malloc.tune()  # as train.main does (partly effective under xdist: see lostjax/cpu_malloc.py)
 
 
 import jax  # noqa: E402
