@@ -14,8 +14,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lostjax import cpu_malloc  # noqa: E402
@@ -24,6 +22,7 @@ cpu_malloc.tune()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from lostjax.kernels import lost_group_matmul, lost_matmul  # noqa: E402
 

@@ -12,11 +12,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from train_step import JaxRunner  # noqa: E402  (first: it applies lostjax.cpu_malloc.tune() before JAX starts)
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lostjax.layers import common  # noqa: E402
-from train_step import JaxRunner  # noqa: E402  (also applies lostjax.cpu_malloc.tune())
 
 
 def main(argv=None):

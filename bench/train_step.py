@@ -42,15 +42,16 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lostjax import cpu_malloc  # noqa: E402
 
-MALLOC_TUNED = cpu_malloc.tune()  # as train.main does (LOSTJAX_MALLOC_TUNING=off to compare without)
+# As train.main does, before numpy/JAX start threads (LOSTJAX_MALLOC_TUNING=off to compare without).
+MALLOC_TUNED = cpu_malloc.tune()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from train import objectives  # noqa: E402
 from train import optimizer as optim_lib  # noqa: E402
