@@ -115,6 +115,21 @@ def test_refuses_workdir_of_a_different_model(tmp_path):
   assert open(tmp_path / "run" / "config.json").read() == before
 
 
+def test_run_written_before_an_added_field_resumes_with_its_legacy_value(tmp_path):
+  run = tmp_path / "run"
+  trainer.train(_cfg(tmp_path, steps=2), str(run))
+  stored = json.loads((run / "config.json").read_text())
+  del stored["model"]["fuse_projections"]  # as written before the field existed
+  (run / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(ValueError, match="model.fuse_projections: False -> True"):
+    trainer.train(_cfg(tmp_path, steps=2), str(run))
+  legacy = _cfg(tmp_path, steps=3)
+  legacy.model.fuse_projections = False
+  trainer.train(legacy, str(run))  # resumes from step 2
+  steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps[-1] == 3
+
+
 def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
   trainer.train(_cfg(tmp_path, steps=3), str(tmp_path / "run"))
   ckpt = tmp_path / "run" / "checkpoints" / "3" / "state"

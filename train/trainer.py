@@ -30,6 +30,9 @@ from train.writer import MetricWriter
 # Config sections whose change makes an existing workdir incompatible (train.steps may change: extend a run).
 FINGERPRINT = ("model", "optim", "objectives", "data", "train.seed", "train.global_batch", "train.seq_len",
                "train.grad_accum")
+# Config fields added after runs were already written, each with the value that reproduces those runs: a stored
+# config.json without the field is compared as if it held this value (so an old run resumes with that setting).
+ADDED_FIELDS = {"model.fuse_projections": False}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -115,7 +118,12 @@ def prepare_workdir(cfg, workdir: str) -> bool:
         old = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); refusing to reuse this workdir") from e
-    diffs = _diff(_fingerprint(ml_collections.ConfigDict(old)), fp)
+    old_fp = _fingerprint(ml_collections.ConfigDict(old))
+    for key, legacy in ADDED_FIELDS.items():
+      section, _, field = key.rpartition(".")
+      if isinstance(old_fp.get(section), dict):
+        old_fp[section].setdefault(field, legacy)
+    diffs = _diff(old_fp, fp)
     if diffs:
       raise ValueError(f"workdir {workdir!r} holds a run with a different config; refusing to resume or overwrite "
                        f"it. Differences: {'; '.join(diffs[:8])}. Use a new --workdir.")
