@@ -53,12 +53,18 @@ def check_shape(name: str, x, shape):
     raise ValueError(f"{name} must have shape {tuple(shape)}, got {jnp.shape(x)}")
 
 
-def check_labeled_matrix(x_name: str, x, y_name: str, y, dim: Optional[int] = None):
-  """A float [N, D] matrix (D == dim when given) and its int [N] labels, or a ValueError naming the bad one."""
+def check_matrix(x_name: str, x, dim: Optional[int] = None):
+  """A float [N, D] matrix (D == dim when given), or a ValueError naming it."""
   x = check_float_array(x_name, x)
   check_ndim(x_name, x, 2)
   if dim is not None and x.shape[1] != dim:
     raise ValueError(f"{x_name} must have dim {dim}, got shape {x.shape}")
+  return x
+
+
+def check_labeled_matrix(x_name: str, x, y_name: str, y, dim: Optional[int] = None):
+  """A float [N, D] matrix (D == dim when given) and its int [N] labels, or a ValueError naming the bad one."""
+  x = check_matrix(x_name, x, dim)
   if y is None:
     raise ValueError(f"{y_name} is required with {x_name}")
   y = check_int_array(y_name, y)

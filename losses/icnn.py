@@ -84,14 +84,8 @@ def proto_triplet_loss(query_features, query_labels, prototypes, *, margin: floa
     where: optional [Nq] validity mask.
   Returns: scalar, mean over valid queries; a query with no other prototype contributes 0.
   """
-  q = U.check_float_array("query_features", query_features)
-  c = U.check_float_array("prototypes", prototypes)
-  U.check_ndim("query_features", q, 2)
-  U.check_ndim("prototypes", c, 2)
-  if c.shape[1] != q.shape[1]:
-    raise ValueError(f"prototypes must have dim {q.shape[1]}, got shape {c.shape}")
-  y = U.check_int_array("query_labels", query_labels)
-  U.check_shape("query_labels", y, q.shape[:1])
+  q, y = U.check_labeled_matrix("query_features", query_features, "query_labels", query_labels)
+  c = U.check_matrix("prototypes", prototypes, dim=q.shape[1])
   where = U.mask_or_ones("where", where, q.shape[:1])
   dt = U.compute_dtype(q, c)
   d = _dist(q.astype(dt), c.astype(dt))
