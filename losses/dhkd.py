@@ -101,11 +101,8 @@ def dual_head_kd_loss(head1_logits, head2_logits, teacher_logits, labels, *,
     head2_logits: [B, C] logits of the auxiliary head (trained only by distillation).
     teacher_logits: [B, C] (detached). labels: [B] ints. where: optional [B] mask.
   """
-  h1 = U.check_float_array("head1_logits", head1_logits)
-  U.check_ndim("head1_logits", h1, 2)
+  h1, y = U.check_labeled_matrix("head1_logits", head1_logits, "labels", labels)
   U.check_shape("head2_logits", head2_logits, h1.shape)
-  y = U.check_int_array("labels", labels)
-  U.check_shape("labels", y, h1.shape[:1])
   w = U.mask_or_ones("where", where, h1.shape[:1])
   h1 = h1.astype(U.compute_dtype(h1))
   ce = -jnp.take_along_axis(jax.nn.log_softmax(h1, 1), y[:, None], 1)[:, 0]
