@@ -8,6 +8,8 @@ logical axis names (vocab, embed, heads, mlp, rank, sparse) as `out_sharding` me
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,6 +45,46 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+  """Static-shape key/value cache for incremental decoding (`Llama.init_cache`, `Llama.__call__(..., cache=)`).
+
+  A ring buffer of W slots per row: the token of time t (0-based over the left-padded sequence, the same for
+  every row) is stored at slot t mod W. A query at time t attends to the keys of times t' with
+  max(start, t - W + 1) <= t' <= t, so while t < W this is exact causal attention, and beyond it a sliding
+  window of W tokens (RoPE positions keep their true values; only differences < W are ever seen).
+  """
+  k: jax.Array       # [layers, batch, W, heads, head_dim], rotary already applied
+  v: jax.Array       # [layers, batch, W, heads, head_dim]
+  start: jax.Array   # [batch] int32: first real (non-padding) time of each row (its left-padding length)
+  index: jax.Array   # [] int32: the time of the next token to be written
+
+
+def _cached_attention(q, k, v, cache: KVCache, layer: int):
+  """Attention of the new tokens (times index..index+s-1) over the cached window plus themselves.
+
+  Returns (out [b, s, h, hd], cache with this layer's new keys/values written into the ring).
+  """
+  b, s = q.shape[:2]
+  width = cache.k.shape[2]
+  if s > width:
+    raise ValueError(f"{s} new tokens do not fit a KV cache of {width} slots")
+  times_old = cache.index - 1 - jnp.mod(cache.index - 1 - jnp.arange(width), width)  # time held by each slot
+  times_new = cache.index + jnp.arange(s)
+  key_t = jnp.concatenate([times_old, times_new])                                    # [W + s]
+  q_t = times_new[:, None]                                                           # [s, 1]
+  start = cache.start[:, None, None]                                                 # [b, 1, 1]
+  mask = (key_t <= q_t) & (key_t > q_t - width)
+  mask = mask[None] & ((key_t >= start) | (key_t == q_t)[None])                      # padding attends to itself
+  keys = jnp.concatenate([cache.k[layer], k.astype(cache.k.dtype)], axis=1)
+  values = jnp.concatenate([cache.v[layer], v.astype(cache.v.dtype)], axis=1)
+  out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[:, None],
+                                     implementation="xla")
+  slots = jnp.mod(times_new, width)
+  new_k = cache.k.at[layer, :, slots].set(jnp.swapaxes(k, 0, 1).astype(cache.k.dtype))
+  new_v = cache.v.at[layer, :, slots].set(jnp.swapaxes(v, 0, 1).astype(cache.v.dtype))
+  return out, cache._replace(k=new_k, v=new_v)
+
+
 def _linear(cfg: LlamaConfig, group: str, d_in: int, d_out: int, axes, rngs):
   kind = cfg.attn_kind if group == "attn" else cfg.mlp_kind
   rank = cfg.attn_rank if group == "attn" else cfg.mlp_rank
@@ -69,13 +111,16 @@ class Attention(nnx.Module):
     self.v = _linear(cfg, "attn", d, d, ("embed", "heads"), rngs)
     self.o = _linear(cfg, "attn", d, d, ("heads", "embed"), rngs)
 
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, cache: KVCache | None = None, layer: int = 0):
     b, s, _ = x.shape
     h, hd = self.cfg.n_heads, self.cfg.head_dim
     q, k, v = _project(self.cfg, (self.q, self.k, self.v), x)
     q = rotary(q.reshape(b, s, h, hd), positions, self.cfg.rope_theta)
     k = rotary(k.reshape(b, s, h, hd), positions, self.cfg.rope_theta)
     v = v.reshape(b, s, h, hd)
+    if cache is not None:  # decoding: (output, cache with this layer's keys/values added)
+      out, cache = _cached_attention(q, k, v, cache, layer)
+      return self.o(out.reshape(b, s, h * hd)), cache
     impl = self.cfg.attention_impl
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     return self.o(out.reshape(b, s, h * hd))
@@ -103,7 +148,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, cache: KVCache | None = None, layer: int = 0):
+    if cache is not None:  # decoding (Llama.__call__ with a cache): also returns the updated cache
+      h, cache = self.attn(self.attn_norm(x), positions, cache, layer)
+      x = x + h
+      return x + self.mlp(self.mlp_norm(x)), cache
     x = x + self.attn(self.attn_norm(x), positions)
     return x + self.mlp(self.mlp_norm(x))
 
@@ -131,9 +180,12 @@ class Llama(nnx.Module):
     self.lm_head = make_linear("dense", cfg.d_model, cfg.vocab_size, rngs=rngs, axes=("embed", "vocab"),
                                init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None):
+    """Logits [batch, seq, vocab]; with a `cache` (from `init_cache`): (logits, updated cache), see `decode`."""
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if cache is not None:
+      return self.decode(tokens, cache, positions)
     if tokens.shape[1] > self.cfg.max_seq_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
     if positions is None:
@@ -146,3 +198,32 @@ class Llama(nnx.Module):
         x = block(x, positions)
     x = self.final_norm(x)
     return self.lm_head(x).astype(jnp.float32)
+
+  def init_cache(self, batch: int, length: int, start: jax.Array | None = None, dtype=None) -> KVCache:
+    """An empty KVCache of `length` slots per row (a ring buffer: see `KVCache`).
+
+    start: [batch] int32, the number of left-padding tokens of each row (default 0); dtype: the cache's dtype
+    (default: the model's compute dtype).
+    """
+    if not isinstance(length, int) or length <= 0:
+      raise ValueError(f"cache length must be a positive int, got {length!r}")
+    shape = (self.cfg.n_layers, batch, length, self.cfg.n_heads, self.cfg.head_dim)
+    dt = self.dtype if dtype is None else common.resolve_dtype(dtype)
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32).reshape(batch)
+    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), start, jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None):
+    """tokens [batch, s] at times cache.index .. cache.index+s-1 -> (logits [batch, s, vocab], new cache).
+
+    The prompt is fed once (prefill, left-padded: row b's real tokens start at time cache.start[b]), then one
+    token per call. Default RoPE positions are time - start (each row counts from its first real token).
+    """
+    s = tokens.shape[1]
+    if positions is None:
+      times = cache.index + jnp.arange(s, dtype=jnp.int32)
+      positions = jnp.maximum(times[None, :] - cache.start[:, None], 0)
+    x = self.embed(tokens).astype(self.dtype)
+    for i, block in enumerate(self.layers):
+      x, cache = block(x, positions, cache=cache, layer=i)
+    x = self.final_norm(x)
+    return self.lm_head(x).astype(jnp.float32), cache._replace(index=cache.index + s)
