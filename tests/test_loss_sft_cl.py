@@ -95,3 +95,79 @@ def test_jit_matches_eager():
   zy, zn = (jnp.asarray(x, jnp.float32) for x in logits(HID))
   np.testing.assert_allclose(sft_loss(zy, zn), _L.sft_loss(zy, zn), rtol=1e-6)
   np.testing.assert_allclose(cl_loss(zy), _L.cl_loss(zy), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ gradient values vs float64 numpy oracles
+
+def np_sft(zy, zn):
+  """L_SFT: -log sigma(d_+) - sum_neg log(1 - sigma(d_i)), d = z_y - z_n; mean over examples (loops)."""
+  out = []
+  for b in range(zy.shape[0]):
+    d = zy[b] - zn[b]
+    out.append(-np.log(sig(d[0])) - sum(np.log(1 - sig(d[i])) for i in range(1, len(d))))
+  return np.mean(out)
+
+
+def np_cl(zy, tau):
+  """L_CL: -log softmax(z_y / tau)_0, mean over examples (loops)."""
+  out = []
+  for b in range(zy.shape[0]):
+    s = zy[b] / tau
+    out.append(-(s[0] - s.max() - np.log(np.exp(s - s.max()).sum())))
+  return np.mean(out)
+
+
+def np_url(w, s):
+  """L_URL with the weights as constants: mean_b sum_i c_i w_i s_i, c = -1 for index 0, +1 otherwise."""
+  c = np.where(np.arange(w.shape[-1]) == 0, -1., 1.)
+  return np.mean(np.sum(c * w * s, -1))
+
+
+def np_fd(fun, x, h=1e-6):
+  g = np.zeros_like(x)
+  for idx in np.ndindex(x.shape):
+    xp, xm = x.copy(), x.copy()
+    xp[idx] += h
+    xm[idx] -= h
+    g[idx] = (fun(xp) - fun(xm)) / (2 * h)
+  return g
+
+
+def test_gradient_values_numpy_oracle():
+  zy, zn = logits(HID)
+  tau = 0.3
+  r = RNG.normal(size=zy.shape)   # cotangents for the array-valued decomposition
+  w = np.abs(RNG.normal(size=zy.shape))
+  with jax.enable_x64(True):
+    a, b = jnp.asarray(zy), jnp.asarray(zn)
+    g_sft = jax.grad(sft_loss, argnums=(0, 1))(a, b)
+    g_cl = jax.grad(lambda z: cl_loss(z, temperature=tau))(a)
+    g_url = jax.grad(unified_reranking_loss, argnums=(0, 1))(jnp.asarray(w), a)
+    dec_g = {key: jax.grad(lambda y, n: jnp.sum(jnp.asarray(r) * sft_cl_decomposition(y, n, temperature=tau)[key]),
+                           argnums=(0, 1))(a, b)
+             for key in ("sft_score", "cl_score", "sft_weight", "cl_weight")}
+    for f, args in ((sft_loss, (a, b)), (lambda z: cl_loss(z, temperature=tau), (a,)),
+                    (lambda s: unified_reranking_loss(jnp.asarray(w), s), (a,))):
+      jtu.check_grads(f, args, order=1, modes=["rev"], eps=1e-6)
+  # SFT: finite differences of the numpy loop, and the closed form c * W_SFT / B (d/dz_n = -d/dz_y)
+  np.testing.assert_allclose(g_sft[0], np_fd(lambda y: np_sft(y, zn), zy), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_sft[1], np_fd(lambda n: np_sft(zy, n), zn), rtol=1e-6, atol=1e-9)
+  d = zy - zn
+  c = np.where(np.arange(N1) == 0, -1., 1.)
+  w_sft = np.where(np.arange(N1) == 0, 1 - sig(d), sig(d))
+  np.testing.assert_allclose(g_sft[0], c * w_sft / B, rtol=1e-10)
+  # CL: finite differences and the closed form (p - onehot_0) / (tau B)
+  np.testing.assert_allclose(g_cl, np_fd(lambda y: np_cl(y, tau), zy), rtol=1e-6, atol=1e-9)
+  p = np.exp(zy / tau) / np.exp(zy / tau).sum(-1, keepdims=True)
+  np.testing.assert_allclose(g_cl, (p - np.eye(N1)[0]) / (tau * B), rtol=1e-10, atol=1e-14)
+  # URL: d/dscore = c W / B (finite differences of the numpy form); the weight gets no gradient
+  np.testing.assert_allclose(g_url[1], np_fd(lambda s: np_url(w, s), zy), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_url[1], c * w / B, rtol=1e-12)
+  assert not np.asarray(g_url[0]).any()
+  # decomposition: sft_score = z_y - z_n, cl_score = z_y (identity Jacobians), weights detached
+  np.testing.assert_allclose(dec_g["sft_score"][0], r, rtol=1e-12)
+  np.testing.assert_allclose(dec_g["sft_score"][1], -r, rtol=1e-12)
+  np.testing.assert_allclose(dec_g["cl_score"][0], r, rtol=1e-12)
+  assert not np.asarray(dec_g["cl_score"][1]).any()
+  for key in ("sft_weight", "cl_weight"):
+    assert not np.asarray(dec_g[key][0]).any() and not np.asarray(dec_g[key][1]).any()
