@@ -1,7 +1,7 @@
 """Tests for train.data: reading, validation cut, packing, shuffling, resume, evaluation batches, cache.
 
 Oracles are plain-Python re-implementations written here from the documented conventions
-(shared/corpus/README.md cut rule, stride-seq_len packing, EOS-separated documents).
+(docs/data.md cut rule, stride-seq_len packing, EOS-separated documents).
 """
 import gzip
 import json
@@ -343,7 +343,7 @@ def test_tfds_source_with_fake_module(tmp_path, monkeypatch):
   fake = _FakeTfds({"train": [{"text": d} for d in tr], "validation": [{"text": d} for d in va]})
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
   c = default_data_config()
-  c.update(source="tfds", tfds_name="fake/en", cache_dir=str(tmp_path / "c"))
+  c.update(source="tfds", tfds_name="fake/en", cache_dir=str(tmp_path / "c"), pipeline="cached")
   b = make_data(c, seq_len=8, global_batch=2, seed=0)
   assert ("fake/en", "train", None, False) in fake.calls
   train_s, _ = oracle_streams(tr, 0.0)  # Separate validation split: training documents are used whole.

@@ -97,7 +97,21 @@ def _documents(cfg):
       val = sources.capped(
           sources.tfds_documents(cfg.tfds_name, cfg.tfds_eval_split, cfg.tfds_data_dir, cfg.text_field), 0)
     return train, val, key
-  raise ValueError(f"unknown data source={src!r}; expected 'stdlib', 'files', 'tfds' or 'synthetic'")
+  if src == "hf":
+    key = {"hf_name": cfg.hf_name, "hf_config": cfg.hf_config, "text_field": cfg.text_field,
+           "hf_train_split": cfg.hf_train_split, "hf_eval_split": cfg.hf_eval_split}
+    where = f"hf_name={cfg.hf_name!r}"
+
+    def docs(split):
+      ds = lambda: sources.hf_dataset(cfg.hf_name, cfg.hf_config, split, cfg.text_field)
+      return (d for d, _ in sources.HFShard(ds, cfg.text_field, 0, 1, where).open(0))
+
+    val = None
+    if cfg.hf_eval_split:
+      key["eval_max_tokens"] = int(cfg.eval_max_tokens)
+      val = sources.capped(docs(cfg.hf_eval_split), 0)
+    return sources.capped(docs(cfg.hf_train_split), cfg.max_bytes), val, key
+  raise ValueError(f"unknown data source={src!r}; expected 'stdlib', 'files', 'hf', 'tfds' or 'synthetic'")
 
 
 def _chunks(docs):

@@ -13,13 +13,25 @@ The iterator state is {'epoch', 'position' (index into the epoch's permutation),
 so a restored iterator yields exactly the batches an uninterrupted one would. 'ids' are indices of the packed
 sequences in the training set: stable across epochs, restarts and device counts.
 
+On grain: batch k of the run (epoch k // batches_per_epoch) is element k of `grain.MapDataset.range(...)
+.map(batch)`, read through `to_iter_dataset(ReadOptions(...))`, whose thread pool prepares the next batches while
+the train step runs; grain's iterator state {'next_index': k} is saved in the format above (so run directories
+written before grain resume unchanged). With `process_count` P > 1, process p builds only the rows
+[p*B/P, (p+1)*B/P) of every global batch (same ids; the union over processes is the 1-process batch).
+
 Evaluation: the first T = min(len(val)-1, eval_max_tokens or inf) targets of the validation stream, packed the
 same way (stride L, so each evaluated target is counted once), in order; the last row is padded (mask 0) and
 the last batch is filled with all-padding rows.
 """
-import math
+from __future__ import annotations
 
+import math
+import threading
+
+import grain
 import numpy as np
+
+_RUN_LENGTH = 1 << 62  # Batches addressable by the grain dataset (an effectively infinite run).
 
 
 def packed_view(stream, seq_len):
@@ -45,41 +57,63 @@ def _check_state(state):
   return int(epoch), int(position)
 
 
-class TrainIterator:
-  """Infinite, deterministic iterator over shuffled packed training sequences."""
+def check_vocab(tokens, vocab_limit, where):
+  """ValueError naming the first id >= vocab_limit (0 = no limit)."""
+  if vocab_limit and tokens.size and int(tokens.max()) >= vocab_limit:
+    bad = int(tokens[tokens >= vocab_limit][0])
+    raise ValueError(f"token id {bad} in a {where} batch is >= data.vocab_limit={vocab_limit}: the model cannot "
+                     "embed it (raise data.vocab_limit and model.vocab_size, or use a tokenizer whose ids fit)")
 
-  def __init__(self, stream, seq_len, global_batch, shuffle_seed):
+
+class TrainIterator:
+  """Infinite, deterministic iterator over shuffled packed training sequences (this process's rows)."""
+
+  def __init__(self, stream, seq_len, global_batch, shuffle_seed, process_index=0, process_count=1,
+               vocab_limit=0, prefetch=2):
     self.seq_len = int(seq_len)
     self.global_batch = int(global_batch)
     self.shuffle_seed = int(shuffle_seed)
     self._rows = packed_view(stream, self.seq_len)
     self.num_sequences = int(self._rows.shape[0])
     self.batches_per_epoch = self.num_sequences // self.global_batch
-    self._epoch, self._position = 0, 0
-    self._perm_epoch, self._perm = None, None
+    self._local = self.global_batch // int(process_count)
+    self._lo = int(process_index) * self._local
+    self._vocab_limit = int(vocab_limit)
+    self._lock = threading.Lock()
+    self._perms = {}
+    ds = grain.MapDataset.range(_RUN_LENGTH).map(self._batch)
+    opts = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=int(prefetch))
+    self._it = iter(ds.to_iter_dataset(opts))
 
   def __iter__(self):
     return self
 
   def _permutation(self, epoch):
-    if self._perm_epoch != epoch:
-      self._perm = epoch_permutation(self.shuffle_seed, epoch, self.num_sequences)
-      self._perm_epoch = epoch
-    return self._perm
+    with self._lock:  # grain's reader threads share the cache of the last epochs' permutations.
+      if epoch not in self._perms:
+        if len(self._perms) >= 2:
+          self._perms.pop(min(self._perms))
+        self._perms[epoch] = epoch_permutation(self.shuffle_seed, epoch, self.num_sequences)
+      return self._perms[epoch]
+
+  def _batch(self, k):
+    epoch, j = divmod(int(k), self.batches_per_epoch)
+    start = j * self.global_batch + self._lo
+    ids = self._permutation(epoch)[start:start + self._local]
+    order = np.argsort(ids, kind="stable")  # Read the memmap in increasing order, then restore the order.
+    tokens = np.empty((self._local, self.seq_len + 1), np.int32)
+    tokens[order] = self._rows[ids[order]]
+    check_vocab(tokens, self._vocab_limit, "training")
+    return {"tokens": tokens, "ids": ids.astype(np.int64), "mask": np.ones((self._local, self.seq_len), np.float32),
+            "epoch": epoch}
 
   def __next__(self):
-    if self._position + self.global_batch > self.num_sequences:
-      self._epoch, self._position = self._epoch + 1, 0
-    ids = self._permutation(self._epoch)[self._position:self._position + self.global_batch]
-    epoch = self._epoch
-    self._position += self.global_batch
-    order = np.argsort(ids, kind="stable")  # Read the memmap in increasing order, then restore the order.
-    tokens = np.empty((self.global_batch, self.seq_len + 1), np.int32)
-    tokens[order] = self._rows[ids[order]]
-    return {"tokens": tokens, "ids": ids.astype(np.int64), "epoch": epoch}
+    return next(self._it)
 
   def get_state(self):
-    return {"epoch": self._epoch, "position": self._position, "num_sequences": self.num_sequences}
+    k = int(self._it.get_state()["next_index"])
+    epoch, j = divmod(k, self.batches_per_epoch)
+    return {"epoch": epoch, "position": j * self.global_batch, "num_sequences": self.num_sequences}
 
   def set_state(self, state):
     epoch, position = _check_state(state)
@@ -89,18 +123,25 @@ class TrainIterator:
                        "packed training sequences (different data, tokenizer or seq_len)")
     if position > self.num_sequences:
       raise ValueError(f"data iterator state position={position} exceeds num_sequences={self.num_sequences}")
-    self._epoch, self._position = epoch, position
+    if position % self.global_batch:
+      raise ValueError(f"data iterator state position={position} is not a multiple of global_batch="
+                       f"{self.global_batch} (a state saved with another batch size)")
+    # Written before grain, a finished epoch was {'epoch': e, 'position': batches_per_epoch * B}: same as e+1, 0.
+    self._it.set_state({"next_index": epoch * self.batches_per_epoch + min(position // self.global_batch,
+                                                                            self.batches_per_epoch)})
 
 
 class SyntheticTrainIterator:
   """Uniform random tokens (for benchmarks); batch b is drawn from SeedSequence([seed, 1, position])."""
 
-  def __init__(self, vocab_size, seq_len, global_batch, seed):
+  def __init__(self, vocab_size, seq_len, global_batch, seed, process_index=0, process_count=1):
     self.vocab_size, self.seq_len, self.global_batch = int(vocab_size), int(seq_len), int(global_batch)
     self.seed = int(seed)
     self.num_sequences = None
     self.batches_per_epoch = None
     self._position = 0
+    self._local = self.global_batch // int(process_count)
+    self._lo = int(process_index) * self._local
 
   def __iter__(self):
     return self
@@ -110,7 +151,9 @@ class SyntheticTrainIterator:
     tokens = rng.integers(0, self.vocab_size, (self.global_batch, self.seq_len + 1), dtype=np.int32)
     ids = np.arange(self._position, self._position + self.global_batch, dtype=np.int64)
     self._position += self.global_batch
-    return {"tokens": tokens, "ids": ids, "epoch": 0}
+    sl = slice(self._lo, self._lo + self._local)
+    return {"tokens": tokens[sl], "ids": ids[sl], "mask": np.ones((self._local, self.seq_len), np.float32),
+            "epoch": 0}
 
   def get_state(self):
     return {"epoch": 0, "position": self._position}
@@ -124,16 +167,19 @@ def eval_rows(seq_len, num_targets):
   return math.ceil(num_targets / seq_len) if num_targets > 0 else 0
 
 
-def make_eval_batches(stream, seq_len, global_batch, num_targets):
-  """A callable returning a fresh iterator over padded evaluation batches of the first `num_targets` targets."""
+def make_eval_batches(stream, seq_len, global_batch, num_targets, process_index=0, process_count=1):
+  """A callable returning a fresh iterator over padded evaluation batches of the first `num_targets` targets
+  (this process's rows [p*B/P, (p+1)*B/P) of each global batch)."""
   stream = stream[:num_targets + 1] if num_targets > 0 else stream[:0]
   rows = eval_rows(seq_len, num_targets)
+  local = global_batch // process_count
+  lo = process_index * local
 
   def batches():
     for start in range(0, rows, global_batch):
-      tokens = np.zeros((global_batch, seq_len + 1), np.int32)
-      mask = np.zeros((global_batch, seq_len), np.float32)
-      for b, r in enumerate(range(start, min(start + global_batch, rows))):
+      tokens = np.zeros((local, seq_len + 1), np.int32)
+      mask = np.zeros((local, seq_len), np.float32)
+      for b, r in enumerate(range(start + lo, min(start + lo + local, rows))):
         row = np.asarray(stream[r * seq_len:r * seq_len + seq_len + 1])
         tokens[b, :row.shape[0]] = row
         mask[b, :row.shape[0] - 1] = 1.0
@@ -142,14 +188,18 @@ def make_eval_batches(stream, seq_len, global_batch, num_targets):
   return batches
 
 
-def make_synthetic_eval_batches(vocab_size, seq_len, global_batch, seed, num_targets):
+def make_synthetic_eval_batches(vocab_size, seq_len, global_batch, seed, num_targets, process_index=0,
+                                process_count=1):
   rows = eval_rows(seq_len, num_targets)
+  local = global_batch // process_count
+  lo = process_index * local
 
   def batches():
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
     for start in range(0, rows, global_batch):
       tokens = rng.integers(0, vocab_size, (global_batch, seq_len + 1), dtype=np.int32)
       flat = np.arange(global_batch * seq_len).reshape(global_batch, seq_len) + start * seq_len
-      yield {"tokens": tokens, "mask": (flat < num_targets).astype(np.float32)}
+      mask = (flat < num_targets).astype(np.float32)
+      yield {"tokens": tokens[lo:lo + local], "mask": mask[lo:lo + local]}
 
   return batches

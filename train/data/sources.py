@@ -3,20 +3,29 @@
 Sources
 * 'files': comma-separated globs (`~` expanded, `**` recursive); every glob must match at least one file. Each
   glob's matches are sorted; globs keep their order; duplicates are dropped. By suffix:
-  `.jsonl` / `.jsonl.gz` -> one document per line (the JSON object's `text_field`); `.gz` -> one gzip text file =
-  one document; anything else -> one plain text file = one document.
+  `.jsonl` / `.jsonl.gz` -> one document per line (the JSON object's `text_field`); `.parquet` / `.parquet.gz` ->
+  one document per row (column `text_field`, read one row group at a time with pyarrow); `.gz` -> one gzip
+  text file = one document; anything else -> one plain text file = one document.
 * 'stdlib': the `.py` files of the Python standard library under `sysconfig.get_paths()['stdlib']`, sorted by
   relative path, skipping `site-packages`/`dist-packages` (third-party code, differs per machine), the test
   suites (`test`, `tests`, `idle_test` dirs: distributions such as Debian strip them, so skipping keeps the
   corpus the same across installs), `__pycache__`, and the machine-generated `_sysconfigdata*.py`.
   About 12 MB of text on CPython 3.11; one file = one document.
+* 'hf': a Hugging Face `datasets` dataset: a Hub name read with `streaming=True` (e.g. `allenai/c4`, config
+  `en`), a local folder written by `Dataset.save_to_disk` (`load_from_disk`), or any other local path that
+  `load_dataset(path, streaming=True)` understands (a folder of jsonl/parquet/text files).
 * 'tfds': TensorFlow Datasets by name (optional extra `pip install -e .[tfds]`); one example = one document.
+
+Sharded reading for the streaming pipeline (`stream.py`): `open_shard(...)` gives the documents of shard `index`
+of `count` (documents i with i % count == index for files; `split_dataset_by_node` for HF streaming, which assigns
+whole files when their number is a multiple of `count`; contiguous `Dataset.shard` for saved HF datasets;
+`tfds.even_splits` for TFDS), readable from any document index.
 
 Text that is not valid UTF-8 is decoded with replacement characters and re-encoded, so every document is valid
 UTF-8 and all tokenizers see the same text. `max_bytes` (> 0) caps the total bytes read, cutting the last
 document at the cap (on a character boundary).
 
-Validation cut (the convention of shared/corpus/README.md, applied to every document): with n bytes and
+Validation cut (the corpus split convention of docs/data.md, applied to every document): with n bytes and
 mark = floor(n * (1 - val_fraction)), the cut is just after the first '\\n' at or after the mark; the
 training part is bytes[:cut] (it keeps that newline) and the validation part bytes[cut:]. A document with no
 newline at or after the mark stays entirely in training. '\\n' never occurs inside a multi-byte UTF-8
@@ -24,6 +33,7 @@ character, so both parts stay valid UTF-8.
 """
 import glob
 import gzip
+import itertools
 import json
 import math
 import os
@@ -33,7 +43,7 @@ STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
 
 
 def split_document(data, val_fraction):
-  """(train_part, val_part) of one document's bytes, per the corpus README convention."""
+  """(train_part, val_part) of one document's bytes, per the docs/data.md convention."""
   if val_fraction <= 0:
     return data, b""
   n = len(data)
@@ -51,6 +61,9 @@ def _clean(data):
     return data
   except UnicodeDecodeError:
     return data.decode("utf-8", errors="replace").encode("utf-8")
+
+
+clean = _clean
 
 
 def _truncate_utf8(data, n):
@@ -84,8 +97,8 @@ def expand_paths(paths):
   else:
     globs = [str(p).strip() for p in paths if str(p).strip()]
   if not globs:
-    raise ValueError("source='files' needs data.paths (comma-separated globs of .txt/.gz/.jsonl/.jsonl.gz "
-                     "files); got paths=''")
+    raise ValueError("source='files' needs data.paths (comma-separated globs of .txt/.gz/.jsonl/.jsonl.gz/"
+                     ".parquet files); got paths=''")
   out, seen = [], set()
   for g in globs:
     pattern = os.path.expanduser(g)
@@ -113,8 +126,39 @@ def _is_jsonl(path):
   return path.endswith(".jsonl") or path.endswith(".jsonl.gz")
 
 
+def _is_parquet(path):
+  return path.endswith(".parquet") or path.endswith(".parquet.gz")
+
+
+def single_document_files(files):
+  """True when every file is one document (no jsonl/parquet), so documents can be sharded by file."""
+  return not any(_is_jsonl(f) or _is_parquet(f) for f in files)
+
+
+def _read_parquet_docs(path, text_field):
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (comes with `datasets`)
+
+  f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+  with f:
+    try:
+      pf = pq.ParquetFile(f)
+    except Exception as e:  # pyarrow raises ArrowInvalid for a file that is not parquet.
+      raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    if text_field not in pf.schema_arrow.names:
+      raise ValueError(f"{path}: parquet file has no column text_field={text_field!r} "
+                       f"(columns: {pf.schema_arrow.names})")
+    for g in range(pf.num_row_groups):
+      for row, text in enumerate(pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()):
+        if not isinstance(text, str):
+          raise ValueError(f"{path}: row group {g} row {row}: column {text_field!r} is not a string")
+        yield text.encode("utf-8", errors="replace")
+
+
 def _read_file_docs(path, text_field):
   opener = gzip.open if path.endswith(".gz") else open
+  if _is_parquet(path):
+    yield from _read_parquet_docs(path, text_field)
+    return
   if not _is_jsonl(path):
     with opener(path, "rb") as f:
       yield f.read()
@@ -176,3 +220,130 @@ def tfds_documents(name, split, data_dir="", text_field="text"):
                        f"(fields: {sorted(ex)})")
     text = ex[text_field]
     yield text if isinstance(text, bytes) else str(text).encode("utf-8")
+
+
+def hf_dataset(name, config="", split="train", text_field="text"):
+  """A Hugging Face dataset split: `Dataset` for a `save_to_disk` folder, else a streaming `IterableDataset`."""
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ValueError("source='hf' needs the `datasets` package: run `pip install -e .[hf]`") from None
+  if not name:
+    raise ValueError("source='hf' needs data.hf_name (e.g. 'allenai/c4' or a local dataset folder); got ''")
+  local = os.path.expanduser(name)
+  saved = os.path.isdir(local) and (os.path.isfile(os.path.join(local, "dataset_dict.json"))
+                                    or os.path.isfile(os.path.join(local, "state.json")))
+  try:
+    if saved:
+      ds = datasets.load_from_disk(local)
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise ValueError(f"hf_name={name!r} has no split {split!r} (splits: {sorted(ds)})")
+        ds = ds[split]
+    else:
+      ds = datasets.load_dataset(local if os.path.exists(local) else name, config or None, split=split,
+                                 streaming=True)
+  except ValueError:
+    raise
+  except Exception as e:  # datasets raises DatasetNotFoundError, FileNotFoundError, ConnectionError, ...
+    raise ValueError(f"hf_name={name!r} (config {config!r}, split {split!r}) could not be loaded: {e}") from None
+  names = getattr(ds, "column_names", None)
+  if names is not None and text_field not in names:
+    raise ValueError(f"hf_name={name!r}: examples have no text_field={text_field!r} (columns: {names})")
+  return ds
+
+
+def _text_of(example, text_field, where):
+  if text_field not in example:
+    raise ValueError(f"{where}: examples have no text_field={text_field!r} (fields: {sorted(example)})")
+  text = example[text_field]
+  if isinstance(text, bytes):
+    return text
+  if not isinstance(text, str):
+    raise ValueError(f"{where}: field {text_field!r} is not a string")
+  return text.encode("utf-8", errors="replace")
+
+
+class FileShard:
+  """Documents i % count == index of local files (by whole files when every file is one document)."""
+
+  def __init__(self, files, text_field, index, count):
+    self.files, self.text_field, self.index, self.count = list(files), text_field, int(index), int(count)
+    self.by_file = single_document_files(self.files)
+
+  def open(self, start, resume=None):
+    del resume  # The document index is enough.
+    if self.by_file:
+      for path in self.files[self.index::self.count][start:]:
+        yield from ((d, None) for d in _read_file_docs(path, self.text_field))
+      return
+    mine = itertools.islice(file_documents(self.files, self.text_field), self.index, None, self.count)
+    for d in itertools.islice(mine, start, None):
+      yield d, None
+
+
+class HFShard:
+  """One shard of a Hugging Face dataset; streaming datasets resume from their `state_dict()`."""
+
+  def __init__(self, make_dataset, text_field, index, count, where):
+    self.make_dataset, self.text_field, self.index, self.count = make_dataset, text_field, int(index), int(count)
+    self.where = where
+
+  def open(self, start, resume=None):
+    import datasets  # pylint: disable=import-outside-toplevel
+    from datasets.distributed import split_dataset_by_node  # pylint: disable=import-outside-toplevel
+
+    ds = self.make_dataset()
+    if isinstance(ds, datasets.Dataset):  # Random access: contiguous shard, start anywhere.
+      ds = ds.shard(num_shards=self.count, index=self.index, contiguous=True)
+      for lo in range(start, len(ds), 256):
+        for text in ds[lo:lo + 256][self.text_field]:
+          yield _text_of({self.text_field: text}, self.text_field, self.where), None
+      return
+    if self.count > 1:
+      ds = split_dataset_by_node(ds, rank=self.index, world_size=self.count)
+    stateful = hasattr(ds, "state_dict")
+    if resume is not None and stateful:
+      ds.load_state_dict(resume)
+    elif start:
+      ds = ds.skip(start)  # No saved position: read past the first `start` documents.
+    before = ds.state_dict() if stateful else None
+    for ex in ds:
+      yield _text_of(ex, self.text_field, self.where), before
+      before = ds.state_dict() if stateful else None
+
+
+def tfds_split_names(split, count):
+  """Split strings of `count` even parts of `split` (TFDS slicing API)."""
+  if count == 1:
+    return [split]
+  tfds = import_tfds()
+  return list(tfds.even_splits(split, n=count))
+
+
+class TFDSShard:
+  """One of `count` even parts of a TFDS split: random access through `tfds.data_source` (ArrayRecord), else
+  `tfds.load` read in stored order."""
+
+  def __init__(self, name, split, data_dir, text_field, index, count):
+    self.name, self.split, self.data_dir, self.text_field = name, split, data_dir, text_field
+    self.index, self.count = int(index), int(count)
+
+  def open(self, start, resume=None):
+    del resume
+    tfds = import_tfds()
+    part = tfds_split_names(self.split, self.count)[self.index]
+    where = f"tfds_name={self.name!r}"
+    source = None
+    if hasattr(tfds, "data_source"):
+      try:
+        source = tfds.data_source(self.name, split=part, data_dir=self.data_dir or None)
+      except Exception:  # Not prepared as ArrayRecord (or an older tfds): read sequentially instead.
+        source = None
+    if source is not None:
+      for i in range(start, len(source)):
+        yield _text_of(source[i], self.text_field, where), None
+      return
+    docs = tfds_documents(self.name, part, self.data_dir, self.text_field)
+    for d in itertools.islice(docs, start, None):
+      yield d, None
