@@ -3,7 +3,11 @@
 One module per paper; see each module docstring for the paper, equations and deviations from the
 reference code. All functions take arrays (plus static hyperparameters) and return arrays.
 """
+from losses.amcl import (amcl_barlow_twins_loss, amcl_loss, amcl_omega, amcl_simclr_loss, amcl_symnegcos_loss,
+                         amcl_temperature, amcl_temperature_init)
 from losses.anyloss import anyloss
+from losses.ast import (ast_balance_factor, ast_expert_loss, ast_gradient_penalty, ast_loss_scale,
+                        ast_matching_loss, ast_middle_weights, ast_record_steps, ast_trajectory_loss, ast_unroll)
 from losses.curriculum import (curriculum_weighted_loss, curriculum_weights, kde_difficulty,
                                normscore_difficulty, reciprank_difficulty)
 from losses.deqa import deqa_score, deqa_soft_labels, deqa_softkl_loss, fidelity_loss
@@ -23,6 +27,10 @@ from losses.unlikeliness import grpo_advantages, unlikeliness_reward
 from losses.unpg import unpg_loss
 
 __all__ = [
+    "amcl_barlow_twins_loss", "amcl_loss", "amcl_omega", "amcl_simclr_loss", "amcl_symnegcos_loss",
+    "amcl_temperature", "amcl_temperature_init", "ast_balance_factor", "ast_expert_loss", "ast_gradient_penalty",
+    "ast_loss_scale", "ast_matching_loss", "ast_middle_weights", "ast_record_steps", "ast_trajectory_loss",
+    "ast_unroll",
     "anyloss", "auc", "binary_kl_loss", "binary_kl_norm_loss", "cl_loss", "curriculum_weighted_loss",
     "curriculum_weights", "deqa_score", "deqa_soft_labels", "deqa_softkl_loss", "diffsort_permutation",
     "dpo_loss", "dual_head_kd_loss", "e2rank_infonce_loss", "e2rank_loss", "e2rank_ranknet_loss",
