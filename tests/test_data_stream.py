@@ -1,0 +1,219 @@
+"""Tests for the streaming pipeline (train/data/stream.py) and the process-local cached pipeline.
+
+Oracles are plain-Python re-implementations written here from docs/data.md: shard s holds documents
+i % S == s, each shard's training parts are EOS-terminated and packed with stride seq_len into windows of
+seq_len+1 tokens, a global batch holds B/S consecutive windows of each shard (shard 0 first), id = k*S + s.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from train.data import default_data_config, make_data
+from tests.test_data_pipeline import EOS, make_docs, oracle_split, write_txt
+
+
+def oracle_shard_windows(docs, frac, S, s, seq_len, n_windows):
+  """The first n_windows windows of shard s, wrapping over the shard's documents (epochs)."""
+  stream = []
+  mine = [d for i, d in enumerate(docs) if i % S == s]
+  while len(stream) < n_windows * seq_len + 1:
+    for d in mine:
+      t, _ = oracle_split(d, frac)
+      if t:
+        stream += list(t) + [EOS]
+  return [stream[k * seq_len:k * seq_len + seq_len + 1] for k in range(n_windows)]
+
+
+def oracle_batches(docs, frac, S, B, seq_len, steps):
+  r = B // S
+  wins = [oracle_shard_windows(docs, frac, S, s, seq_len, steps * r) for s in range(S)]
+  out = []
+  for k in range(steps):
+    tokens, ids = [], []
+    for s in range(S):
+      for j in range(k * r, (k + 1) * r):
+        tokens.append(wins[s][j])
+        ids.append(j * S + s)
+    out.append((np.array(tokens, np.int32), np.array(ids, np.int64)))
+  return out
+
+
+@pytest.fixture(scope="module")
+def docs_dir(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("stream")
+  docs = make_docs(np.random.default_rng(11), 12, lo=60, hi=300)
+  write_txt(tmp_path, docs)
+  return tmp_path, docs
+
+
+def stream_cfg(tmp_path, **kw):
+  c = default_data_config()
+  c.update(source="files", paths=str(tmp_path / "*.txt"), pipeline="stream", eval_max_tokens=40, cache_dir="")
+  c.update(kw)
+  return c
+
+
+def test_stream_matches_oracle_with_epochs_and_prefetch(docs_dir):
+  tmp_path, docs = docs_dir
+  steps = 14  # Shards hold ~3 short documents: several epochs (wrap-arounds) per shard.
+  want = oracle_batches(docs, 0.02, 4, 8, 16, steps)
+  for prefetch in (0, 3):
+    b = make_data(stream_cfg(tmp_path, stream_shards=4, prefetch=prefetch), seq_len=16, global_batch=8, seed=0)
+    assert b.info["pipeline"] == "stream" and b.info["stream_shards"] == 4
+    for k in range(steps):
+      x = next(b.train)
+      assert x["tokens"].dtype == np.int32 and x["ids"].dtype == np.int64 and x["mask"].dtype == np.float32
+      np.testing.assert_array_equal(x["tokens"], want[k][0])
+      np.testing.assert_array_equal(x["ids"], want[k][1])
+      assert x["mask"].shape == (8, 16) and x["mask"].min() == 1.0
+  assert max(int(x["epoch"]) for x in [next(b.train)]) >= 1
+
+
+def test_stream_eval_reads_only_the_cap(docs_dir):
+  tmp_path, docs = docs_dir
+  b = make_data(stream_cfg(tmp_path, val_fraction=0.3), seq_len=8, global_batch=4, seed=0)
+  val = []
+  for d in docs:  # Validation parts of the documents in global order, until the cap is covered.
+    _, v = oracle_split(d, 0.3)
+    if v:
+      val += list(v) + [EOS]
+  assert b.eval_num_tokens == 40
+  targets = [t for e in b.eval_batches() for row, m in zip(e["tokens"], e["mask"]) for t in row[1:int(m.sum()) + 1]]
+  assert targets == val[1:41]
+  assert b.eval_num_bytes == sum(1 for t in val[1:41] if t != EOS)
+
+
+def test_stream_resume_bit_identical(docs_dir):
+  tmp_path, _ = docs_dir
+  cfg = stream_cfg(tmp_path, stream_shards=2)
+  a = make_data(cfg, seq_len=16, global_batch=4, seed=0)
+  run = [next(a.train) for _ in range(12)]
+  for k in (0, 1, 5, 9):
+    c = make_data(cfg, seq_len=16, global_batch=4, seed=0)
+    for _ in range(k):
+      next(c.train)
+    state = json.loads(json.dumps(c.train.get_state()))
+    d = make_data(cfg, seq_len=16, global_batch=4, seed=0)
+    d.train.set_state(state)
+    for j in range(k, 12):
+      x = next(d.train)
+      np.testing.assert_array_equal(x["tokens"], run[j]["tokens"])
+      np.testing.assert_array_equal(x["ids"], run[j]["ids"])
+  with pytest.raises(ValueError, match="stream"):
+    d.train.set_state({"epoch": 0, "position": 0, "num_sequences": 10})  # A cached-pipeline state.
+
+
+def test_stream_process_shares_union_is_global_batch(docs_dir):
+  tmp_path, _ = docs_dir
+  cfg = stream_cfg(tmp_path, stream_shards=4)
+  full = make_data(cfg, seq_len=8, global_batch=8, seed=0)
+  parts = [make_data(cfg, seq_len=8, global_batch=8, seed=0, process_index=p, process_count=2) for p in (0, 1)]
+  for _ in range(5):
+    x = next(full.train)
+    ys = [next(p.train) for p in parts]
+    assert all(y["tokens"].shape == (4, 9) for y in ys)
+    np.testing.assert_array_equal(np.concatenate([y["tokens"] for y in ys]), x["tokens"])
+    np.testing.assert_array_equal(np.concatenate([y["ids"] for y in ys]), x["ids"])
+  ev = list(full.eval_batches())
+  evp = [list(p.eval_batches()) for p in parts]
+  for i, e in enumerate(ev):
+    np.testing.assert_array_equal(np.concatenate([evp[0][i]["tokens"], evp[1][i]["tokens"]]), e["tokens"])
+    np.testing.assert_array_equal(np.concatenate([evp[0][i]["mask"], evp[1][i]["mask"]]), e["mask"])
+  with pytest.raises(ValueError, match="stream_shards=4 must be a multiple of process_count=8"):
+    make_data(cfg, seq_len=8, global_batch=8, seed=0, process_index=0, process_count=8)
+
+
+def test_cached_process_shares_and_old_state_format(docs_dir):
+  tmp_path, _ = docs_dir
+  c = default_data_config()
+  c.update(source="files", paths=str(tmp_path / "*.txt"), cache_dir=str(tmp_path / "cache"))
+  full = make_data(c, seq_len=8, global_batch=4, seed=3)
+  parts = [make_data(c, seq_len=8, global_batch=4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+  n, bpe = full.train.num_sequences, full.train.batches_per_epoch
+  for _ in range(bpe + 2):
+    x = next(full.train)
+    ys = [next(p.train) for p in parts]
+    np.testing.assert_array_equal(np.concatenate([y["tokens"] for y in ys]), x["tokens"])
+    np.testing.assert_array_equal(np.concatenate([y["ids"] for y in ys]), x["ids"])
+    assert x["mask"].shape == (4, 8) and x["mask"].min() == 1.0
+  # A state written before grain ({'epoch', 'position', 'num_sequences'}) resumes at the same position:
+  # oracle = the documented permutation of epoch e, rows [position, position + B).
+  for epoch, position in ((1, 2 * 4), (0, bpe * 4), (2, 0)):
+    b = make_data(c, seq_len=8, global_batch=4, seed=3)
+    b.train.set_state({"epoch": epoch, "position": position, "num_sequences": n})
+    if position + 4 > n:
+      epoch, position = epoch + 1, 0
+    perm = np.random.default_rng(np.random.SeedSequence([3, epoch])).permutation(n)
+    np.testing.assert_array_equal(next(b.train)["ids"], perm[position:position + 4])
+    assert b.train.get_state() == {"epoch": epoch, "position": position + 4, "num_sequences": n}
+  with pytest.raises(ValueError, match="position=3"):
+    b.train.set_state({"epoch": 0, "position": 3, "num_sequences": n})
+
+
+def test_stream_config_errors(docs_dir):
+  tmp_path, _ = docs_dir
+  cases = [
+      (dict(pipeline="fast"), "data.pipeline='fast'"),
+      (dict(stream_shards=3), "stream_shards=3 must divide global_batch=8"),
+      (dict(stream_shards=-1), "stream_shards=-1"),
+      (dict(prefetch=-2), "prefetch=-2"),
+      (dict(max_bytes=100), "max_bytes=100"),
+      (dict(eval_max_tokens=0), "eval_max_tokens=0"),
+      (dict(vocab_limit=-1), "vocab_limit=-1"),
+      (dict(source="hf", hf_name=""), "hf_name"),
+  ]
+  for kw, msg in cases:
+    with pytest.raises(ValueError, match=re.escape(msg)):
+      make_data(stream_cfg(tmp_path, **kw), seq_len=8, global_batch=8, seed=0)
+  with pytest.raises(ValueError, match="process_index=2"):
+    make_data(stream_cfg(tmp_path), seq_len=8, global_batch=8, seed=0, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="global_batch=6 is not a multiple of process_count=4"):
+    make_data(stream_cfg(tmp_path), seq_len=8, global_batch=6, seed=0, process_index=0, process_count=4)
+
+
+@pytest.fixture()
+def one_doc_dir(tmp_path):
+  d = tmp_path / "one"
+  d.mkdir()
+  (d / "a.txt").write_bytes(b"a single document\n" * 20)
+  return tmp_path
+
+
+def test_stream_empty_shard_error(one_doc_dir):
+  with pytest.raises(ValueError, match="shard 1 of 2 has no training text"):
+    b = make_data(stream_cfg(one_doc_dir / "one", stream_shards=2, val_fraction=0.0), seq_len=8, global_batch=2,
+                  seed=0)
+    next(b.train)
+
+
+def test_vocab_limit(docs_dir):
+  tmp_path, _ = docs_dir
+  # Byte tokens of this text reach 0xe4 ('中' is e4 b8 ad); a limit of 200 must name an id >= 200.
+  for pipe in ("stream", "cached"):
+    cfg = stream_cfg(tmp_path, vocab_limit=257, pipeline=pipe, cache_dir=str(tmp_path / "c") if pipe == "cached"
+                     else "")
+    b = make_data(cfg, seq_len=8, global_batch=4, seed=0)
+    assert b.vocab_size == 257
+    next(b.train)
+  with pytest.raises(ValueError, match=r"vocab_limit=200 does not cover the tokenizer's EOS id 256"):
+    make_data(stream_cfg(tmp_path, vocab_limit=200), seq_len=8, global_batch=4, seed=0)
+
+
+def test_vocab_limit_names_the_bad_id(tmp_path):
+  (tmp_path / "a.txt").write_text("x\u00e9\n" * 200 + "tail\n" * 10, encoding="utf-8")  # é = c3 a9 (195, 169)
+  from train.data import tokenizers as tok_lib
+  orig = tok_lib.ByteTokenizer.eos_id
+  try:
+    tok_lib.ByteTokenizer.eos_id = 10  # '\n' doubles as EOS so that a limit of 180 covers it.
+    for pipe in ("stream", "cached"):
+      cfg = stream_cfg(tmp_path, vocab_limit=180, pipeline=pipe, cache_dir="", eval_max_tokens=8, stream_shards=1)
+      with pytest.raises(ValueError, match=r"token id 195 in a (training|validation) batch is >= "
+                         r"data.vocab_limit=180"):
+        b = make_data(cfg, seq_len=8, global_batch=2, seed=0)
+        next(b.train)
+  finally:
+    tok_lib.ByteTokenizer.eos_id = orig
