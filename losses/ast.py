@@ -45,6 +45,11 @@ import jax.numpy as jnp
 from losses import _utils as U
 
 
+def _FLOAT():
+  """The default float dtype (float64 under jax_enable_x64, else float32)."""
+  return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def ast_loss_scale(epoch, *, num_decay_epochs: int = 10, start: float = 0.5, step: float = 0.05):
   """AST "clipping loss" factor of the expert cross-entropy at `epoch` (0-based): start + step*epoch, then 1."""
   U.check_positive("num_decay_epochs", num_decay_epochs, allow_zero=True)
@@ -52,7 +57,7 @@ def ast_loss_scale(epoch, *, num_decay_epochs: int = 10, start: float = 0.5, ste
   epoch = jnp.asarray(epoch)
   if not (jnp.issubdtype(epoch.dtype, jnp.integer) or jnp.issubdtype(epoch.dtype, jnp.floating)):
     raise ValueError(f"epoch must be numeric, got dtype {epoch.dtype}")
-  early = start + step * epoch.astype(jnp.float32)
+  early = start + step * epoch.astype(_FLOAT())
   return jnp.where(epoch < num_decay_epochs, early, 1.0)
 
 
@@ -106,7 +111,7 @@ def ast_balance_factor(start_epoch, max_start_epoch: int):
   """Balanced inner loop factor: log_5(e - S//2 + 8) if e >= S//2 else 1 / log_5(S//2 - e + 8)."""
   if not isinstance(max_start_epoch, int) or max_start_epoch < 0:
     raise ValueError(f"max_start_epoch must be an int >= 0, got {max_start_epoch!r}")
-  e = jnp.asarray(start_epoch, jnp.float32)
+  e = jnp.asarray(start_epoch).astype(_FLOAT())
   half = float(max_start_epoch // 2)
   up = jnp.log(jnp.maximum(e - half, 0.) + 8.) / math.log(5.)
   down = math.log(5.) / jnp.log(jnp.maximum(half - e, 0.) + 8.)
@@ -140,7 +145,7 @@ def ast_middle_weights(num_expert_epochs: int, kind: str = "agg"):
   U.check_choice("middle", kind, ("agg", "adaptive", "none"))
   if not isinstance(num_expert_epochs, int) or num_expert_epochs < 1:
     raise ValueError(f"num_expert_epochs must be an int >= 1, got {num_expert_epochs!r}")
-  i = jnp.arange(1, num_expert_epochs, dtype=jnp.float32)
+  i = jnp.arange(1, num_expert_epochs, dtype=_FLOAT())
   if kind == "agg":
     return jnp.ones_like(i)
   if kind == "adaptive":
