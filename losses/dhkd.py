@@ -7,7 +7,7 @@ with an Auxiliary Head", arXiv:2411.08937 (2024); official code penghui-yang/DHK
   BinaryKL(z_s, z_t)     = T^2 / B sum_{b,c} KL(Bern(sigma(z_t/T)) || Bern(sigma(z_s/T)))
   BinaryKLNorm(z_s, z_t) = T^2 / B sum_{b,c} KL(Bern(1/2) || Bern(sigma((z_s - z_t)/T)))     (DHKD)
                          = T^2 / B sum [softplus(-D/T)/2 + softplus(D/T)/2 - log 2],  D = z_s - z_t
-  KD (Hinton)            = T^2 / B sum_b KL(softmax(z_t/T) || softmax(z_s/T))
+  KD (Hinton)            = T^2 / B sum_b KL(softmax(z_t/T) || softmax(z_s/T))   (`tempered_kl` per row)
   L_DHKD = gamma CE(z_s^(1), y) + alpha BinaryKLNorm(z_s^(2), z_t)
 
 Defaults (official CIFAR quick start): T = 2, gamma = 1, alpha = 1 (ImageNet: alpha = 0.1).
@@ -80,15 +80,26 @@ def binary_kl_norm_loss(student_logits, teacher_logits, *, temperature: float = 
   return T ** 2 * U.safe_mean(jnp.sum(kl, 1), U.mask_or_ones("where", where, s.shape[:1]))
 
 
+def tempered_kl(teacher_logits, student_logits, temperature):
+  """Per-row KL(softmax(z_t/T) || softmax(z_s/T)) over the last axis (no T^2 factor, no reduction).
+
+  The one temperature-scaled KL of the project: `kd_loss` below and the SAF/MESA objectives
+  (`train/objectives/saf.py`, `kl_full`) call it. The teacher is under `stop_gradient`; the result
+  has the inputs' dtype (callers cast first), shape = the logits' shape without the last axis.
+  d/dz_s [T^2 KL] = T (softmax(z_s/T) - softmax(z_t/T)). The caller validates `temperature`.
+  """
+  lt = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
+  ls = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  return jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
+
+
 def kd_loss(student_logits, teacher_logits, *, temperature: float = 4.0,
             where: Optional[jax.Array] = None):
   """Hinton KD baseline: T^2 * mean_b KL(softmax(z_t/T) || softmax(z_s/T))."""
   U.check_positive("temperature", temperature)
   s, t = _pair(student_logits, teacher_logits)
-  T = temperature
-  lt, ls = jax.nn.log_softmax(t / T, 1), jax.nn.log_softmax(s / T, 1)
-  kl = jnp.sum(jnp.exp(lt) * (lt - ls), 1)
-  return T ** 2 * U.safe_mean(kl, U.mask_or_ones("where", where, s.shape[:1]))
+  kl = tempered_kl(t, s, temperature)
+  return temperature ** 2 * U.safe_mean(kl, U.mask_or_ones("where", where, s.shape[:1]))
 
 
 def dual_head_kd_loss(head1_logits, head2_logits, teacher_logits, labels, *,

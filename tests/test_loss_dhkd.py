@@ -8,6 +8,7 @@ import pytest
 
 from losses import binary_kl_loss, binary_kl_norm_loss, dual_head_kd_loss, gradient_alignment, kd_loss
 
+from losses.dhkd import tempered_kl
 import losses as _L  # eager originals, used by test_jit_matches_eager
 
 # The tests call jitted versions (one compile per shape instead of op-by-op eager dispatch, which
@@ -125,3 +126,18 @@ def test_jit_matches_eager():
   a = [jnp.asarray(x, jnp.float32) for x in (S1, S2, T)]
   np.testing.assert_allclose(dual_head_kd_loss(*a, jnp.asarray(Y)), _L.dual_head_kd_loss(*a, jnp.asarray(Y)), rtol=1e-6)
   np.testing.assert_allclose(binary_kl_loss(a[1], a[2]), _L.binary_kl_loss(a[1], a[2]), rtol=1e-6)
+
+
+def test_kd_and_tempered_kl_gradient_numpy_oracle():
+  # d/dz_s [T^2 mean_b KL(softmax(z_t/T) || softmax(z_s/T))] = T (softmax(z_s/T) - softmax(z_t/T)) / B (float64)
+  temp = 3.0
+  sm = lambda z: np.exp(z / temp - (z / temp).max(1, keepdims=True)) / np.exp(
+      z / temp - (z / temp).max(1, keepdims=True)).sum(1, keepdims=True)
+  want = temp * (sm(S1) - sm(T)) / S1.shape[0]
+  J = jnp.asarray
+  with jax.enable_x64(True):
+    g_s, g_t = jax.grad(lambda a, b: kd_loss(a, b, temperature=temp), argnums=(0, 1))(J(S1), J(T))
+    g_kl = jax.grad(lambda a: temp ** 2 * jnp.mean(tempered_kl(J(T), a, temp)))(J(S1))
+  np.testing.assert_allclose(np.asarray(g_s), want, rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(np.asarray(g_kl), want, rtol=1e-10, atol=1e-14)
+  assert not np.asarray(g_t).any()   # teacher detached

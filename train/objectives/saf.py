@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from losses.dhkd import tempered_kl
+
 STORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -68,16 +70,15 @@ def _check_tau(tau):
 def kl_full(teacher_logits, student_logits, tau: float):
   """Per-position KL(softmax(teacher/τ) ‖ softmax(student/τ)) [B, T] over the full vocabulary (float32).
 
-  The teacher is a constant (stop_gradient); the gradient flows through the student logits only.
+  The teacher is a constant (stop_gradient); the gradient flows through the student logits only. The KL itself is
+  `losses.dhkd.tempered_kl` (shared with the Hinton KD loss).
   """
   _check_logits("teacher_logits", teacher_logits)
   _check_logits("student_logits", student_logits)
   if teacher_logits.shape != student_logits.shape:
     raise ValueError(f"teacher logits {teacher_logits.shape} and student logits {student_logits.shape} differ")
   _check_tau(tau)
-  lp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / tau, axis=-1)
-  lq = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
-  return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  return tempered_kl(teacher_logits.astype(jnp.float32), student_logits.astype(jnp.float32), tau)
 
 
 def topk_targets(logits, tau: float, k: int):
