@@ -2,9 +2,15 @@
 
 size: tiny | small | 20m | 60m | 130m | 350m | 1b | 7b; method: dense | lowrank | lost (default lost).
 Protocol (GaLore scripts/benchmark_c4, LOST §4): seq 256, 512×256 tokens per step, warmup 10 % then cosine to
-10 %, AdamW, 10K/20K/60K/100K steps for 60M/130M/350M/1B, C4 `c4/en` with T5's SentencePiece tokenizer (vocab
-32000 in the model). Provide the tokenizer with `--config.data.tokenizer_path=/path/to/spiece.model`; any local
-text works too: `--config.data.source=files --config.data.paths='/data/*.jsonl.gz'`.
+10 %, AdamW, 10K/20K/60K/100K steps for 60M/130M/350M/1B, C4 (`allenai/c4`, config `en`) streamed with Hugging
+Face `datasets` (`pip install -e .[hf]`) and T5's tokenizer (`t5-base` tokenizer.json: 32,100 ids, of which the
+model embeds 32,000 = `data.vocab_limit`; C4 text never yields the 100 sentinel ids, a batch that did would stop
+the run naming the id). The streaming pipeline reads only what the run consumes (steps × 512 × 256 tokens, plus
+`eval_max_tokens` of the validation split). Other inputs:
+`--config.data.source=tfds` (TFDS `c4/en` from `--config.data.tfds_data_dir=gs://...`, `pip install -e .[tfds]`),
+`--config.data.tokenizer=sentencepiece --config.data.tokenizer_path=/path/to/spiece.model` (T5's SentencePiece
+file), `--config.data.tokenizer_path=/path/to/tokenizer.json` (offline), or local text:
+`--config.data.source=files --config.data.paths='/data/*.jsonl.gz'`.
 
 The learning rates are the GaLore/LOST scripts' (1e-3 for 60M–350M dense AdamW; LOST's dev code uses 1e-3 as
 well); they are starting points, not tuned values.
@@ -26,11 +32,14 @@ def get_config(arg: str = "60m,lost"):
   c.model = model_config(size, method)
   if size not in ("tiny", "small"):
     c.model.vocab_size = 32000
-    c.data.source = "tfds"
-    c.data.tfds_name = "c4/en"
-    c.data.tokenizer = "sentencepiece"
+    c.data.source = "hf"
+    c.data.hf_name = "allenai/c4"
+    c.data.hf_config = "en"
+    c.data.tfds_name = "c4/en"          # --config.data.source=tfds reads the same corpus from TFDS
+    c.data.tokenizer = "hf"
+    c.data.tokenizer_path = "t5-base"   # Hub name, or a local tokenizer.json / spiece.model (tokenizer=sentencepiece)
+    c.data.vocab_limit = 32000
     c.data.eval_max_tokens = 10_000_000
-    c.data.max_bytes = 0
   c.model.max_seq_len = 1024
   c.optim.name = "adamw"
   c.optim.lr = 1e-3
