@@ -238,3 +238,28 @@ def test_parquet_files(tmp_path):
   want = oracle_packed(a + b, lambda s: list(s.encode()), 256, 0.02, 2, 4, 16, 4, lambda i, n: i % 2)
   for k in range(4):
     np.testing.assert_array_equal(next(bd.train)["tokens"], want[k])
+
+
+def test_llama_c4_preset_data_config(monkeypatch, hf_tok):
+  """The 60m preset's data config, as shipped (c4 streaming, T5-style vocab limit), with local stand-ins for the
+  Hub dataset and tokenizer: it streams, reads only what it consumes, and reports the model's 32,000 rows."""
+  from train.configs import llama
+  fake = FakeC4()
+  monkeypatch.setattr(datasets, "load_dataset", fake)
+  cfg = llama.get_config("60m,lost")
+  assert (cfg.data.source, cfg.data.hf_name, cfg.data.hf_config, cfg.data.tokenizer, cfg.data.tokenizer_path,
+          cfg.data.vocab_limit, cfg.model.vocab_size, cfg.data.max_bytes) == (
+              "hf", "allenai/c4", "en", "hf", "t5-base", 32000, 32000, 0)
+  cfg.data.tokenizer_path = hf_tok
+  cfg.data.eval_max_tokens = 100
+  b = make_data(cfg.data, seq_len=16, global_batch=8, seed=0)
+  assert b.vocab_size == 32000 and b.info["pipeline"] == "stream" and b.info["stream_shards"] == 8
+  assert fake.calls[0] == ("allenai/c4", "en", "train", True)
+  x = next(b.train)
+  assert x["tokens"].shape == (8, 17) and x["tokens"].max() < b.tokenizer.vocab_size
+  assert b.eval_num_tokens == 100
+  cfg.data.source = "tfds"  # The documented TFDS variant needs the tfds extra; without it, one clear error.
+  import sys
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(ValueError, match=r"pip install -e \.\[tfds\]"):
+    make_data(cfg.data, seq_len=16, global_batch=8, seed=0)

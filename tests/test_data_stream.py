@@ -217,3 +217,78 @@ def test_vocab_limit_names_the_bad_id(tmp_path):
         next(b.train)
   finally:
     tok_lib.ByteTokenizer.eos_id = orig
+
+
+class FakeTfds:
+  """tensorflow_datasets stand-in: `even_splits`, `load`/`as_numpy` (sequential) and, optionally, `data_source`."""
+
+  def __init__(self, docs, random_access):
+    self.docs, self.calls = docs, []
+    if random_access:
+      self.data_source = self._data_source
+
+  def even_splits(self, split, n):
+    return [f"{split}[{i}/{n}]" for i in range(n)]
+
+  def _rows(self, split):
+    name, _, part = split.partition("[")
+    rows = [{"text": d} for d in self.docs[name]]
+    if part:  # Even contiguous parts, as tfds.even_splits makes.
+      i, n = map(int, part.rstrip("]").split("/"))
+      bounds = [len(rows) * j // n for j in range(n + 1)]
+      rows = rows[bounds[i]:bounds[i + 1]]
+    return rows
+
+  def load(self, name, split, data_dir=None, shuffle_files=True):
+    self.calls.append(("load", name, split, shuffle_files))
+    return self._rows(split)
+
+  def as_numpy(self, ds):
+    return iter(ds)
+
+  def _data_source(self, name, split, data_dir=None):
+    self.calls.append(("data_source", name, split))
+    return self._rows(split)
+
+
+@pytest.mark.parametrize("random_access", [False, True])
+def test_tfds_stream_with_fake_module(monkeypatch, random_access):
+  import sys
+  rng = np.random.default_rng(8)
+  tr, va = make_docs(rng, 9, lo=40, hi=120), make_docs(rng, 2)
+  fake = FakeTfds({"train": tr, "validation": va}, random_access)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  c = default_data_config()
+  c.update(source="tfds", tfds_name="fake/en", stream_shards=2, eval_max_tokens=50, cache_dir="")
+  b = make_data(c, seq_len=16, global_batch=4, seed=0)
+  assert b.info["pipeline"] == "stream"
+  bounds = [0, 4, 9]  # even_splits of 9 documents into 2 parts
+  owner = lambda i: 0 if i < bounds[1] else 1
+  want = oracle_batches_by(tr, owner, 2, 4, 16, 6)
+  run = [next(b.train) for _ in range(6)]
+  for k in range(6):
+    np.testing.assert_array_equal(run[k]["tokens"], want[k])
+  assert b.eval_num_tokens == 50
+  kind = "data_source" if random_access else "load"
+  assert any(x[:3] == (kind, "fake/en", "train[1/2]") for x in fake.calls)
+  state = json.loads(json.dumps(b.train.get_state()))
+  d = make_data(c, seq_len=16, global_batch=4, seed=0)
+  d.train.set_state(state)
+  e = make_data(c.copy_and_resolve_references(), seq_len=16, global_batch=4, seed=0)
+  for _ in range(6):
+    next(e.train)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(d.train)["tokens"], next(e.train)["tokens"])
+
+
+def oracle_batches_by(docs, owner, S, B, L, steps):
+  r = B // S
+  wins = []
+  for s in range(S):
+    stream = []
+    while len(stream) < steps * r * L + 1:
+      for i, d in enumerate(docs):
+        if owner(i) == s:
+          stream += list(d) + [EOS]  # Separate validation split: training documents are used whole.
+    wins.append([stream[k * L:k * L + L + 1] for k in range(steps * r)])
+  return [np.array([wins[s][j] for s in range(S) for j in range(k * r, (k + 1) * r)]) for k in range(steps)]
