@@ -43,10 +43,10 @@ def variant_config(args, name):
   c.train.update(dict(global_batch=args.batch, seq_len=args.seq, steps=1000))
   o = c.objectives
   if "mesa" in name:
-    o.trajectory = "mesa"
+    o.mesa.enabled = True
     o.mesa.start_step = 0
   if name == "saf":
-    o.trajectory = "saf"
+    o.saf.enabled = True
     o.saf.start_step = 0
   if "reweight" in name:
     o.reweight.update(dict(enabled=True, warmup_steps=0))

@@ -221,8 +221,9 @@ def scale_by_frugal(rho: float = 0.25, update_gap: int = 200, proj_type: str = "
     return scale_by_frugal_blockwise(rho, update_gap, block_order, b1, b2, eps, inactive_update_rule,
                                      proj_lr_scale, inactive_lr_scale, seed)
   return pj.scale_by_projected_adam(
-      frugal_leaf_spec(rho, proj_type, proj_side), proj_type, update_gap, b1, b2, eps, "frugal",
-      reset_statistics, proj_lr_scale, inactive_update_rule, proj_lr_scale * inactive_lr_scale, seed)
+      spec_fn=frugal_leaf_spec(rho, proj_type, proj_side), proj_type=proj_type, update_gap=update_gap, b1=b1,
+      b2=b2, eps=eps, adam_form="frugal", reset_statistics=reset_statistics, active_scale=proj_lr_scale,
+      inactive_rule=inactive_update_rule, inactive_scale=proj_lr_scale * inactive_lr_scale, seed=seed)
 
 
 def frugal(learning_rate: Union[float, optax.Schedule], rho: float = 0.25, update_gap: int = 200,

@@ -56,8 +56,8 @@ def scale_by_galore(rank: int = 128, update_gap: int = 200, scale: float = 0.25,
     raise ValueError(f"unknown proj_side {proj_side!r}; expected one of {pj.PROJ_SIDES}")
   pj.validate_adam(b1, b2, eps)
   return pj.scale_by_projected_adam(
-      galore_leaf_spec(int(rank), proj_side), "svd", update_gap, b1, b2, eps, "galore",
-      reset_statistics=False, active_scale=scale, inactive_rule="no", inactive_scale=0.0)
+      spec_fn=galore_leaf_spec(int(rank), proj_side), proj_type="svd", update_gap=update_gap, b1=b1, b2=b2,
+      eps=eps, adam_form="galore", reset_statistics=False, active_scale=scale, inactive_rule="no", inactive_scale=0.0)
 
 
 class TorchAdamState(NamedTuple):

@@ -273,6 +273,7 @@ class ProjectedAdamState(NamedTuple):
 
 
 def scale_by_projected_adam(
+    *,
     spec_fn: Callable[[tuple, str], LeafSpec],
     proj_type: str,
     update_gap: int,
@@ -291,6 +292,21 @@ def scale_by_projected_adam(
   Every matrix's projector is refreshed when count % update_gap == 0 (count = steps done, so the first refresh
   is at the first step); with reset_statistics the moments and the Adam step counter are zeroed at the refresh.
   All leaves of the tree given to this transform must be 2-D (use optax.partition for the rest).
+
+  Args (keyword-only):
+    spec_fn: (shape, path) -> LeafSpec: which side of each matrix is projected and to what size (rank or
+      number of coordinates); FRUGAL and GaLore differ only in this function and in `adam_form`.
+    proj_type: how the projector is chosen at a refresh: 'svd' (top singular vectors of the gradient),
+      'random' (Gaussian, orthonormalised), 'randperm'/'randk' (random coordinates), 'columns'/'rows'.
+    update_gap: refresh period T in steps (the first refresh happens at the first step).
+    b1, b2, eps: Adam moment decays and epsilon of the projected Adam.
+    adam_form: 'frugal' ((m/bc1) / (sqrt(v/bc2) + eps), as optax.scale_by_adam) or 'galore'
+      (sqrt(bc2)/bc1 · m / (sqrt(v) + eps), galore_torch's AdamW); see `adam_direction`.
+    reset_statistics: zero the projected moments and the Adam step counter at every refresh.
+    active_scale: scale of the projected (state-full) direction (FRUGAL proj_params_lr_scale; GaLore's scale).
+    inactive_rule: state-free rule for the residual G − up(down(G)): 'sign_sgd', 'sgd' or 'no' (GaLore).
+    inactive_scale: scale of the state-free direction.
+    seed: PRNG seed of random projections.
   """
 
   def specs_of(tree):

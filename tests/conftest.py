@@ -11,9 +11,9 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import tempfile  # noqa: E402
 
-from lostjax import cpu_malloc  # noqa: E402
+from train import cpu_malloc  # noqa: E402
 
-cpu_malloc.tune()  # as train.main does (partly effective under xdist: see lostjax/cpu_malloc.py)
+cpu_malloc.tune()  # as train.main does (partly effective under xdist: see train/cpu_malloc.py)
 
 
 import jax  # noqa: E402

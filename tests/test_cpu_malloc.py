@@ -1,4 +1,4 @@
-"""lostjax.cpu_malloc: the step's temporary buffer is reused from the heap (few page faults per call).
+"""train.cpu_malloc: the step's temporary buffer is reused from the heap (few page faults per call).
 
 The fault count is measured in a fresh interpreter that calls `tune()` first, as `train.main` does: inside a
 pytest-xdist worker, execnet's threads already own malloc arenas, which XLA's threads may then share.
@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from lostjax import cpu_malloc
+from train import cpu_malloc
 
 SCRIPT = r"""
 import json, resource
-from lostjax import cpu_malloc
+from train import cpu_malloc
 tuned = cpu_malloc.tune()
 import jax, jax.numpy as jnp
 x = jnp.ones((32768, 256), jnp.float32)

@@ -235,36 +235,7 @@ def test_bad_input_raises():
     gradient_spectra(loss_fn, params, batch, static=rest, gamma={"layers/7": 0.5})
 
 
-def test_lost_gammas_and_read_samples(tmp_path):
+def test_lost_gammas(tmp_path):
   model, *_ = build((Dense, Lost))
   assert set(gs.lost_gammas(model).values()) == {0.3}
   assert "layers/1/attn/q" in gs.lost_gammas(model)
-  f = tmp_path / "t.txt"
-  f.write_text("first para\nline two\n\n\nsecond\n")
-  assert gs._read_samples(str(f), 10) == ["first para\nline two", "second"]
-  f.write_text("a\nb\nc\n")
-  assert gs._read_samples(str(f), 2) == ["a", "b"]
-
-
-def test_cli_on_a_tiny_lostjax_llama(tmp_path, monkeypatch):
-  ml_collections = pytest.importorskip("ml_collections")
-  try:
-    from lostjax.models import Llama, LlamaConfig
-    import train.checkpoint  # noqa: F401
-  except ImportError as err:
-    pytest.skip(f"model/training package not available: {err}")
-  cfg = LlamaConfig(vocab_size=257, d_model=16, d_ff=32, n_heads=2, n_layers=2, max_seq_len=32,
-                    attn_kind="lost", mlp_kind="dense", attn_rank=4, sparsity=0.25, sparse_impl="xla")
-  model = Llama(cfg, rngs=nnx.Rngs(0))
-  run_cfg = ml_collections.ConfigDict({"data": {"tokenizer": "byte", "tokenizer_path": ""},
-                                       "train": {"seq_len": 24}})
-  monkeypatch.setattr(train.checkpoint, "load_model", lambda workdir, step=None: (model, run_cfg))
-  text = tmp_path / "text.txt"
-  text.write_text("The quick brown fox jumps.\n\nA second sample of text here.\n\nThird one!\n")
-  out, plot = tmp_path / "table.txt", tmp_path / "spectra.png"
-  assert gs.main(["--workdir", str(tmp_path), "--text", str(text), "--out", str(out), "--plot", str(plot),
-                  "--chunk-size", "2"]) == 0
-  lines = out.read_text().splitlines()
-  assert lines[0].split()[:3] == ["layer", "nuc_q", "erank_q"] and len(lines) == 4
-  assert np.all(np.isfinite([float(x) for x in lines[-1].split()[1:]]))
-  assert plot.stat().st_size > 1000

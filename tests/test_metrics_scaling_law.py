@@ -146,23 +146,6 @@ def test_fit_points_cuts():
   assert d.min() == 51 and d.max() == 80
 
 
-def test_cli_fits_synthetic_runs_and_reports_heldout_are(tmp_path, monkeypatch):
-  monkeypatch.setattr(sl, "chinchilla_grid", lambda: SMALL_GRID)  # the default grid is tested (slow) above
-  law = lambda n, t: law_np(SMALL_LAW, n, t)
-  runs = [write_run(tmp_path, f"run{i}", n, law, tokens_per_step=5000, noise=1e-3, seed=i)
-          for i, n in enumerate([50_000, 100_000, 200_000, 400_000, 1_600_000])]
-  out, plot = tmp_path / "fit.json", tmp_path / "fit.png"
-  assert sl.main(["--runs", ",".join(runs), "--out", str(out), "--plot", str(plot)]) == 0
-  result = json.loads(out.read_text())
-  assert result["target"] == "run4" and result["n_key"] == "total"
-  for method in ("huber", "least_squares"):
-    entry = result["fits"][method]
-    assert entry["are_heldout"] < 0.01, entry
-    assert entry["num_test_points"] == 4  # eval at 140, 160, 180, 200 of 200 steps (>= 70%)
-    assert entry["num_points"] == 4 * 9  # 4 smaller runs x eval steps 40..200 (first 10% cut)
-  assert plot.stat().st_size > 1000
-
-
 @pytest.mark.parametrize("n, d, loss, match", [
     ([], [], [], "at least 5"),
     ([1e8] * 5, [1e9, 2e9, 3e9, 4e9, 5e9], [3.0] * 5, "distinct model sizes"),

@@ -44,7 +44,7 @@ def _eight(cfg):
 def test_saf_store_survives_resume_on_another_device_count(tmp_path):
   def cfg(**kw):
     c = _cfg(tmp_path, steps=6, grad_accum=2, **kw)
-    c.objectives.trajectory = "saf"
+    c.objectives.saf.enabled = True
     c.objectives.saf.update(dict(epochs_back=1, topk=4, store_dtype="float32"))
     return c
 
@@ -73,7 +73,7 @@ def test_saf_store_survives_resume_on_another_device_count(tmp_path):
 
 def _mesa_rw_cfg(tmp_path):
   c = _cfg(tmp_path, steps=2)
-  c.objectives.trajectory = "mesa"
+  c.objectives.mesa.enabled = True
   c.objectives.mesa.start_step = 0
   c.objectives.reweight.update(dict(enabled=True, strategy="linupper", r=0.4, warmup_steps=0))
   return c

@@ -63,24 +63,27 @@ class Checkpointer:
 
 
 def load_model(workdir: str, step: int | None = None):
-  """Rebuilds the trained model of a run directory: returns (model, config) from its latest (or given) checkpoint."""
+  """Rebuilds the trained model of a run directory: returns (model, config) from its latest (or given) checkpoint.
+
+  The config is read in the current layout (`train.workdir.read_config`), so runs of older releases load too.
+  """
   from flax import nnx
-  import ml_collections
 
-  from train import trainer
+  from train import state as state_lib
+  from train.workdir import read_config
 
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"no config.json in workdir {workdir!r}: not a lostjax run directory")
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = read_config(workdir)
   ckpt = Checkpointer(workdir)
   step = ckpt.latest_step() if step is None else step
   if step is None:
+    ckpt.close()
     raise ValueError(f"no checkpoint in {ckpt.directory}")
-  graphdef, params, rest = trainer.init_model(trainer.llama_config(cfg), seed=cfg.train.seed)
+  graphdef, params, rest = state_lib.init_model(state_lib.llama_config(cfg), seed=cfg.train.seed)
   try:
     raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  except Exception as e:  # orbax raises many types for missing/corrupt files
+    raise CheckpointError(f"cannot read checkpoint step {step} from {ckpt.directory}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
   finally:
     ckpt.close()
   return nnx.merge(graphdef, _fill(params, raw["train"]["params"]), _fill(rest, raw.get("static", {}))), cfg

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lostjax import cpu_malloc
+from train import cpu_malloc
 
 cpu_malloc.tune()  # before JAX starts its threads: no fresh mmap of the step's temporaries on CPU
 

@@ -1,21 +1,28 @@
-"""Optimizer registry for the training loop.
+"""Optimizer registry for the training loop: `optim.name` plus one sub-config per optimizer (big_vision style).
 
-`default_optim_config()` holds every hyperparameter of every optimizer in `optim/` (ConfigDicts are locked, so
-`--config.optim.<field>=...` overrides only work for fields that exist here). `build_optimizer(cfg, lr)` returns
-one `optax.GradientTransformation` (global-norm clipping included); `lr_schedule(cfg, total_steps)` is the
-warmup + cosine schedule used by GaLore/FRUGAL/LOST pre-training (linear warmup for `warmup_frac` of the steps,
-cosine decay to `min_lr_ratio * lr`).
+    --config.optim.name=frugal --config.optim.frugal.rho=0.25 --config.optim.lr=1e-3
 
-Names: adamw, frugal, galore, lift, trp (normalized_gd is for logistic regression and needs per-sample
-margins, so it is not offered here). Defaults: betas (0.9, 0.999) and eps 1e-8 as in the FRUGAL/GaLore C4
-pre-training scripts (LOST's dev code uses b2 = 0.95: `--config.optim.b2=0.95`). FRUGAL defaults to the paper's
-runs (proj_type='blockwise', descending, rho 0.25, T 200); GaLore to rank 128, scale 0.25, eps 1e-6 (its scripts use
-lr 0.01: set `--config.optim.lr=0.01`). LIFT and TRP need `params` in `tx.update`; LIFT's filter_rank (64) must
-not exceed the smaller side of any matrix.
+`default_optim_config()` holds the fields every optimizer shares (lr, betas, eps, weight decay, clipping, schedule,
+seed) at the top level and each optimizer's own hyperparameters in a sub-config named after it (`optim.frugal`,
+`optim.galore`, `optim.lift`, `optim.trp`). The keys of a sub-config are the keyword names of the transform in
+`optim/`, so the builder passes them through unchanged (`optim.frugal(lr, **cfg.frugal)`): a field added to a
+transform is exposed by adding one line to its sub-config. Only the chosen optimizer's sub-config is used (and
+compared when a run resumes, see train/workdir.py).
+
+`build_optimizer(cfg, lr)` returns one `optax.GradientTransformation` (global-norm clipping included);
+`lr_schedule(cfg, total_steps)` is the warmup + cosine schedule of GaLore/FRUGAL/LOST pre-training (linear warmup
+for `warmup_frac` of the steps, cosine decay to `min_lr_ratio * lr`).
+
+Defaults: betas (0.9, 0.999) and eps 1e-8 as in the FRUGAL/GaLore C4 pre-training scripts (LOST's development
+code uses b2 = 0.95: `--config.optim.b2=0.95`). FRUGAL defaults to the paper's runs (blockwise, descending, ρ 0.25,
+T 200); GaLore to rank 128, scale 0.25 and its own eps 1e-6 (its scripts use lr 0.01). LIFT and TRP need `params`
+in `tx.update`; LIFT's filter_rank must not exceed the smaller side of any matrix. normalized_gd is for logistic
+regression and needs per-sample margins, so it is not offered here. Method notes: docs/frugal_galore.md,
+docs/lift.md, docs/trp.md.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import ml_collections
 import optax
@@ -24,7 +31,95 @@ import optim
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 
-KNOWN_OPTIMIZERS = ("adamw", "frugal", "galore", "lift", "trp")
+
+def _frugal_config():
+  return ml_collections.ConfigDict(dict(
+      rho=0.25,                         # density: state-full fraction
+      update_gap=200,                   # T: projector / active-block refresh period
+      proj_type="blockwise",            # svd|random|randperm|randk|columns|rows|blockwise (paper runs: blockwise)
+      proj_side="std",                  # std|reverse_std|left|right (torch-layout names; optim/projection.py)
+      block_order="descending",         # blockwise order: descending (paper scripts)|ascending|random|mirror
+      reset_statistics=True,            # zero Adam moments + step counter at each refresh
+      inactive_update_rule="sign_sgd",  # state-free rule: sign_sgd|sgd|no
+      proj_lr_scale=1.0,                # FRUGAL proj_params_lr_scale
+      inactive_lr_scale=1.0,            # FRUGAL inactive_lr_scale
+  ))
+
+
+def _galore_config():
+  return ml_collections.ConfigDict(dict(
+      rank=128,         # projection rank (on the smaller side of each matrix)
+      update_gap=200,   # T: projector refresh period
+      scale=0.25,       # alpha (galore_scale)
+      proj_side="std",
+      eps=1e-6,         # galore_torch AdamW default (replaces optim.eps for GaLore)
+  ))
+
+
+def _lift_config():
+  return ml_collections.ConfigDict(dict(
+      lora_rank=128,        # budget k = (m+n)·lora_rank entries per matrix
+      filter_rank=64,       # rank of the approximation used to pick principal weights
+      update_gap=400,       # principal-weight refresh period
+      freeze_others=False,  # True: non-matrix leaves frozen (reference fine-tuning); False: AdamW
+  ))
+
+
+def _trp_config():
+  return ml_collections.ConfigDict(dict(
+      energy=0.9,                # energy threshold of the truncation
+      period=5,                  # m: project every `period` steps
+      nuclear_weight=3e-4,       # λ of the nuclear-norm sub-gradient
+      scheme="channel",          # conv kernels: channel (NC)|spatial (VH)|decouple (ND, per-filter ranks)
+      nuclear_every_step=False,  # False: nuclear sub-gradient on projection steps only (reference code)
+      base="adamw",              # wrapped optimizer: adamw | sgd (momentum 0.9)
+  ))
+
+
+class _Entry(NamedTuple):
+  config: Optional[Callable[[], ml_collections.ConfigDict]]  # default sub-config (None: no sub-config)
+  build: Callable[..., optax.GradientTransformation]         # (cfg, lr, label_fn) -> transform
+
+
+def _adamw(c, lr):
+  return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+
+
+def _build_frugal(c, lr, label_fn):
+  return optim.frugal(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, seed=c.seed,
+                      label_fn=label_fn, **c.frugal.to_dict())
+
+
+def _build_galore(c, lr, label_fn):
+  return optim.galore(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, label_fn=label_fn, **c.galore.to_dict())
+
+
+def _build_lift(c, lr, label_fn):
+  return optim.lift(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, label_fn=label_fn,
+                    **c.lift.to_dict())
+
+
+def _build_trp(c, lr, label_fn):
+  sub = c.trp.to_dict()
+  base = sub.pop("base")
+  if base == "adamw":
+    base_tx = _adamw(c, lr)
+  elif base == "sgd":
+    base_tx = optax.chain(optax.add_decayed_weights(c.weight_decay), optax.sgd(lr, momentum=0.9))
+  else:
+    raise ValueError(f"unknown optim.trp.base={base!r}; expected 'adamw' or 'sgd'")
+  return optim.trp(base_tx, label_fn=label_fn, **sub)
+
+
+# name -> (sub-config, builder). Adding an optimizer: one builder function and one line here.
+OPTIMIZERS: dict[str, _Entry] = {
+    "adamw": _Entry(None, lambda c, lr, label_fn: _adamw(c, lr)),
+    "frugal": _Entry(_frugal_config, _build_frugal),
+    "galore": _Entry(_galore_config, _build_galore),
+    "lift": _Entry(_lift_config, _build_lift),
+    "trp": _Entry(_trp_config, _build_trp),
+}
+KNOWN_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -39,32 +134,35 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.warmup_frac = 0.1
   c.min_lr_ratio = 0.1
   c.seed = 0  # PRNG seed of random projections / random block order
-  # FRUGAL (arXiv 2411.07837) and GaLore (arXiv 2403.03507)
-  c.rho = 0.25  # FRUGAL density: state-full fraction
-  c.update_gap = 200  # T: projector / active-block refresh period (FRUGAL and GaLore)
-  c.proj_type = "blockwise"  # FRUGAL: svd|random|randperm|randk|columns|rows|blockwise (paper runs: blockwise)
-  c.proj_side = "std"  # std|reverse_std|left|right (torch-layout names; see optim/projection.py)
-  c.block_order = "descending"  # blockwise order: descending (all paper scripts)|ascending|random|mirror
-  c.reset_statistics = True  # FRUGAL: zero Adam moments + step counter at each refresh
-  c.inactive_update_rule = "sign_sgd"  # FRUGAL state-free rule: sign_sgd|sgd|no
-  c.proj_lr_scale = 1.0  # FRUGAL proj_params_lr_scale
-  c.inactive_lr_scale = 1.0  # FRUGAL inactive_lr_scale
-  c.rank = 128  # GaLore rank (on the smaller side of each matrix)
-  c.scale = 0.25  # GaLore alpha (galore_scale)
-  c.galore_eps = 1e-6  # galore_torch AdamW class default
-  # LIFT (arXiv 2506.00772); uses b1/b2/eps above (reference: b2=0.95, eps=1e-6)
-  c.lora_rank = 128  # budget k = (m+n)*lora_rank entries per matrix
-  c.filter_rank = 64  # rank of the approximation used to pick principal weights
-  c.lift_update_gap = 400
-  c.freeze_others = False  # True: non-matrix leaves frozen (reference fine-tuning); False: AdamW
-  # TRP (arXiv 1812.02402): wraps AdamW (trp_base='adamw') or SGD momentum 0.9 (trp_base='sgd')
-  c.trp_energy = 0.9
-  c.trp_period = 5
-  c.trp_nuclear_weight = 3e-4
-  c.trp_scheme = "channel"  # conv kernels: channel (NC)|spatial (VH)|decouple (ND, per-filter ranks)
-  c.trp_nuclear_every_step = False  # False: nuclear sub-gradient on projection steps only (reference code)
-  c.trp_base = "adamw"
+  for name, entry in OPTIMIZERS.items():
+    if entry.config is not None:
+      c[name] = entry.config()
   return c
+
+
+def _number(name, v, *, lo=None, hi=None, lo_open=False, hi_open=False):
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+    raise ValueError(f"optim.{name}={v!r} must be a number")
+  if lo is not None and (v < lo or (lo_open and v == lo)):
+    raise ValueError(f"optim.{name}={v!r} must be {'>' if lo_open else '>='} {lo}")
+  if hi is not None and (v > hi or (hi_open and v == hi)):
+    raise ValueError(f"optim.{name}={v!r} must be {'<' if hi_open else '<='} {hi}")
+
+
+def check_optim_config(c) -> None:
+  """Raises ValueError naming the first bad field of the shared optimizer fields (the transforms check their own)."""
+  if c.name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer optim.name={c.name!r}; known: {KNOWN_OPTIMIZERS}")
+  _number("lr", c.lr, lo=0.0, lo_open=True)
+  _number("b1", c.b1, lo=0.0, hi=1.0, hi_open=True)
+  _number("b2", c.b2, lo=0.0, hi=1.0, hi_open=True)
+  _number("eps", c.eps, lo=0.0)
+  _number("weight_decay", c.weight_decay, lo=0.0)
+  _number("grad_clip", c.grad_clip, lo=0.0)
+  _number("warmup_frac", c.warmup_frac, lo=0.0, hi=1.0, hi_open=True)
+  _number("min_lr_ratio", c.min_lr_ratio, lo=0.0, hi=1.0)
+  if isinstance(c.seed, bool) or not isinstance(c.seed, int):
+    raise ValueError(f"optim.seed={c.seed!r} must be an int")
 
 
 def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -73,9 +171,9 @@ def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
   if not 0.0 <= optim_cfg.warmup_frac < 1.0:
-    raise ValueError(f"warmup_frac must be in [0, 1), got {optim_cfg.warmup_frac}")
+    raise ValueError(f"optim.warmup_frac must be in [0, 1), got {optim_cfg.warmup_frac}")
   if not 0.0 <= optim_cfg.min_lr_ratio <= 1.0:
-    raise ValueError(f"min_lr_ratio must be in [0, 1], got {optim_cfg.min_lr_ratio}")
+    raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {optim_cfg.min_lr_ratio}")
   warmup = int(optim_cfg.warmup_frac * total_steps)
   peak = float(optim_cfg.lr)
   return optax.warmup_cosine_decay_schedule(
@@ -89,38 +187,15 @@ def build_optimizer(optim_cfg, learning_rate: ScalarOrSchedule,
 
   label_fn(params) -> tree of 'matrix'/'other' overrides the default rule (a 2-D leaf whose path does not contain
   'embed', 'lm_head' or 'norm' is a matrix; see optim/projection.py). LIFT and TRP need `params` in update().
-  Hyperparameters are validated when the optimizer is built (unknown names, rho, update_gap, ...) or, for
-  shape-dependent checks (GaLore rank too large), at `init`.
+  Hyperparameters are validated here (shared fields) and by the transform (its own fields); shape-dependent
+  checks (GaLore rank too large) happen at `init`. A transform's ValueError is re-raised naming the sub-config.
   """
+  check_optim_config(optim_cfg)
   name = optim_cfg.name
-  if name not in KNOWN_OPTIMIZERS:
-    raise ValueError(f"unknown optimizer name {name!r}; known: {KNOWN_OPTIMIZERS}")
-  if optim_cfg.grad_clip < 0:
-    raise ValueError(f"grad_clip must be >= 0, got {optim_cfg.grad_clip}")
-  c = optim_cfg
-  adamw = lambda: optax.adamw(learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-  if name == "adamw":
-    tx = adamw()
-  elif name == "frugal":
-    tx = optim.frugal(learning_rate, rho=c.rho, update_gap=c.update_gap, proj_type=c.proj_type,
-                      proj_side=c.proj_side, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
-                      reset_statistics=c.reset_statistics, inactive_update_rule=c.inactive_update_rule,
-                      proj_lr_scale=c.proj_lr_scale, inactive_lr_scale=c.inactive_lr_scale,
-                      block_order=c.block_order, seed=c.seed, label_fn=label_fn)
-  elif name == "galore":
-    tx = optim.galore(learning_rate, rank=c.rank, update_gap=c.update_gap, scale=c.scale, proj_side=c.proj_side,
-                      b1=c.b1, b2=c.b2, eps=c.galore_eps, weight_decay=c.weight_decay, label_fn=label_fn)
-  elif name == "lift":
-    tx = optim.lift(learning_rate, lora_rank=c.lora_rank, filter_rank=c.filter_rank,
-                    update_gap=c.lift_update_gap, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
-                    freeze_others=c.freeze_others, label_fn=label_fn)
-  else:  # trp
-    if c.trp_base not in ("adamw", "sgd"):
-      raise ValueError(f"unknown trp_base {c.trp_base!r}; expected 'adamw' or 'sgd'")
-    base = adamw() if c.trp_base == "adamw" else optax.chain(
-        optax.add_decayed_weights(c.weight_decay), optax.sgd(learning_rate, momentum=0.9))
-    tx = optim.trp(base, energy=c.trp_energy, period=c.trp_period, nuclear_weight=c.trp_nuclear_weight,
-                   scheme=c.trp_scheme, nuclear_every_step=c.trp_nuclear_every_step, label_fn=label_fn)
+  try:
+    tx = OPTIMIZERS[name].build(optim_cfg, learning_rate, label_fn)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"bad optim.{name} config: {e}") from None
   if optim_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
   return tx

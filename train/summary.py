@@ -36,21 +36,24 @@ def _vocab(cfg) -> int | None:
 
 def activation_values_per_token_layer(mc) -> int:
   d, ff = mc.d_model, mc.d_ff
-  base = 7 * d + 4 * ff + d
+  # Mixture of experts: each token's top_k experts keep their SwiGLU values, plus per assignment the dispatched
+  # input and the expert output (2·d) and per token the router probabilities (E); dropless padding is ignored.
+  m = mc.moe_top_k if mc.moe_experts else 1
+  base = 7 * d + m * 4 * ff + d + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
   extra = 0
-  for kind, rank, shapes in ((mc.attn_kind, mc.attn_rank, [(d, d)] * 4), (mc.mlp_kind, mc.mlp_rank,
-                                                                           [(d, ff), (d, ff), (ff, d)])):
+  for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d)] * 4, 1),
+                                     (mc.mlp_kind, mc.mlp_rank, [(d, ff), (d, ff), (ff, d)], m)):
     if kind in ("lowrank", "lost"):
-      extra += len(shapes) * rank
+      extra += copies * len(shapes) * rank
     if kind == "lost":
-      extra += sum(num_sparse_channels(din, mc.sparsity) for din, _ in shapes)
+      extra += copies * sum(num_sparse_channels(din, mc.sparsity) for din, _ in shapes)
   return base + extra
 
 
 def summarize(cfg) -> dict:
   import optim
   from train import optimizer as optim_lib
-  from train.trainer import llama_config
+  from train.state import llama_config
 
   mc = llama_config(cfg, vocab_size=_vocab(cfg))
   abstract = nnx.eval_shape(lambda: Llama(mc, rngs=nnx.Rngs(0)))

@@ -36,16 +36,13 @@ Analysed matrix per layer kind (leaf names as in lostjax.layers; W_eff in layout
 Not implemented: the paper's gradient-similarity metrics (same-layer / adjacent-layer cosines, which its
 README reports as uninformative) and its instruction/response masking (the CLI uses every token of a sample).
 
-CLI:
-  python -m lostjax.metrics.gradient_spectra --workdir=<run> --text=<file> [--out table.txt --plot spectra.png]
+Command line (reads a training run): `python -m train.analyze spectra --workdir=<run> --text=<file>`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import re
-import sys
 from typing import Callable, Mapping, Union
 
 import jax
@@ -331,17 +328,6 @@ def lost_gammas(model) -> dict:
   return out
 
 
-def _read_samples(path: str, max_samples: int) -> list:
-  """Samples of a text file: blank-line-separated paragraphs (or lines, if there are no blank lines)."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  parts = [p.strip() for p in re.split(r"\n\s*\n", text)] if re.search(r"\n\s*\n", text) else text.splitlines()
-  parts = [p for p in (q.strip() for q in parts) if p]
-  if not parts:
-    raise ValueError(f"--text file {path!r} has no non-empty samples")
-  return parts[:max_samples]
-
-
 def plot_spectra(spectra: GradientSpectra, path: str, title: str = "") -> None:
   """Two panels (nuclear norm, effective rank) of per-layer curves, one line per projection."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -359,61 +345,3 @@ def plot_spectra(spectra: GradientSpectra, path: str, title: str = "") -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
-  parser.add_argument("--text", required=True, help="text file; samples are paragraphs (or lines)")
-  parser.add_argument("--out", help="write the per-layer table here (default: print only)")
-  parser.add_argument("--plot", help="save per-layer curves here")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  parser.add_argument("--max-samples", type=int, default=200, help="the paper uses subsets of 200 samples")
-  parser.add_argument("--seq-len", type=int, default=0, help="truncate/pad samples to this (default: train.seq_len)")
-  parser.add_argument("--include-mlp", action="store_true")
-  parser.add_argument("--chunk-size", type=int, default=8, help="samples per vmapped gradient call")
-  args = parser.parse_args(argv)
-  try:
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from train.checkpoint import load_model  # pylint: disable=import-outside-toplevel
-    from train.data.tokenizers import make_tokenizer  # pylint: disable=import-outside-toplevel
-  except ImportError as err:
-    raise SystemExit(f"gradient_spectra CLI needs the training package (train.checkpoint.load_model, "
-                     f"train.data.tokenizers.make_tokenizer): {err}") from None
-  model, cfg = load_model(args.workdir, args.step)
-  tok = make_tokenizer(cfg.data.tokenizer, cfg.data.get("tokenizer_path", ""))
-  seq_len = args.seq_len or int(cfg.train.seq_len)
-  texts = _read_samples(args.text, args.max_samples)
-  tokens = np.zeros((len(texts), seq_len), np.int32)
-  mask = np.zeros((len(texts), seq_len), np.float32)
-  for i, t in enumerate(texts):
-    ids = np.asarray(tok.encode(t))[:seq_len]
-    tokens[i, :ids.size] = ids
-    mask[i, :ids.size] = 1.0
-  if np.any(mask.sum(1) < 2):
-    raise ValueError("every sample needs at least 2 tokens (one next-token prediction)")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def loss_fn(p, ex):
-    logits = nnx.merge(graphdef, p, rest)(ex["tokens"][None, :-1])[0]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ex["tokens"][1:, None], axis=-1)[:, 0]
-    w = ex["mask"][1:]
-    return jnp.sum(nll * w) / jnp.sum(w)   # mean token cross-entropy of the sample (HF-style)
-
-  spectra = gradient_spectra(loss_fn, params, {"tokens": tokens, "mask": mask}, static=rest,
-                             include_mlp=args.include_mlp, gamma=lost_gammas(model) or 0.5,
-                             chunk_size=args.chunk_size)
-  table = spectra.table()
-  print(f"{len(texts)} samples, seq_len {seq_len}, kinds {sorted(set(spectra.kinds))}")
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
-  if args.plot:
-    plot_spectra(spectra, args.plot, title=f"{args.workdir}: {len(texts)} samples")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

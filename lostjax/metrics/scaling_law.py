@@ -31,11 +31,10 @@ Deliberate choices / deviations:
   line, else train_loss.
 
 CLI:
-  python -m lostjax.metrics.scaling_law --runs runs/a,runs/b,runs/c [--out fit.json --plot fit.png]
+  python -m train.analyze scaling --runs runs/a,runs/b,runs/c [--out fit.json --plot fit.png]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -451,46 +450,3 @@ def plot_fit(runs: Sequence[RunCurve], result: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--runs", required=True, help="comma-separated run directories (metrics.jsonl + summary.json)")
-  parser.add_argument("--out", help="write the fit as JSON here")
-  parser.add_argument("--plot", help="save a loss-vs-tokens plot with the fitted curves here")
-  parser.add_argument("--n-key", default="total", help="params key of summary.json used as N (default: total)")
-  parser.add_argument("--method", default="both", choices=["both", "huber", "least_squares"])
-  parser.add_argument("--min-tokens", type=float, default=0.0,
-                      help="drop checkpoints with tokens <= this (paper: 1e10 for billion-token runs)")
-  parser.add_argument("--min-fraction", type=float, default=0.1,
-                      help="drop each run's checkpoints with tokens <= this fraction of its final tokens")
-  parser.add_argument("--no-holdout", action="store_true", help="fit all runs; report in-sample ARE")
-  parser.add_argument("--target-train-fraction", type=float, default=0.0,
-                      help="with holdout: also fit on the target run's checkpoints below this fraction")
-  parser.add_argument("--test-fraction", type=float, default=0.7,
-                      help="with holdout: ARE on the target's checkpoints >= this fraction of its tokens")
-  args = parser.parse_args(argv)
-  run_dirs = [r for r in args.runs.split(",") if r]
-  runs = [load_run(r, args.n_key) for r in run_dirs]
-  methods = ("huber", "least_squares") if args.method == "both" else (args.method,)
-  result = fit_runs(runs, methods=methods, holdout=not args.no_holdout, min_tokens=args.min_tokens,
-                    min_fraction=args.min_fraction, target_train_fraction=args.target_train_fraction,
-                    test_fraction=args.test_fraction)
-  result["n_key"] = args.n_key
-  for method, e in result["fits"].items():
-    are = e.get("are_heldout", e.get("are_in_sample"))
-    print(f"{method:>13}: E={e['E']:.4f} A={e['A']:.4g} alpha={e['alpha']:.4f} B={e['B']:.4g} "
-          f"beta={e['beta']:.4f}  points={e['num_points']}  ARE={are:.4%}")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  if args.plot:
-    plot_fit(runs, result, args.plot)
-  if not args.out:
-    print(json.dumps(result, indent=2))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -27,6 +27,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from train.objectives import base
 
 STRATEGIES = ("linupper", "quadratic", "extremes")
 DELTA = 1.0
@@ -93,3 +96,38 @@ def weight_stats(w, valid):
   wmin = jnp.where(any_valid, jnp.min(jnp.where(valid, w, jnp.inf)), 0.0)
   wmax = jnp.where(any_valid, jnp.max(jnp.where(valid, w, -jnp.inf)), 0.0)
   return {"rw_entropy": ent, "rw_w_min": wmin, "rw_w_max": wmax}
+
+
+# ----------------------------------------------------------------------------- as an objective (base.py)
+
+def _config():
+  # GPT-2 runs of the paper: r = 0.4 (extremes / linupper), 1.0 (quadratic); burnout_steps = 1000.
+  return ml_collections.ConfigDict(dict(
+      enabled=False,
+      strategy="linupper",  # 'linupper' (min(x+1, 1)) | 'quadratic' (1 − x²) | 'extremes' (|x|)
+      r=0.4,                # softmax temperature (KL regulariser); large r → uniform
+      warmup_steps=1000,    # uniform weights before this step
+  ))
+
+
+def _check(c):
+  base.check_enabled("reweight", c)
+  try:
+    check_config(c.strategy, c.r, c.warmup_steps)
+  except ValueError as e:
+    raise ValueError(f"objectives.{e}") from None
+
+
+def _loss(c, state, x: base.Inputs):
+  """Weights from each sequence's mean CE over its non-masked tokens (padding-only rows: weight 0)."""
+  del state
+  mask32 = x.mask.astype(jnp.float32)
+  n_tok = jnp.sum(mask32, axis=1)
+  valid = n_tok > 0
+  seq = jnp.sum(x.per_token_loss.astype(jnp.float32) * mask32, axis=1) / jnp.maximum(n_tok, 1.0)
+  w = sequence_weights(seq, valid, strategy=c.strategy, r=c.r, uniform=x.step < c.warmup_steps)
+  return base.Terms(seq_weights=w, metrics=weight_stats(w, valid))
+
+
+REWEIGHT = base.Objective(config=_config, check=_check, init=lambda c, ctx: {}, loss=_loss,
+                          update=base.no_update)

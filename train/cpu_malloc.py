@@ -1,19 +1,19 @@
 """Keep the XLA:CPU step's temporary buffer in the process heap instead of a fresh mmap every step.
 
+A process-wide host setting, so it lives with the application (`train/`), not in the model library.
+
 XLA:CPU allocates the temporaries of a compiled program (one block, `compiled.memory_analysis()
-.temp_size_in_bytes`: 275 MiB for the quickstart train step) with malloc at every execution. The block is
-larger than glibc's mmap threshold, and it is requested from an XLA worker thread whose malloc arena cannot
-hold it, so glibc maps fresh pages for it and unmaps them after the step: measured on the quickstart, 71,000
-minor page faults per step (the kernel zero-fills every page on first touch) and more system than user CPU
-time per step (BENCHMARKS.md, "host malloc").
+.temp_size_in_bytes`) with malloc at every execution. The block is larger than glibc's mmap threshold, and it is
+requested from an XLA worker thread whose malloc arena cannot hold it, so glibc maps fresh pages for it and
+unmaps them after the step: every page is zero-filled by the kernel again at every step (page faults and system
+time; measurements in BENCHMARKS.md, "host malloc").
 
 `tune()` sets three glibc malloc options through `mallopt` (no environment variable, no re-exec):
   * M_ARENA_MAX = 1       every thread allocates from the main arena, which can grow with brk;
   * M_MMAP_MAX = 0        large blocks come from that heap, not from their own mapping;
   * M_TRIM_THRESHOLD = -1  never trim: freed memory at the top of the heap is kept for the next step (a
-    finite threshold, even 2 GiB - 1, still let the 1.17 GB block of the 60M step go back every other step).
-The price is that freed memory is not handed back to the OS (peak RSS stays, e.g. 1.0 → 1.5 GB on the
-quickstart) and that threads share one malloc lock (small blocks still go through glibc's per-thread
+    finite threshold still lets a large step block go back to the OS every other step).
+The price is that freed memory is not handed back to the OS (peak RSS stays higher) and that threads share one malloc lock (small blocks still go through glibc's per-thread
 cache). Effective only if called before JAX starts its thread pools (i.e. before the first computation) and
 before other threads have allocated: threads that already own an arena keep it and new threads may be handed
 one of those (seen in pytest-xdist workers, whose execnet threads start first).

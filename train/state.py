@@ -1,0 +1,133 @@
+"""Everything a run is built from: the validated config, the mesh, the model and the train state.
+
+Used by the training loop (`trainer.py`), checkpoint loading (`checkpoint.load_model`), `--summary_only`
+(`summary.py`) and the benchmark scripts, so that all of them build exactly the same thing:
+
+    mesh = make_mesh(cfg)
+    validate_config(cfg, mesh)                      # every section; raises ValueError naming the bad field
+    run = create_train_state(cfg, mesh=mesh, vocab_size=..., num_train_examples=...)
+    run.state   # {'params', 'opt', 'obj', 'step', 'bad_step'}: the donated train state, placed on the mesh
+    run.rest    # the model's non-trainable variables (LOST channel indices)
+
+The train state is a plain dict of pytrees: `params` (the model's nnx.Param state), `opt` (the optax state),
+`obj` (the objectives' state, train/objectives), `step` (int32, optimizer steps done) and `bad_step` (int32, the
+first step whose loss or gradient was non-finite, -1 if none).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lostjax import sharding
+from lostjax.models import Llama, LlamaConfig
+from train import objectives
+from train import optimizer as optim_lib
+
+TRAIN_INTS = ("steps", "global_batch", "seq_len", "grad_accum", "log_every", "keep_ckpts")
+TRAIN_NONNEG_INTS = ("eval_every", "ckpt_every", "stop_at")
+
+
+def llama_config(cfg, vocab_size: int | None = None) -> LlamaConfig:
+  """The LlamaConfig of a run config; `model.vocab_size=0` takes `vocab_size` (the tokenizer's)."""
+  fields = {k: v for k, v in cfg.model.to_dict().items() if k != "preset"}
+  unknown = set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)}
+  if unknown:
+    raise ValueError(f"unknown model config field(s) {sorted(unknown)}")
+  if fields.get("vocab_size", 0) == 0:
+    if vocab_size is None:
+      raise ValueError("model.vocab_size=0 (take it from the tokenizer) needs the data to be loaded")
+    fields["vocab_size"] = vocab_size
+  if fields.get("max_seq_len", 0) < cfg.train.seq_len:
+    fields["max_seq_len"] = cfg.train.seq_len
+  return LlamaConfig(**fields)
+
+
+def make_mesh(cfg):
+  """The device mesh of `cfg.mesh` (data × fsdp × tensor; data=-1 takes the remaining devices)."""
+  if not isinstance(cfg.mesh.sharded_init, bool):
+    raise ValueError(f"mesh.sharded_init must be a bool, got {cfg.mesh.sharded_init!r}")
+  n = cfg.mesh.num_devices
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > jax.device_count():
+    raise ValueError(f"mesh.num_devices={n!r} must be 0 (all) or at most the {jax.device_count()} available devices")
+  devices = jax.devices()[:n] if n else None
+  return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+
+
+def check_train_config(cfg, mesh=None) -> None:
+  """The `train` section: positive step counts, a batch the mesh and the microbatching divide."""
+  t = cfg.train
+  for name in TRAIN_INTS:
+    v = t[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"train.{name} must be a positive int, got {v!r}")
+  for name in TRAIN_NONNEG_INTS:
+    if isinstance(t[name], bool) or not isinstance(t[name], int) or t[name] < 0:
+      raise ValueError(f"train.{name} must be an int >= 0, got {t[name]!r}")
+  if t.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}")
+  if t.global_batch % t.grad_accum:
+    raise ValueError(f"train.grad_accum={t.grad_accum} does not divide train.global_batch={t.global_batch}")
+  if mesh is not None:
+    div = sharding.batch_divisor(mesh)
+    if (t.global_batch // t.grad_accum) % div:
+      raise ValueError(f"microbatch {t.global_batch // t.grad_accum} (train.global_batch / train.grad_accum) is "
+                       f"not divisible by the {div} batch-sharded devices of the mesh")
+
+
+def validate_config(cfg, mesh=None, vocab_size: int | None = None) -> None:
+  """Validates every section that can be checked without reading data: train, model, optimizer, objectives.
+
+  Raises ValueError naming the first bad field. The trainer calls it (and builds the data, which checks the data
+  section) before anything is written to the workdir.
+  """
+  check_train_config(cfg, mesh)
+  llama_config(cfg, vocab_size=vocab_size if vocab_size is not None else 1)
+  optim_lib.build_optimizer(cfg.optim, optim_lib.lr_schedule(cfg.optim, cfg.train.steps))
+  objectives.check_config(cfg.objectives)
+
+
+def init_model(model_cfg: LlamaConfig, seed: int, mesh=None, sharded: bool = False):
+  """(graphdef, params, rest), placed by the logical-axis rules when a mesh is given (see sharding.init_module)."""
+  return sharding.init_module(lambda: Llama(model_cfg, rngs=nnx.Rngs(seed)), mesh, sharded=sharded)
+
+
+@dataclasses.dataclass
+class TrainState:
+  """A run's model and train state, and the functions the step is built from."""
+  model_cfg: LlamaConfig
+  mesh: Any
+  graphdef: Any
+  state: dict            # {'params', 'opt', 'obj', 'step', 'bad_step'} (donated by the step)
+  rest: Any              # the model's non-trainable variables
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def _on_mesh(x, mesh):
+  """Leaves created outside the mesh (scalars, objective state) are replicated over it."""
+  sh = getattr(x, "sharding", None)
+  if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh:
+    return x
+  return jax.device_put(x, sharding.replicated(mesh))
+
+
+def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_examples: int = 0,
+                       model_cfg: LlamaConfig | None = None) -> TrainState:
+  """Builds the model (seed `train.seed`), the optimizer and objective state, all placed on `mesh`."""
+  model_cfg = model_cfg or llama_config(cfg, vocab_size=vocab_size)
+  graphdef, params, rest = init_model(model_cfg, cfg.train.seed, mesh, sharded=cfg.mesh.sharded_init)
+  schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
+  tx = optim_lib.build_optimizer(cfg.optim, schedule)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+    obj_state = objectives.init_state(cfg.objectives, params, num_train_examples=num_train_examples,
+                                      seq_len=cfg.train.seq_len, vocab_size=model_cfg.vocab_size)
+  state = {"params": params, "opt": opt_state, "obj": obj_state,
+           "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
+  state = jax.tree.map(lambda x: _on_mesh(x, mesh), state)
+  return TrainState(model_cfg, mesh, graphdef, state, rest, tx, schedule)
