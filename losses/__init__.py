@@ -22,6 +22,7 @@ from losses.multi_similarity import multi_similarity_loss, multi_similarity_mine
 from losses.mw import auc, mw_loss
 from losses.pld import pld_loss
 from losses.ranking_accuracy import dpo_loss, idealized_ranking_accuracy, ranking_accuracy
+from losses.rep_mtl import rep_mtl_csa_loss, rep_mtl_loss, rep_mtl_task_saliency, rep_mtl_tsr_loss
 from losses.sft_cl import cl_loss, sft_cl_decomposition, sft_loss, unified_reranking_loss
 from losses.unlikeliness import grpo_advantages, unlikeliness_reward
 from losses.unpg import unpg_loss
@@ -38,6 +39,7 @@ __all__ = [
     "grpo_advantages", "icnn_loss", "icnn_score", "idealized_ranking_accuracy", "kd_loss",
     "kde_difficulty", "lol_reformulation_loss", "lol_regularizer", "multi_similarity_loss",
     "multi_similarity_miner", "mw_loss", "normscore_difficulty", "pld_loss", "principal_gradient_aggregate",
-    "proto_triplet_loss", "ranking_accuracy", "reciprank_difficulty", "sft_cl_decomposition", "sft_loss",
+    "proto_triplet_loss", "ranking_accuracy", "reciprank_difficulty", "rep_mtl_csa_loss", "rep_mtl_loss",
+    "rep_mtl_task_saliency", "rep_mtl_tsr_loss", "sft_cl_decomposition", "sft_loss",
     "soft_sort", "unified_reranking_loss", "unlikeliness_reward", "unpg_loss",
 ]
