@@ -36,10 +36,19 @@ SIZES = {
 SPARSITY = 0.05
 GAMMA = 0.5
 
+# lost_<x>: lost_matmul(impl=<x>) with x a sparse-path registry name or its legacy alias (separate = gather_xla,
+# concat = fused_concat, onehot = fused_onehot, pallas = pallas_gpu); lostjax.kernels.registry.
 LAYER_VARIANTS = ("dense", "lowrank", "lost_separate", "lost_separate_onehotdx", "lost_concat",
-                  "lost_onehot", "lost_pallas")
+                  "lost_onehot", "lost_pallas", "lost_pallas_tpu")
 SPARSE_VARIANTS = ("sparse_xla", "sparse_xla_onehotdx", "sparse_onehot_gemm", "sparse_pallas",
-                   "sparse_pallas_xla_dw")
+                   "sparse_pallas_tpu")
+
+
+def variant_backend_ok(variant, backend):
+  """Pallas variants are listed by default only on their accelerator (pallas = GPU Triton, pallas_tpu = TPU)."""
+  if "pallas" not in variant:
+    return True
+  return backend == ("tpu" if variant.endswith("_tpu") else "gpu")
 
 
 def make_params(key, d_in, d_out, rank, dtype, s=SPARSITY):
@@ -65,7 +74,7 @@ def layer_fn(variant, idx, interpret=None):
   if variant == "lost_separate_onehotdx":
     def f(x, p):
       lr = jax.nn.silu(x @ p["a"]) @ p["b"]
-      sp = gather_matmul(x, idx, p["ws"], impl="xla", dx_mode="onehot")
+      sp = gather_matmul(x, idx, p["ws"], impl="gather_onehot_grad")
       return (GAMMA * lr + (1 - GAMMA) * sp).astype(x.dtype)
     return f
   if variant.startswith("lost_"):
@@ -75,12 +84,10 @@ def layer_fn(variant, idx, interpret=None):
   if variant == "sparse_xla":
     return lambda x, p: gather_matmul(x, idx, p["ws"], impl="xla")
   if variant == "sparse_xla_onehotdx":
-    return lambda x, p: gather_matmul(x, idx, p["ws"], impl="xla", dx_mode="onehot")
-  if variant == "sparse_pallas":
-    return lambda x, p: gather_matmul(x, idx, p["ws"], impl="pallas", interpret=interpret)
-  if variant == "sparse_pallas_xla_dw":
-    return lambda x, p: gather_matmul(x, idx, p["ws"], impl="pallas", interpret=interpret,
-                                      pallas_dw=False)
+    return lambda x, p: gather_matmul(x, idx, p["ws"], impl="gather_onehot_grad")
+  if variant in ("sparse_pallas", "sparse_pallas_tpu"):
+    impl = "pallas_tpu" if variant.endswith("_tpu") else "pallas_gpu"
+    return lambda x, p: gather_matmul(x, idx, p["ws"], impl=impl, interpret=interpret)
   if variant == "sparse_onehot_gemm":  # plain autodiff of (x @ P) @ W_s, P one-hot constant
     def f(x, p):
       sel = jax.nn.one_hot(idx, x.shape[-1], dtype=x.dtype).T
@@ -203,8 +210,7 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, default=2048)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--reps", type=int, default=5)
-  default_v = [v for v in LAYER_VARIANTS + SPARSE_VARIANTS
-               if jax.default_backend() == "gpu" or "pallas" not in v]
+  default_v = [v for v in LAYER_VARIANTS + SPARSE_VARIANTS if variant_backend_ok(v, jax.default_backend())]
   ap.add_argument("--variants", default=",".join(default_v))
   args = ap.parse_args(argv)
   t0 = time.time()

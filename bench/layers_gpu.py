@@ -173,7 +173,7 @@ def pallas_check(deadline):
       row = {"d_in": d_in, "d_out": d_out, "k": k, "dtype": jnp.dtype(dtype).name}
       res = {}
       try:
-        for impl in ("xla", "pallas"):
+        for impl in ("gather_xla", "pallas_gpu"):
           def y_dx_dw(x, w, dy, impl=impl):
             y, pullback = jax.vjp(lambda x_, w_: gather_matmul(x_, idx, w_, impl=impl), x, w)
             return (y,) + tuple(pullback(dy))
@@ -184,11 +184,11 @@ def pallas_check(deadline):
         continue
       ref = [np.asarray(jnp.take(x, idx, axis=-1).astype(jnp.float32) @ w.astype(jnp.float32))]
       for name, i in (("y", 0), ("dx", 1), ("dw", 2)):
-        a = np.asarray(res["pallas"][i], np.float32)
-        b = np.asarray(res["xla"][i], np.float32)
+        a = np.asarray(res["pallas_gpu"][i], np.float32)
+        b = np.asarray(res["gather_xla"][i], np.float32)
         row[f"max_abs_diff_{name}"] = float(np.max(np.abs(a - b)))
         row[f"max_abs_{name}"] = float(np.max(np.abs(b)))
-      row["max_abs_err_y_vs_f32_ref"] = float(np.max(np.abs(np.asarray(res["pallas"][0],
+      row["max_abs_err_y_vs_f32_ref"] = float(np.max(np.abs(np.asarray(res["pallas_gpu"][0],
                                                                          np.float32) - ref[0])))
       rows.append(row)
   return {"size": size, "tokens": ARGS.tokens, "rows": rows}
@@ -202,12 +202,12 @@ def pallas_sweep(deadline):
     x = jax.random.normal(jax.random.key(1), (ARGS.tokens, d_in), jnp.bfloat16)
     ct = jax.random.normal(jax.random.key(2), (ARGS.tokens, d_out), jnp.bfloat16)
     fns = {}
-    fns["xla"] = layer_bench.fwd_bwd_step(lambda x_, p: gather_matmul(x_, idx, p["ws"], impl="xla"))
-    fns["pallas_default_blocks_xla_dw"] = layer_bench.fwd_bwd_step(
-        lambda x_, p: gather_matmul(x_, idx, p["ws"], impl="pallas", pallas_dw=False))
+    fns["gather_xla"] = layer_bench.fwd_bwd_step(lambda x_, p: gather_matmul(x_, idx, p["ws"], impl="gather_xla"))
+    fns["pallas_gpu_default_blocks"] = layer_bench.fwd_bwd_step(
+        lambda x_, p: gather_matmul(x_, idx, p["ws"], impl="pallas_gpu"))
     for blocks in ARGS.sweep_blocks:
       fns[str(blocks)] = layer_bench.fwd_bwd_step(
-          lambda x_, p, blocks=blocks: gather_matmul(x_, idx, p["ws"], impl="pallas", blocks=blocks))
+          lambda x_, p, blocks=blocks: gather_matmul(x_, idx, p["ws"], impl="pallas_gpu", blocks=blocks))
     p = {"ws": params["ws"]}
     row = {"d_in": d_in, "d_out": d_out, "k": int(idx.shape[0]), "ms_fwd_bwd": {}}
     for name, step in fns.items():
@@ -219,7 +219,7 @@ def pallas_sweep(deadline):
       except Exception as e:  # noqa: BLE001
         row["ms_fwd_bwd"][name] = _err(e)["error"]
     # forward only, default blocks
-    for impl in ("xla", "pallas"):
+    for impl in ("gather_xla", "pallas_gpu"):
       if _now() > deadline:
         break
       try:
@@ -304,37 +304,9 @@ def _fast_init(cfg, llama_cls, nnx):
   return graphdef, params, rest
 
 
-class _FusedLostCall:
-  """Context manager: LOST layers run through the fused lostjax.kernels.lost_matmul (bench only)."""
-
-  def __init__(self, impl):
-    self.impl = impl
-
-  def __enter__(self):
-    from lostjax.kernels import lost_matmul
-    from lostjax.layers import Lost
-    self.cls, self.orig, impl = Lost, Lost.__call__, self.impl
-
-    def call(layer, x):
-      x = x.astype(layer.dtype)
-      if not layer.k:
-        return self.orig(layer, x)
-      return lost_matmul(x, layer.a[...], layer.b[...], layer.idx[...], layer.w_sparse[...],
-                         layer.gamma, act=layer.act, impl=impl)
-    Lost.__call__ = call
-    return self
-
-  def __exit__(self, *exc):
-    self.cls.__call__ = self.orig
-    return False
-
-
 def jax_train_step_bench(size, kind, seq, batch, sparse_impl="auto", attention_impl=None):
-  """sparse_impl: any model.sparse_impl ('auto', 'xla', 'xla_onehot', 'pallas', 'fused') or 'fused_<lost_matmul impl>',
-  optionally with the suffix '-sep' (model.fuse_projections=False: q/k/v and gate/up one by one)."""
-  if sparse_impl.startswith("fused_"):
-    with _FusedLostCall(sparse_impl[len("fused_"):]):
-      return _jax_train_step_bench(size, kind, seq, batch, "xla", attention_impl, sparse_impl)
+  """sparse_impl: a model.sparse_impl (sparse-path registry name, lostjax.kernels.registry), optionally with the
+  suffix '-sep' (model.fuse_projections=False: q/k/v and gate/up one by one)."""
   return _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, sparse_impl)
 
 
@@ -585,7 +557,8 @@ def parse(argv=None):
   ap.add_argument("--sizes", default="", help="per-layer section sizes, e.g. '1b,350m' (default 350m,60m,130m,1b)")
   args = ap.parse_args(argv)
   sizes_arg, budgets_arg = args.sizes, args.budgets
-  all_variants = list(layer_bench.LAYER_VARIANTS + layer_bench.SPARSE_VARIANTS)
+  all_variants = [v for v in layer_bench.LAYER_VARIANTS + layer_bench.SPARSE_VARIANTS
+                  if not v.endswith("_tpu")]  # the TPU kernel is timed by bench/sparse_tpu.py
   if args.smoke:
     args.tokens, args.dtype, args.reps, args.peak_n = 128, "float32", 2, 256
     args.sizes, args.check_size, args.check_layers = ["tiny"], "tiny", 1
@@ -593,9 +566,9 @@ def parse(argv=None):
     args.sweep_blocks = [(16, 16, 16), (32, 32, 16)]
     args.model_tokens, args.model_steps = 64, 2
     args.model_plan = [("tiny", "dense", 32, "auto"), ("tiny", "lost", 32, "auto"),
-                       ("tiny", "lost", 32, "fused"), ("tiny", "lost", 32, "fused_onehot"),
+                       ("tiny", "lost", 32, "fused_concat"), ("tiny", "lost", 32, "fused_onehot"),
                        ("tiny", "dense", 32, "auto-sep"),
-                       ("tiny", "lost", 32, "fused_concat")]
+                       ("tiny", "lost", 32, "fused_concat-sep")]
     args.torch_plan = [("tiny", 32, False)]
     args.attention_impl = None
     args.budgets_map = dict(peak=20, check=40, sweep=40, layers=60, model=90, torch=60)
@@ -606,18 +579,18 @@ def parse(argv=None):
     args.sweep_blocks = [(64, 64, 32), (64, 128, 32), (128, 128, 32), (128, 64, 64), (32, 64, 16),
                          (128, 128, 64)]
     args.model_tokens, args.model_steps = 16384, 10
-    # 'auto' is the model default (XLA gather on GPU since the 2026-11-28 H200 run); 'pallas', 'xla_onehot' and
-    # 'fused' (one GEMM per layer, q/k/v and gate/up sharing one down-projection GEMM and one gather; 'fused_onehot':
-    # the selection inside that GEMM as one-hot columns, no gather/scatter) are the
-    # candidates to re-time in the whole model; '-sep' rows time q/k/v and gate/up one by one.
+    # 'auto' is the model default (gather_xla on GPU, lostjax.kernels.registry.AUTO); 'pallas_gpu',
+    # 'gather_onehot_grad' and 'fused_concat' (one GEMM per layer, q/k/v and gate/up sharing one down-projection
+    # GEMM and one gather; 'fused_onehot': the selection inside that GEMM as one-hot columns, no gather/scatter)
+    # are the candidates to re-time in the whole model; '-sep' rows time q/k/v and gate/up one by one.
     args.model_plan = [("350m", "dense", 1024, "auto"), ("350m", "lost", 1024, "auto"),
-                       ("350m", "lost", 1024, "fused"), ("350m", "lost", 1024, "fused_onehot"),
-                       ("350m", "lost", 1024, "xla_onehot"),
-                       ("350m", "lost", 1024, "pallas"), ("350m", "dense", 1024, "auto-sep"),
+                       ("350m", "lost", 1024, "fused_concat"), ("350m", "lost", 1024, "fused_onehot"),
+                       ("350m", "lost", 1024, "gather_onehot_grad"),
+                       ("350m", "lost", 1024, "pallas_gpu"), ("350m", "dense", 1024, "auto-sep"),
                        ("350m", "dense", 256, "auto"), ("350m", "lost", 256, "auto"),
                        ("130m", "dense", 256, "auto"), ("130m", "lost", 256, "auto"),
                        ("130m", "dense", 1024, "auto"), ("130m", "lost", 1024, "auto"),
-                       ("350m", "lost", 256, "pallas")]
+                       ("350m", "lost", 256, "pallas_gpu")]
     args.torch_plan = [("350m", 1024, False), ("350m", 256, False), ("130m", 256, False),
                        ("130m", 1024, False), ("350m", 1024, True)]
     args.attention_impl = "cudnn"

@@ -21,8 +21,9 @@ def _layers(kind, n=3, **kw):
 
 
 @pytest.mark.parametrize("kind,kw,shared", [
-    ("dense", {}, True), ("lowrank", {}, True), ("lost", dict(sparse_impl="fused"), True),
-    ("lost", dict(sparse_impl="fused_onehot"), True), ("lost", dict(sparse_impl="xla"), False),
+    ("dense", {}, True), ("lowrank", {}, True), ("lost", dict(sparse_impl="fused_concat"), True),
+    ("lost", dict(sparse_impl="fused_onehot"), True), ("lost", dict(sparse_impl="gather_xla"), False),
+    ("lost", dict(sparse_impl="fused"), True),  # legacy alias of fused_concat
 ])
 def test_grouped_equals_separate(kind, kw, shared, monkeypatch):
   layers = _layers(kind, **kw)

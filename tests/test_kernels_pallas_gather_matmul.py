@@ -1,14 +1,13 @@
-"""Tests for the raw Pallas kernels in lostjax.kernels.pallas_gather_matmul (interpret mode, CPU).
+"""Tests for the raw Pallas GPU (Triton) kernel in lostjax.kernels.pallas_gather_matmul (interpret mode, CPU).
 
-LOST sparse branch (arXiv 2508.02668): forward y = x[:, idx] @ w and weight gradient
-dw = x[:, idx]^T dy, checked against NumPy float64 products, including partial tiles on every
-edge, the token split of the weight-gradient kernel and the tile-size rules.
+LOST sparse branch (arXiv 2508.02668): forward y = x[:, idx] @ w, checked against NumPy float64 products,
+including partial tiles on every edge, and the tile-size rules.
 """
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lostjax.kernels.pallas_gather_matmul import default_blocks, gather_matmul_dw, gather_matmul_fwd
+from lostjax.kernels.pallas_gather_matmul import default_blocks, gather_matmul_fwd
 
 
 def _data(m, d_in, k, n, seed=0):
@@ -33,27 +32,14 @@ def test_forward_kernel(m, d_in, k, n, blocks):
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_weight_grad_kernel_splits(splits):
-  m, d_in, k, n = 70, 41, 18, 20  # 70 rows = 4 full + 1 partial 16-row tile
-  x, idx, _, dy = _data(m, d_in, k, n, seed=1)
-  dw = gather_matmul_dw(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(dy), blocks=(16, 16, 16),
-                        splits=splits, interpret=True)
-  assert dw.dtype == jnp.float32 and dw.shape == (k, n)
-  ref = x.astype(np.float64)[:, idx].T @ dy.astype(np.float64)
-  np.testing.assert_allclose(np.asarray(dw), ref, rtol=1e-5, atol=1e-4)
-
-
 def test_bf16_kernels():
   x, idx, w, dy = _data(33, 40, 9, 24, seed=2)
-  xb, wb, dyb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, dy))
+  xb, wb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w))
   y = gather_matmul_fwd(xb, jnp.asarray(idx), wb, interpret=True)
   assert y.dtype == jnp.bfloat16
-  xf, wf, dyf = (np.asarray(a.astype(jnp.float32), np.float64) for a in (xb, wb, dyb))
+  xf, wf = (np.asarray(a.astype(jnp.float32), np.float64) for a in (xb, wb))
   np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), xf[:, idx] @ wf, rtol=2e-2,
                              atol=5e-2)
-  dw = gather_matmul_dw(xb, jnp.asarray(idx), dyb, interpret=True)
-  np.testing.assert_allclose(np.asarray(dw), xf[:, idx].T @ dyf, rtol=1e-5, atol=1e-3)
 
 
 def test_default_blocks_are_triton_legal():

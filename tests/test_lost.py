@@ -38,7 +38,7 @@ def test_decompose_matches_numpy(d_in, d_out, rank, s):
 
 def test_layer_output_at_init_equals_formula():
   d_in, d_out, rank, s, gamma = 64, 48, 8, 0.25, 0.3
-  layer = Lost(d_in, d_out, rank=rank, sparsity=s, gamma=gamma, rngs=nnx.Rngs(3), sparse_impl="xla")
+  layer = Lost(d_in, d_out, rank=rank, sparsity=s, gamma=gamma, rngs=nnx.Rngs(3), sparse_impl="gather_xla")
   # The layer drew W0 with the first params key of Rngs(3); redraw it independently.
   w0 = np.asarray(dense_init(nnx.Rngs(3).params(), d_in, d_out, 0.02), np.float64)
   w_r, idx, ws = _numpy_reference(w0, rank, s)
@@ -70,7 +70,7 @@ def test_random_score_is_seeded_and_needs_key():
 def test_svd_is_of_full_rank_w0_not_of_lowrank_product():
   """Dev-code bug 1: the SVD must be of a full-rank draw, so residual singular values are far from 0."""
   d = 32
-  layer = Lost(d, d, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="xla")
+  layer = Lost(d, d, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="gather_xla")
   w0 = np.asarray(dense_init(nnx.Rngs(0).params(), d, d, 0.02))
   s = np.linalg.svd(w0, compute_uv=False)
   assert s[4] > 0.2 * s[0]  # a genuinely full-rank matrix
@@ -80,7 +80,7 @@ def test_svd_is_of_full_rank_w0_not_of_lowrank_product():
 
 def test_factors_not_rerandomised_and_no_bias():
   """Dev-code bugs 2 and 4: A·B is the truncated SVD of the W0 that W_s was taken from; no bias leaf."""
-  layer = Lost(24, 20, rank=4, sparsity=0.25, rngs=nnx.Rngs(5), sparse_impl="xla")
+  layer = Lost(24, 20, rank=4, sparsity=0.25, rngs=nnx.Rngs(5), sparse_impl="gather_xla")
   w0 = np.asarray(dense_init(nnx.Rngs(5).params(), 24, 20, 0.02), np.float64)
   w_r, _, _ = _numpy_reference(w0, 4, 0.25)
   np.testing.assert_allclose(np.asarray(layer.a[...] @ layer.b[...]), w_r, atol=1e-7)
@@ -89,7 +89,7 @@ def test_factors_not_rerandomised_and_no_bias():
 
 
 def test_indices_static_and_factors_trained():
-  layer = Lost(32, 16, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="xla")
+  layer = Lost(32, 16, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="gather_xla")
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   assert all(isinstance(v, SparseIndex) for v in jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable)))
   idx0 = np.asarray(layer.idx[...])
@@ -118,18 +118,18 @@ def test_indices_static_and_factors_trained():
 
 
 def test_bf16_compute():
-  layer = Lost(32, 16, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), dtype="bfloat16", sparse_impl="xla")
+  layer = Lost(32, 16, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), dtype="bfloat16", sparse_impl="gather_xla")
   x = jax.random.normal(jax.random.key(1), (4, 32))
   y = layer(x)
   assert y.dtype == jnp.bfloat16 and layer.a[...].dtype == jnp.float32
-  ref = Lost(32, 16, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="xla")(x)
+  ref = Lost(32, 16, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="gather_xla")(x)
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=3e-2 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused", "fused_onehot", "xla_onehot"])
+@pytest.mark.parametrize("impl", ["auto", "fused_concat", "fused_onehot", "gather_onehot_grad", "pallas_tpu"])
 def test_sparse_impls_agree(impl):
   x = jax.random.normal(jax.random.key(1), (3, 5, 32))
-  ref = Lost(32, 24, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), activation="silu", sparse_impl="xla")
+  ref = Lost(32, 24, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), activation="silu", sparse_impl="gather_xla")
   other = Lost(32, 24, rank=4, sparsity=0.25, rngs=nnx.Rngs(0), activation="silu", sparse_impl=impl)
   np.testing.assert_allclose(np.asarray(other(x)), np.asarray(ref(x)), atol=1e-6)
   grad = lambda m: jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p, nnx.state(m, SparseIndex))(x) ** 2))(
@@ -139,7 +139,7 @@ def test_sparse_impls_agree(impl):
 
 
 def test_zero_sparsity_is_scaled_lowrank():
-  layer = Lost(16, 16, rank=4, sparsity=0.0, gamma=0.5, rngs=nnx.Rngs(0), sparse_impl="xla")
+  layer = Lost(16, 16, rank=4, sparsity=0.0, gamma=0.5, rngs=nnx.Rngs(0), sparse_impl="gather_xla")
   assert layer.k == 0
   x = jnp.ones((2, 16))
   np.testing.assert_allclose(layer(x), 0.5 * x @ layer.a[...] @ layer.b[...], rtol=1e-5)

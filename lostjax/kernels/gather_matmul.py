@@ -1,35 +1,31 @@
 """Column-gather matmul ``y = x[..., idx] @ w`` with a custom VJP: the LOST sparse branch.
 
-LOST: Low-rank and Sparse Pre-training for LLMs (Li et al., arXiv 2508.02668), sparse term of
-``y = gamma * sigma(x A) B + (1 - gamma) * x[..., I] W_s`` (spec lost_trp_lift.md §1.2, §1.8).
+LOST: Low-rank and Sparse Pre-training for Large Language Models (Li et al., arXiv 2508.02668), sparse term
+of ``y = gamma * sigma(x A) B + (1 - gamma) * x[..., I] W_s``.
 
 Forward:   y  = x[..., idx] @ w                      (accumulated in float32, returned as x.dtype)
 Backward:  dw = x[..., idx]^T dy                     (contracted over all leading dims)
            dx = scatter(dy w^T into the idx columns)  (idx sorted & unique => no write conflicts)
            idx gets no gradient.
 
-Implementations (``impl``):
-* ``'xla'``: ``jnp.take`` + dot; the backward reuses the gathered ``x[..., idx]`` saved by the forward
-  (tokens x k, i.e. s = k/d_in of x) for ``dw`` and builds ``dx`` either by ``.at[..., idx].add`` into
-  zeros (``dx_mode='scatter'``; XLA's simplifier folds ``A + scatter(0, ...)`` into an in-place
-  scatter into A when the result is summed with the other branches' input gradient) or by a one-hot
-  transpose GEMM ``(dy w^T) @ P^T`` with ``P = one_hot(idx, d_in)^T`` (``dx_mode='onehot'``).
-* ``'pallas'``: fused Triton kernel for the forward and for ``dw`` (pallas_gather_matmul.py; or XLA
-  take + dot for ``dw`` with ``pallas_dw=False``); ``dx`` as in the XLA path. On CPU it runs in
-  interpret mode. Under an active mesh with more than one device, the kernels are wrapped in
-  ``jax.shard_map`` over the batch axes (``batch_axes`` present in the mesh), with ``idx``/``w``
-  replicated and ``dw`` summed with ``psum`` (``check_vma=False``, because Pallas kernels fail the
-  varying-manual-axes check, spec jax_stack.md §7.2 pitfall 2). If the leading dim does not divide
-  over those axes, the call silently uses the XLA path.
-* ``'auto'``: ``'pallas'`` on a GPU backend where the kernels compile (probed once, ahead of time;
-  otherwise a warning and ``'xla'``), else ``'xla'``; the environment variable
-  ``LOSTJAX_GATHER_IMPL=xla|pallas`` overrides the choice made by ``'auto'``.
+``impl`` is any name of the sparse-path registry (``lostjax.kernels.registry``; 'auto' and legacy names are
+resolved there). This function computes only the sparse term, so it uses the entry's ``gather`` and ``dx``:
+* ``gather='xla'`` (gather_xla, gather_onehot_grad, fused_*): ``jnp.take`` + dot; the backward reuses the
+  gathered ``x[..., idx]`` saved by the forward for ``dw`` and builds ``dx`` either by ``.at[..., idx].add``
+  into zeros (``dx='scatter'``; XLA folds ``A + scatter(0, ...)`` into an in-place scatter into A when the
+  result is summed with the other branch's input gradient) or by a one-hot GEMM ``(dy w^T) @ P^T`` with
+  ``P = one_hot(idx, d_in)^T`` (``dx='onehot'``).
+* ``gather='pallas_gpu'``: the Triton gather+GEMM forward (pallas_gather_matmul.py); ``dw`` (XLA take + dot)
+  and ``dx`` (scatter) as in the XLA path.
+* ``gather='pallas_tpu'``: the Mosaic TPU kernels (pallas_tpu_gather_matmul.py) for the forward, ``dw`` and
+  the ``dx`` scatter; ``dy w^T`` is one XLA GEMM.
+The Pallas kernels run in interpret mode on CPU (tests). Under an active mesh with more than one device they
+are wrapped in ``jax.shard_map`` over the batch axes (``batch_axes`` present in the mesh), with ``idx``/``w``
+replicated and ``dw`` summed with ``psum`` (``check_vma=False``: Pallas kernels fail the varying-manual-axes
+check). If the leading dim does not divide over those axes, the call uses the XLA path.
 """
 from __future__ import annotations
 
-import functools
-import os
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -37,23 +33,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lostjax.kernels import pallas_gather_matmul as _pk
+from lostjax.kernels import pallas_gather_matmul as _pk_gpu
+from lostjax.kernels import pallas_tpu_gather_matmul as _pk_tpu
+from lostjax.kernels.registry import resolve_sparse_impl
 
-__all__ = ["gather_matmul", "resolve_impl", "batch_shard_axes", "pallas_compiles"]
+__all__ = ["gather_matmul", "batch_shard_axes", "dot_f32"]
 
-_IMPLS = ("auto", "xla", "pallas")
-_DX_MODES = ("scatter", "onehot")
 DEFAULT_BATCH_AXES = ("data", "fsdp")
 
 
 class _Cfg(NamedTuple):
-  impl: str
-  interpret: bool
-  dx_mode: str
+  gather: str  # 'xla' | 'pallas_gpu' | 'pallas_tpu'
+  dx_mode: str  # 'scatter' | 'onehot' (XLA input gradient)
+  interpret: bool | None
   blocks: tuple | None
   axes: tuple | None  # mesh axes sharding the leading dim for shard_map, or None
   d_in: int
-  pallas_dw: bool  # pallas path: weight gradient by the Pallas kernel (True) or XLA take + dot
 
 
 def dot_f32(a, b, dims):
@@ -86,46 +81,47 @@ def _scatter_dx(dxg, idx, d_in, dx_mode):
 
 # ----------------------------------------------------------------------------- pallas + shard_map
 
-def _pallas_fwd_local(x, idx, w, cfg):
-  x2 = x.reshape(-1, x.shape[-1])
-  y2 = _pk.gather_matmul_fwd(x2, idx, w, blocks=cfg.blocks, interpret=cfg.interpret)
+def _flat(v):
+  return v.reshape(-1, v.shape[-1])
+
+
+def _kernel_fwd(x, idx, w, cfg):
+  mod = _pk_gpu if cfg.gather == "pallas_gpu" else _pk_tpu
+  y2 = mod.gather_matmul_fwd(_flat(x), idx, w, blocks=cfg.blocks, interpret=cfg.interpret)
   return y2.reshape(x.shape[:-1] + (w.shape[1],))
 
 
-def _pallas_dw_local(x, idx, dy, cfg):
-  x2 = x.reshape(-1, x.shape[-1])
-  dy2 = dy.reshape(-1, dy.shape[-1])
-  return _pk.gather_matmul_dw(x2, idx, dy2, blocks=cfg.blocks, interpret=cfg.interpret)
+def _kernel_dw(x, idx, dy, cfg):  # pallas_tpu only
+  return _pk_tpu.gather_matmul_dw(_flat(x), idx, _flat(dy), blocks=cfg.blocks, interpret=cfg.interpret)
+
+
+def _kernel_dx(g, idx, cfg):  # pallas_tpu only
+  dx = _pk_tpu.scatter_dx(_flat(g), idx, cfg.d_in, blocks=cfg.blocks, interpret=cfg.interpret)
+  return dx.reshape(g.shape[:-1] + (cfg.d_in,))
 
 
 def _batch_spec(ndim, axes):
   return P(axes, *([None] * (ndim - 1)))
 
 
-def _pallas_fwd(x, idx, w, cfg):
+def _sharded(fn, cfg, sharded_args, reduce=False):
+  """fn(*args) with the args marked True in ``sharded_args`` split over the batch axes (others replicated)."""
   if cfg.axes is None:
-    return _pallas_fwd_local(x, idx, w, cfg)
-  spec = _batch_spec(x.ndim, cfg.axes)
-  f = jax.shard_map(lambda xs, i, ws: _pallas_fwd_local(xs, i, ws, cfg),
-                    in_specs=(spec, P(), P()), out_specs=spec, check_vma=False)
-  return f(x, idx, w)
-
-
-def _pallas_dw(x, idx, dy, cfg):
-  if cfg.axes is None:
-    return _pallas_dw_local(x, idx, dy, cfg)
-  spec = _batch_spec(x.ndim, cfg.axes)
-  f = jax.shard_map(
-      lambda xs, i, dys: jax.lax.psum(_pallas_dw_local(xs, i, dys, cfg), cfg.axes),
-      in_specs=(spec, P(), spec), out_specs=P(), check_vma=False)
-  return f(x, idx, dy)
+    return fn
+  def call(*args):
+    specs = tuple(_batch_spec(a.ndim, cfg.axes) if sh else P() for a, sh in zip(args, sharded_args))
+    body = (lambda *a: jax.lax.psum(fn(*a), cfg.axes)) if reduce else fn
+    out_ndim = None if reduce else args[0].ndim
+    out_specs = P() if reduce else _batch_spec(out_ndim, cfg.axes)
+    return jax.shard_map(body, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
+  return call
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 def _fwd_value(x, idx, w, cfg):
-  if cfg.impl == "pallas":
-    return _pallas_fwd(x, idx, w, cfg), None
+  if cfg.gather != "xla":
+    return _sharded(lambda a, i, b: _kernel_fwd(a, i, b, cfg), cfg, (True, False, False))(x, idx, w), None
   xg = _take(x, idx)
   y = _dot32(xg, w.astype(x.dtype), ((x.ndim - 1,), (0,))).astype(x.dtype)
   return y, xg
@@ -137,24 +133,22 @@ def _gm_primal(x, idx, w, cfg):
 
 def _gm_fwd(x, idx, w, cfg):
   y, xg = _fwd_value(x, idx, w, cfg)
-  # Pallas keeps x (it never materialises the gather); XLA keeps only the gathered columns.
-  res_x = x if cfg.impl == "pallas" else xg
-  return y, (res_x, idx, w)
+  # The kernels keep x (they never materialise the gather); XLA keeps only the gathered columns.
+  return y, (x if cfg.gather != "xla" else xg, idx, w)
 
 
 def _gm_bwd(cfg, res, dy):
   res_x, idx, w = res
   dy = dy.astype(res_x.dtype)
   lead = tuple(range(dy.ndim - 1))
-  if cfg.impl == "pallas" and cfg.pallas_dw:
-    dw = _pallas_dw(res_x, idx, dy, cfg)
-  elif cfg.impl == "pallas":
-    dw = _dot32(_take(res_x, idx), dy, (lead, lead))
-  else:
-    dw = _dot32(res_x, dy, (lead, lead))
-  dxg = _dot32(dy, w.astype(dy.dtype), ((dy.ndim - 1,), (1,))).astype(dy.dtype)
-  dx = _scatter_dx(dxg, idx, cfg.d_in, cfg.dx_mode)
-  return dx, None, dw.astype(w.dtype)
+  g = _dot32(dy, w.astype(dy.dtype), ((dy.ndim - 1,), (1,))).astype(dy.dtype)  # dy w^T, [..., k]
+  if cfg.gather == "pallas_tpu":
+    dw = _sharded(lambda a, i, d: _kernel_dw(a, i, d, cfg), cfg, (True, False, True), reduce=True)(res_x, idx, dy)
+    dx = _sharded(lambda a, i: _kernel_dx(a, i, cfg), cfg, (True, False))(g, idx)
+    return dx, None, dw.astype(w.dtype)
+  xg = res_x if cfg.gather == "xla" else _take(res_x, idx)
+  dw = _dot32(xg, dy, (lead, lead))
+  return _scatter_dx(g, idx, cfg.d_in, cfg.dx_mode), None, dw.astype(w.dtype)
 
 
 _gather_matmul = jax.custom_vjp(_gm_primal, nondiff_argnums=(3,))
@@ -185,58 +179,7 @@ def batch_shard_axes(batch_size: int, batch_axes=DEFAULT_BATCH_AXES):
   return axes
 
 
-@functools.lru_cache(maxsize=None)
-def pallas_compiles(interpret: bool = False) -> bool:
-  """Whether the Pallas forward and weight-gradient kernels lower and compile on this backend.
-
-  Probed once per process on tiny shapes (ahead-of-time lower + compile, no execution), so that
-  ``impl='auto'`` falls back to XLA with a warning instead of failing inside the model if the
-  Triton backend is unavailable or rejects the kernel.
-  """
-  x = jax.ShapeDtypeStruct((40, 50), jnp.bfloat16)
-  idx = jax.ShapeDtypeStruct((5,), jnp.int32)
-  w = jax.ShapeDtypeStruct((5, 24), jnp.bfloat16)
-  dy = jax.ShapeDtypeStruct((40, 24), jnp.bfloat16)
-  try:
-    jax.jit(lambda a, i, b: _pk.gather_matmul_fwd(a, i, b, interpret=interpret)).lower(
-        x, idx, w).compile()
-    jax.jit(lambda a, i, g: _pk.gather_matmul_dw(a, i, g, interpret=interpret)).lower(
-        x, idx, dy).compile()
-  except Exception as e:  # noqa: BLE001 -- any failure means: do not pick Pallas automatically
-    warnings.warn(f"lostjax.kernels: Pallas gather-matmul kernel unavailable on backend "
-                  f"{jax.default_backend()!r} ({type(e).__name__}: {str(e)[:200]}); "
-                  "impl='auto' uses the XLA path")
-    return False
-  return True
-
-
-def resolve_impl(impl: str = "auto", interpret: bool | None = None) -> tuple[str, bool]:
-  """Maps ``impl``/``interpret`` to the concrete ``('xla'|'pallas', interpret)`` for this backend."""
-  if impl not in _IMPLS:
-    raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-  backend = jax.default_backend()
-  if impl == "auto":
-    env = os.environ.get("LOSTJAX_GATHER_IMPL", "").strip().lower()
-    if env:
-      if env not in ("xla", "pallas"):
-        raise ValueError(f"LOSTJAX_GATHER_IMPL must be 'xla' or 'pallas', got {env!r}")
-      impl = env
-    else:
-      impl = "pallas" if (backend == "gpu" and not interpret and pallas_compiles(False)) else "xla"
-  if impl == "xla":
-    return "xla", False
-  if interpret is None:
-    if backend == "gpu":
-      interpret = False
-    elif backend == "cpu":
-      interpret = True
-    else:
-      raise ValueError(f"impl='pallas' has a GPU (Triton) kernel only; backend {backend!r} needs "
-                       "impl='xla' or interpret=True")
-  return "pallas", bool(interpret)
-
-
-def _validate(x, idx, w, dx_mode):
+def _validate(x, idx, w):
   if x.ndim < 1:
     raise ValueError(f"x must have at least 1 dim [..., d_in], got shape {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -249,8 +192,6 @@ def _validate(x, idx, w, dx_mode):
     raise ValueError(f"w must have shape [k={idx.shape[0]}, d_out], got {w.shape}")
   if idx.shape[0] < 1:
     raise ValueError("idx must select at least one column (k >= 1)")
-  if dx_mode not in _DX_MODES:
-    raise ValueError(f"dx_mode must be one of {_DX_MODES}, got {dx_mode!r}")
   try:  # value checks only when idx is concrete (not traced under jit)
     v = np.asarray(idx)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -263,20 +204,18 @@ def _validate(x, idx, w, dx_mode):
 
 
 def gather_matmul(x, idx, w, *, impl: str = "auto", interpret: bool | None = None,
-                  dx_mode: str = "scatter", blocks: tuple | None = None,
-                  batch_axes=DEFAULT_BATCH_AXES, pallas_dw: bool = True):
+                  blocks: tuple | None = None, batch_axes=DEFAULT_BATCH_AXES):
   """y = x[..., idx] @ w.
 
   Args:
     x: [..., d_in] float32/bfloat16 activations.
     idx: int32 [k], sorted, unique, in [0, d_in) (checked when concrete).
     w: [k, d_out] weights (cast to x.dtype for the product).
-    impl: 'xla' | 'pallas' | 'auto' (pallas on GPU, else xla; env LOSTJAX_GATHER_IMPL overrides auto).
-    interpret: Pallas interpret mode; None = True on CPU, False on GPU.
-    dx_mode: 'scatter' (.at[].add into zeros) or 'onehot' (one-hot transpose GEMM) for dL/dx.
-    blocks: optional Pallas tile sizes (bm, bn, bk), powers of two >= 16.
-    batch_axes: mesh axes the leading dim of x is sharded over (used to shard_map the Pallas call).
-    pallas_dw: with impl='pallas', compute dL/dw with the Pallas kernel (True) or XLA take+dot.
+    impl: a sparse-path name of ``lostjax.kernels.registry`` ('auto', 'gather_xla', 'gather_onehot_grad',
+      'pallas_gpu', 'pallas_tpu'; the fused names run their sparse part, legacy names are accepted).
+    interpret: Pallas interpret mode; None = interpret on CPU, compiled on the kernel's accelerator.
+    blocks: optional Pallas tile sizes: (bm, bn, bk) for pallas_gpu, (bm, bd, bk, bn) for pallas_tpu.
+    batch_axes: mesh axes the leading dim of x is sharded over (used to shard_map the Pallas calls).
 
   Returns:
     [..., d_out] in x.dtype (float32 accumulation). Differentiable w.r.t. x and w.
@@ -284,18 +223,15 @@ def gather_matmul(x, idx, w, *, impl: str = "auto", interpret: bool | None = Non
   x = jnp.asarray(x)
   w = jnp.asarray(w)
   idx = jnp.asarray(idx)
-  _validate(x, idx, w, dx_mode)
-  impl, interpret = resolve_impl(impl, interpret)
-  axes = None
-  if impl == "pallas" and x.ndim >= 2:
-    axes = batch_shard_axes(x.shape[0], batch_axes)
-    if axes == "indivisible":  # cannot shard_map the kernel: fall back to XLA (still correct)
-      impl, interpret, axes = "xla", False, None
-  elif impl == "pallas" and batch_shard_axes(1, batch_axes) is not None:
-    impl, interpret, axes = "xla", False, None  # 1-D x under a mesh: nothing to shard
-  if impl == "pallas":
-    cfg = _Cfg("pallas", interpret, dx_mode, tuple(blocks) if blocks else None, axes, x.shape[-1],
-               bool(pallas_dw))
-  else:
-    cfg = _Cfg("xla", False, dx_mode, None, None, x.shape[-1], False)
+  _validate(x, idx, w)
+  entry = resolve_sparse_impl(impl)
+  gather, axes = entry.gather, None
+  if gather != "xla":
+    axes = batch_shard_axes(x.shape[0] if x.ndim >= 2 else 1, batch_axes)
+    if axes == "indivisible" or (x.ndim < 2 and axes is not None):
+      gather, axes = "xla", None  # cannot shard_map the kernel over this leading dim: XLA (still correct)
+  if gather != "xla" and interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  cfg = _Cfg(gather, entry.dx, interpret if gather != "xla" else None,
+             tuple(blocks) if blocks and gather != "xla" else None, axes, x.shape[-1])
   return _gather_matmul(x, idx.astype(jnp.int32), w, cfg)

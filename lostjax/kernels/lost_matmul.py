@@ -1,7 +1,7 @@
 """Fused LOST layer matmul ``y = gamma * act(x A) B + (1 - gamma) * x[..., I] W_s``.
 
-LOST: Low-rank and Sparse Pre-training for LLMs (Li et al., arXiv 2508.02668); forward of spec
-lost_trp_lift.md §1.2 with the fusions suggested in §1.8:
+LOST: Low-rank and Sparse Pre-training for Large Language Models (Li et al., arXiv 2508.02668); the layer's
+forward with two fusions (one output GEMM for both branches; one gather shared by layers reading the same x):
 
   h  = x A                                   [.., r]      (low-rank down-projection)
   xg = x[..., I]                             [.., k]      (sparse channel selection)
@@ -13,23 +13,20 @@ Backward (custom VJP, all GEMMs accumulate in float32):
   dgamma = <dWcat[:r], B> - <dWcat[r:], W_s>;  dh = act'(h) * dz[:, :r];  dA = x^T dh;
   dx = dh A^T + scatter(dz[:, r:] into the I columns).
 
-Layers that read the same x (``lost_group_matmul``: q/k/v, gate/up; §1.8 "share one gather") run the
+Layers that read the same x (``lost_group_matmul``: q/k/v, gate/up) run the
 steps that depend only on x once for all G layers: h = x [A_1 .. A_G] (one GEMM), xg = x[..., I_1 .. I_G]
 (one gather; the sets may overlap), and in the backward [dA_1 .. dA_G] = x^T [dh_1 .. dh_G] and
 dx = [dh_1 .. dh_G] [A_1 .. A_G]^T + scatter-add of all [dz_g[:, r_g:]] (one GEMM each). The per-layer
 output GEMMs z_g Wcat_g and their weight gradients stay separate. ``lost_matmul`` is the case G = 1.
 
-Implementations (``impl``):
-* ``'concat'``  : gather with ``jnp.take``; dx = dh A^T then ``.at[..., I].add`` (in place, no zero buffer).
-* ``'onehot'``  : selection as a one-hot GEMM: ``[h, xg] = x @ [A, P]`` with ``P = one_hot(I, d_in)^T``
-                  (exact in bf16), and ``dx = [dh, dxg] @ [A, P]^T`` (one GEMM, no scatter).
-* ``'separate'``: reference composition ``gamma*act(x A) B + (1-gamma)*gather_matmul(x, I, W_s, 'xla')``
-                  with plain autodiff for the low-rank branch (three forward GEMMs).
-* ``'pallas'``  : as 'separate' but with the Pallas gather-matmul kernel (GPU; interpret on CPU).
-* ``'auto'``    : 'concat' (fastest measured on CPU, BENCHMARKS.md; GPU choice pending the
-                  bench/layers_gpu.py numbers).
+``impl`` is a name of the sparse-path registry (``lostjax.kernels.registry``, resolved there, 'auto' included):
+* ``fused_concat``: gather with ``jnp.take``; dx = dh A^T then ``.at[..., I].add`` (in place, no zero buffer).
+* ``fused_onehot``: selection as a one-hot GEMM: ``[h, xg] = x @ [A, P]`` with ``P = one_hot(I, d_in)^T``
+  (exact in bf16), and ``dx = [dh, dxg] @ [A, P]^T`` (one GEMM, no scatter).
+* the entries without a fused mode (``gather_xla``, ``gather_onehot_grad``, ``pallas_gpu``, ``pallas_tpu``):
+  ``gamma*act(x A) B + (1-gamma)*gather_matmul(x, I, W_s, impl)``, plain autodiff for the low-rank branch.
 ``gamma`` may be a Python float or a scalar array (it then gets a gradient). No bias (LLaMA linears
-have none; the dev code's extra bias is a documented deviation we do not copy, spec §1.4 item 4).
+have none; the authors' development code adds one, a deviation we do not copy).
 """
 from __future__ import annotations
 
@@ -41,10 +38,9 @@ import numpy as np
 
 from lostjax.kernels.gather_matmul import dot_f32 as _dot32
 from lostjax.kernels.gather_matmul import gather_matmul
+from lostjax.kernels.registry import resolve_sparse_impl
 
-__all__ = ["lost_matmul", "lost_group_matmul", "LOST_IMPLS", "GROUP_IMPLS"]
-
-LOST_IMPLS = ("auto", "concat", "onehot", "separate", "pallas")
+__all__ = ["lost_matmul", "lost_group_matmul"]
 
 _ACTS = {
     None: None,
@@ -198,9 +194,7 @@ def _check_one(x, a, b, idx, w_sparse, where=""):
     raise ValueError(f"idx{where} must be integer, got dtype {idx.dtype}")
 
 
-def _check_common(x, gamma, impl, impls):
-  if impl not in impls:
-    raise ValueError(f"impl must be one of {impls}, got {impl!r}")
+def _check_common(x, gamma):
   if x.ndim < 1:
     raise ValueError(f"x must be [..., d_in], got shape {x.shape}")
   if np.ndim(gamma) != 0:
@@ -216,26 +210,22 @@ def lost_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto", int
     idx: int32 [k] sorted unique input-channel indices; w_sparse: [k, d_out].
     gamma: branch weight, Python float or scalar array (differentiable).
     act: None/'identity', 'silu', 'relu', 'gelu', 'tanh' or a callable (elementwise).
-    impl: one of LOST_IMPLS (see module docstring).
-    interpret: Pallas interpret flag for impl='pallas'.
+    impl: a sparse-path registry name (module docstring); 'auto' per backend.
+    interpret: Pallas interpret flag for the Pallas entries (None: interpret on CPU only).
   """
   x, a, b, w_sparse, idx = map(jnp.asarray, (x, a, b, w_sparse, idx))
-  _check_common(x, gamma, impl, LOST_IMPLS)
+  _check_common(x, gamma)
   _check_one(x, a, b, idx, w_sparse)
   act_fn = _resolve_act(act)
   d_in = x.shape[-1]
-  if impl == "auto":
-    impl = "concat"
-  if impl in ("separate", "pallas"):
+  entry = resolve_sparse_impl(impl)
+  if entry.fused is None:
     lr = _mm(_act(_Cfg("concat", act_fn, d_in), _mm(x, a.astype(x.dtype))), b.astype(x.dtype))
-    gm_impl = "pallas" if impl == "pallas" else "xla"
-    sp = gather_matmul(x, idx, w_sparse, impl=gm_impl, interpret=interpret)
+    sp = gather_matmul(x, idx, w_sparse, impl=entry.name, interpret=interpret)
     return (gamma * lr.astype(jnp.float32) + (1.0 - gamma) * sp.astype(jnp.float32)).astype(x.dtype)
   gamma = jnp.asarray(gamma, jnp.float32)
-  return _lost_fused(x, (a,), (b,), (idx.astype(jnp.int32),), (w_sparse,), gamma, _Cfg(impl, act_fn, d_in))[0]
-
-
-GROUP_IMPLS = ("auto", "concat", "onehot")
+  return _lost_fused(x, (a,), (b,), (idx.astype(jnp.int32),), (w_sparse,), gamma,
+                     _Cfg(entry.fused, act_fn, d_in))[0]
 
 
 def lost_group_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto"):
@@ -252,10 +242,11 @@ def lost_group_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto
     x: [..., d_in]; a, b, idx, w_sparse: sequences of G arrays shaped as in :func:`lost_matmul`
       (ranks, k and d_out may differ between layers; d_in is shared).
     gamma, act: shared by the G layers (as in the LLaMA model, where one config sets them).
-    impl: 'concat' (gather; 'auto') or 'onehot' (selection as part of the down-projection GEMM).
+    impl: a sparse-path registry name. The fused entries share the work as above ('fused_concat' gathers,
+      'fused_onehot' selects inside the down-projection GEMM); the others run G separate ``lost_matmul`` calls.
   """
   x = jnp.asarray(x)
-  _check_common(x, gamma, impl, GROUP_IMPLS)
+  _check_common(x, gamma)
   seqs = [tuple(map(jnp.asarray, v)) for v in (a, b, idx, w_sparse)]
   if len({len(v) for v in seqs}) != 1 or not seqs[0]:
     raise ValueError(f"a, b, idx, w_sparse must be sequences of equal non-zero length, got lengths "
@@ -264,6 +255,10 @@ def lost_group_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto
   for g in range(len(a)):
     _check_one(x, a[g], b[g], idx[g], w_sparse[g], where=f"[{g}]")
   act_fn = _resolve_act(act)
-  impl = "concat" if impl == "auto" else impl
+  entry = resolve_sparse_impl(impl)
+  if entry.fused is None:
+    return tuple(lost_matmul(x, a[g], b[g], idx[g], w_sparse[g], gamma, act_fn, impl=entry.name)
+                 for g in range(len(a)))
   idx = tuple(i.astype(jnp.int32) for i in idx)
-  return _lost_fused(x, a, b, idx, w_sparse, jnp.asarray(gamma, jnp.float32), _Cfg(impl, act_fn, x.shape[-1]))
+  return _lost_fused(x, a, b, idx, w_sparse, jnp.asarray(gamma, jnp.float32),
+                     _Cfg(entry.fused, act_fn, x.shape[-1]))

@@ -1,16 +1,17 @@
-"""Pallas (Triton-backend) kernels for the LOST sparse branch ``y = x[:, idx] @ w``.
+"""Pallas (Triton-backend, GPU) kernel for the LOST sparse branch ``y = x[:, idx] @ w``: registry ``pallas_gpu``.
 
-LOST: Low-rank and Sparse Pre-training for LLMs (Li et al., arXiv 2508.02668). The LOST layer is
-``y = gamma * sigma(x A) B + (1 - gamma) * x[..., I] W_s`` (spec lost_trp_lift.md §1.2); this file holds
-the fused column-gather matmul of its sparse term and the matching weight-gradient kernel:
+LOST: Low-rank and Sparse Pre-training for Large Language Models (Li et al., arXiv 2508.02668). The LOST layer
+is ``y = gamma * sigma(x A) B + (1 - gamma) * x[..., I] W_s``; this file holds the fused column-gather matmul
+of its sparse term:
 
   forward:  y[m, n]  = sum_k x[m, idx[k]] * w[k, n]          (gather fused into the GEMM tile loads)
-  backward: dw[k, n] = sum_m x[m, idx[k]] * dy[m, n]          (row gather of x^T, split over m)
 
-The input-gradient ``dx[:, idx] = dy @ w^T`` is a scatter and is left to XLA (see gather_matmul.py).
+The gradients ``dw = x[:, idx]^T dy`` (take + GEMM) and ``dx[:, idx] = dy @ w^T`` (scatter) are left to XLA
+(see gather_matmul.py): a fused Triton weight-gradient kernel was slower than XLA's take + GEMM at every
+measured shape and was removed (BENCHMARKS.md, "Sparse-path variants removed").
 
 Design (GPU Triton lowering of ``pl.pallas_call``):
-* ``x``, ``idx``, ``dy`` and the output are passed whole (``pl.no_block_spec``) and indexed explicitly,
+* ``x``, ``idx`` and the output are passed whole (``pl.no_block_spec``) and indexed explicitly,
   because Triton loads/stores of partial blocks are NOT masked by Pallas; every load/store that can
   run past an edge uses ``plt.load``/``plt.store`` with a mask. Rows past the end are clamped before
   the gather so no lane ever forms an out-of-range address.
@@ -18,12 +19,9 @@ Design (GPU Triton lowering of ``pl.pallas_call``):
   ``idx`` entries are masked out of the gather (not multiplied by zero, so inf/nan in column 0 of x
   cannot leak into the result).
 * Tile sizes are powers of two >= 16 (Triton ``tl.dot`` constraint); accumulation is float32.
-* The weight-gradient kernel splits the token dimension over a third grid axis (``splits``) and
-  returns float32 partial sums that XLA reduces: k x d_out is small, so without the split there
-  would be too few programs to fill the GPU.
 
-Deviation from the spec §7.2 prototype: masks instead of requiring divisible shapes, float32
-partial sums for the weight gradient, explicit ``plt.CompilerParams`` so the Triton backend is used.
+Deviations from the usual column-gather prototype: masks instead of requiring divisible shapes, explicit
+``plt.CompilerParams`` so the Triton backend is used.
 On CPU the same kernels run with ``interpret=True`` (HLO interpreter; slow, for tests only).
 """
 from __future__ import annotations
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-__all__ = ["gather_matmul_fwd", "gather_matmul_dw", "default_blocks"]
+__all__ = ["gather_matmul_fwd", "default_blocks"]
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -113,60 +111,3 @@ def gather_matmul_fwd(x, idx, w, *, blocks=None, interpret=False, num_warps=4, n
       interpret=interpret,
       name="lost_gather_matmul_fwd",
   )(x, idx_p, w_p)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("blocks", "splits", "interpret", "num_warps", "num_stages"))
-def gather_matmul_dw(x, idx, dy, *, blocks=None, splits=None, interpret=False, num_warps=4,
-                     num_stages=2):
-  """``x[:, idx]^T @ dy`` in float32 for 2-D ``x`` [m, d_in], ``idx`` [k], ``dy`` [m, n]."""
-  m, _ = x.shape
-  k = idx.shape[0]
-  n = dy.shape[1]
-  bm, bn, bk = blocks or default_blocks(m, k, n)
-  _check_blocks((bm, bn, bk))
-  kp = pl.cdiv(k, bk) * bk
-  np_ = pl.cdiv(n, bn) * bn
-  idx_p = jnp.pad(idx.astype(jnp.int32), (0, kp - k))
-  dy = dy.astype(x.dtype)
-  m_tiles = pl.cdiv(m, bm)
-  if splits is None:  # aim for >= ~256 programs
-    splits = max(1, min(m_tiles, pl.cdiv(512, (kp // bk) * (np_ // bn))))
-  steps = pl.cdiv(m_tiles, splits)
-  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-
-  def kernel(x_ref, idx_ref, dy_ref, o_ref):
-    # j fastest: programs gathering the same x columns/rows run together (L2 reuse of the gather)
-    j, kb, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    kk = kb * bk + jnp.arange(bk)
-    cols = idx_ref[pl.ds(kb * bk, bk)]
-    col_ok = kk < k
-    ncols = j * bn + jnp.arange(bn)
-    n_ok = ncols < n
-
-    def body(t, acc):
-      m0 = (s * steps + t) * bm
-      rows = m0 + jnp.arange(bm)
-      row_ok = rows < m
-      rows_c = jnp.minimum(rows, m - 1)
-      xg = plt.load(x_ref.at[rows_c[:, None], cols[None, :]],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0)
-      dyb = plt.load(dy_ref.at[pl.ds(m0, bm), pl.ds(j * bn, bn)],
-                     mask=row_ok[:, None] & n_ok[None, :], other=0)
-      if interpret:
-        xg, dyb = xg.astype(jnp.float32), dyb.astype(jnp.float32)
-      return acc + jnp.dot(xg.T, dyb, preferred_element_type=jnp.float32, precision=precision)
-
-    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), jnp.float32))
-
-  parts = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((splits, kp, np_), jnp.float32),
-      grid=(np_ // bn, kp // bk, splits),
-      in_specs=[pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
-      out_specs=pl.BlockSpec((None, bk, bn), lambda j, kb, s: (s, kb, j)),
-      compiler_params=_compiler_params(interpret, num_warps, num_stages),
-      interpret=interpret,
-      name="lost_gather_matmul_dw",
-  )(x, idx_p, dy)
-  return parts.sum(axis=0)[:k, :n]

@@ -14,7 +14,7 @@ KINDS = ("dense", "lowrank", "lost")
 def make_linear(kind: str, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes=(None, None), rank: int = 0,
                 sparsity: float = 0.05, gamma: float = 0.5, activation: str | None = None,
                 init_std: float = 0.02, lowrank_init: str = "svd", score: str = "l2",
-                residual_rank: int | None = None, sparse_values: str = "original", sparse_impl: str = "xla",
+                residual_rank: int | None = None, sparse_values: str = "original", sparse_impl: str = "gather_xla",
                 dtype="float32", param_dtype="float32") -> nnx.Module:
   """Builds one linear layer of the given kind; options that a kind does not use are ignored."""
   if kind == "dense":

@@ -6,11 +6,12 @@ once when they are all of one kind:
   * Dense:   y_g = x W_g for all g as one GEMM against the stacked kernels [d_in, G, d_out] (stacked on a new
              axis, not concatenated, so a kernel sharded over its output axis stays sharded the same way);
   * LowRank: the G down-projections x A_g as one GEMM (x [A_1 .. A_G]), then σ(h_g) B_g per layer;
-  * LOST on a fused path (`sparse_impl='fused'`, the CPU default, or 'fused_onehot'):
+  * LOST on a fused path of the sparse-path registry (`sparse_impl='fused_concat'`, the CPU 'auto', or
+             'fused_onehot'):
              `kernels.lost_group_matmul` — one down-projection GEMM, one gather of all the layers' channel
              sets, and in the backward one GEMM for all factor gradients and one for the input gradient
-             (LOST, arXiv 2508.02668; §1.8 of the spec lost_trp_lift.md suggests sharing the gather across
-             q/k/v and gate/up).
+             (LOST: Low-rank and Sparse Pre-training for Large Language Models, arXiv 2508.02668; sharing the
+             gather across q/k/v and gate/up is our addition).
 
 Parameters are untouched (each projection keeps its own Params, names, sharding and optimizer state), so
 checkpoints and optimizers see the same tree with or without grouping; only the order of float additions in
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 
 from lostjax.layers import common
 from lostjax.layers.dense import Dense
-from lostjax.layers.lost import FUSED_IMPLS, Lost
+from lostjax.kernels.registry import IMPLS
+from lostjax.layers.lost import Lost
 from lostjax.layers.lowrank import LowRank
 
 
@@ -55,10 +57,10 @@ def grouped_call(layers, x: jax.Array) -> tuple[jax.Array, ...]:
       out.append(common.matmul(hg if l.act is None else l.act(hg), l.b[...].astype(dt)))
     return tuple(out)
   if (kind is Lost and _same(layers, "dtype", "act", "gamma", "sparse_impl")
-      and layers[0].sparse_impl in FUSED_IMPLS and all(l.k for l in layers)):
+      and IMPLS[layers[0].sparse_impl].fused and all(l.k for l in layers)):
     from lostjax import kernels  # lazily: the kernels' tests import this package
     return kernels.lost_group_matmul(
         x.astype(dt), [l.a[...].astype(dt) for l in layers], [l.b[...].astype(dt) for l in layers],
         [l.idx[...] for l in layers], [l.w_sparse[...].astype(dt) for l in layers], layers[0].gamma,
-        act=layers[0].act, impl=FUSED_IMPLS[layers[0].sparse_impl])
+        act=layers[0].act, impl=layers[0].sparse_impl)
   return tuple(l(x) for l in layers)

@@ -3,7 +3,7 @@
 Paper: "LOST: Low-rank and Sparse Pre-training for Large Language Models", Li et al., arXiv 2508.02668.
 
 For a linear weight in the JAX layout W0 ∈ R^{d_in × d_out} (y = x W0), drawn with the layer's dense
-initialiser N(0, init_std²), LOST (paper §3, as summarised in ../shared/specs/lost_trp_lift.md §1.1–1.2):
+initialiser N(0, init_std²), LOST (paper §3):
 
   1. SVD in float32:            W0 = U Σ Vᵀ,  U: [d_in, m], m = min(d_in, d_out)
   2. low-rank part (trainable): A = U_r Σ_r^{1/2} ∈ R^{d_in×r},  B = Σ_r^{1/2} V_rᵀ ∈ R^{r×d_out}
@@ -14,7 +14,10 @@ initialiser N(0, init_std²), LOST (paper §3, as summarised in ../shared/specs/
   6. sparse part (trainable):   W_s = W0[I, :] ∈ R^{k×d_out}   (option: W_comp[I, :])
   7. forward:                   y = γ·σ(x A) B + (1−γ)·x[..., I] W_s
 
-γ is a static float (default 0.5) and σ defaults to the identity. I is stored as a non-trainable
+γ is a static float (default 0.5) and σ defaults to the identity. How the sparse term is computed is
+`sparse_impl`, a name of the one sparse-path registry (`lostjax.kernels.registry`: 'auto', 'gather_xla',
+'gather_onehot_grad', 'fused_concat', 'fused_onehot', 'pallas_gpu', 'pallas_tpu', or a legacy alias), resolved
+at construction by `resolve_sparse_impl`; the fused entries compute both branches with one output GEMM. I is stored as a non-trainable
 `SparseIndex` variable: it is checkpointed with the model, never seen by the optimizer (which only
 receives `nnx.Param` leaves) and never changes during training.
 
@@ -36,26 +39,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lostjax.kernels.registry import IMPLS, resolve_sparse_impl
 from lostjax.layers import common
 from lostjax.layers.lowrank import svd_factors
 
 SCORES = ("l2", "l1", "random")
 SPARSE_VALUES = ("original", "residual")
-# 'xla' | 'xla_onehot' | 'pallas': the sparse branch through kernels.gather_matmul ('xla_onehot': its input
-# gradient as a one-hot GEMM instead of a scatter; 'pallas': the Pallas/Triton kernel, GPU only);
-# 'fused': both branches as one GEMM over [σ(xA), x[:, I]] (kernels.lost_matmul, impl='concat');
-# 'fused_onehot': the same with the selection as part of the down-projection GEMM x [A, onehot(I)ᵀ] and the
-# input gradient as one GEMM (impl='onehot'; no gather/scatter — a GPU candidate, see BENCHMARKS.md);
-# 'auto': the fastest measured in the whole 60M/350M train step per backend (BENCHMARKS.md): 'fused' on CPU
-# (1.28× the 'xla' tokens/s at 60M), 'xla' on GPU (H200, 350M: 180k tok/s vs 141k fused, 128k Pallas) and TPU.
-SPARSE_IMPLS = ("auto", "xla", "xla_onehot", "pallas", "fused", "fused_onehot")
-FUSED_IMPLS = {"fused": "concat", "fused_onehot": "onehot"}  # sparse_impl -> lost_matmul impl
-
-
-def resolve_sparse_impl(impl: str) -> str:
-  if impl != "auto":
-    return impl
-  return "fused" if jax.default_backend() == "cpu" else "xla"
 
 
 class SparseIndex(nnx.Variable):
@@ -133,15 +122,13 @@ class Lost(nnx.Module):
   def __init__(self, d_in: int, d_out: int, *, rank: int, sparsity: float, rngs: nnx.Rngs,
                gamma: float = 0.5, axes=(None, None), init_std: float = 0.02, activation: str | None = None,
                score: str = "l2", residual_rank: int | None = None, sparse_values: str = "original",
-               sparse_impl: str = "xla", dtype="float32", param_dtype="float32"):
+               sparse_impl: str = "gather_xla", dtype="float32", param_dtype="float32"):
     common.check_dims(d_in, d_out)
     if not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
       raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
     self.d_in, self.d_out, self.rank = d_in, d_out, rank
     self.gamma = float(gamma)
-    if sparse_impl not in SPARSE_IMPLS:
-      raise ValueError(f"unknown sparse_impl {sparse_impl!r}; expected one of {SPARSE_IMPLS}")
-    self.sparse_impl = resolve_sparse_impl(sparse_impl)
+    self.sparse_impl = resolve_sparse_impl(sparse_impl).name  # registry name ('auto' and aliases resolved)
     self.dtype = common.resolve_dtype(dtype)
     self.act = common.resolve_activation(activation)
     pdt = common.resolve_dtype(param_dtype)
@@ -156,11 +143,11 @@ class Lost(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    if self.sparse_impl in FUSED_IMPLS and self.k:
+    if IMPLS[self.sparse_impl].fused and self.k:
       from lostjax import kernels
       return kernels.lost_matmul(x, self.a[...].astype(self.dtype), self.b[...].astype(self.dtype), self.idx[...],
                                  self.w_sparse[...].astype(self.dtype), self.gamma, act=self.act,
-                                 impl=FUSED_IMPLS[self.sparse_impl])
+                                 impl=self.sparse_impl)
     h = common.matmul(x, self.a[...].astype(self.dtype))
     if self.act is not None:
       h = self.act(h)
@@ -171,9 +158,7 @@ class Lost(nnx.Module):
     return y
 
 
-def sparse_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: str = "xla") -> jax.Array:
-  """x[..., idx] @ w through lostjax.kernels (XLA gather path or the Pallas kernel)."""
-  from lostjax import kernels  # imported lazily: kernels import this package's layers in their tests
-  if impl == "xla_onehot":
-    return kernels.gather_matmul(x, idx, w, impl="xla", dx_mode="onehot")
+def sparse_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: str = "gather_xla") -> jax.Array:
+  """x[..., idx] @ w through lostjax.kernels.gather_matmul with a sparse-path registry name."""
+  from lostjax import kernels
   return kernels.gather_matmul(x, idx, w, impl=impl)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lostjax.layers import KINDS
-from lostjax.layers.lost import SPARSE_IMPLS
+from lostjax.kernels.registry import canonical_name, resolve_sparse_impl
 
 # name: (d_model, d_ff, n_heads, n_layers, default rank for low-rank/LOST layers)
 # 60M…1B are the GaLore/LOST C4 shapes (configs/llama_*.json, vocab 32000); 7B is LLaMA-7B. The tiny presets are
@@ -46,9 +46,10 @@ class LlamaConfig:
   lost_score: str = "l2"
   lost_residual_rank: int = 0      # 0: all remaining singular components
   lost_sparse_values: str = "original"
-  # LOST sparse branch: 'auto' | 'xla' | 'xla_onehot' | 'pallas' | 'fused' (one GEMM) | 'fused_onehot' (one GEMM,
-  # selection by a one-hot GEMM; lostjax.layers.lost.SPARSE_IMPLS). 'auto' picks the path that was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
-  # 'xla' on GPU/TPU — on an H200 the Pallas kernel wins on the sparse branch alone but not in the model.
+  # LOST sparse branch: a name of the sparse-path registry (lostjax.kernels.registry, docs/sparse_paths.md):
+  # 'auto' | 'gather_xla' | 'gather_onehot_grad' | 'fused_concat' | 'fused_onehot' | 'pallas_gpu' | 'pallas_tpu'.
+  # 'auto' is resolved per backend there (CPU: fused_concat; GPU, TPU: gather_xla). Names written by older runs
+  # ('xla', 'xla_onehot', 'pallas', 'fused') are legacy aliases that build the same model.
   sparse_impl: str = "auto"
   # q/k/v and gate/up read the same input: compute them together (lostjax.layers.group: one GEMM for dense
   # kernels and for the low-rank down-projections, one gather for LOST channel sets). Same parameters either way.
@@ -73,8 +74,11 @@ class LlamaConfig:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
-    if self.sparse_impl not in SPARSE_IMPLS:
-      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected one of {SPARSE_IMPLS}")
+    try:  # a legacy name (config.json of an older run) is stored as its registry name: the same model
+      object.__setattr__(self, "sparse_impl", canonical_name(self.sparse_impl))
+      resolve_sparse_impl(self.sparse_impl)
+    except ValueError as e:
+      raise ValueError(f"model.sparse_impl: {e}") from None
 
   @property
   def head_dim(self) -> int:
