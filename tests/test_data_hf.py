@@ -77,6 +77,8 @@ def test_hf_tokenizer_matches_library(hf_tok, tmp_path):
     HFTokenizer(str(tmp_path / "bad.json"))
   with pytest.raises(ValueError, match="tokenizer_path"):
     HFTokenizer("")
+  with pytest.raises(ValueError, match="tokenizer='sentencepiece'"):
+    HFTokenizer(str(tmp_path / "spiece.model"))
 
 
 def test_hf_saved_dataset_stream_with_hf_tokenizer(hf_tok, tmp_path):
@@ -100,6 +102,10 @@ def test_hf_saved_dataset_stream_with_hf_tokenizer(hf_tok, tmp_path):
   val = [t for d in docs for v in [oracle_split(d.encode(), 0.2)[1]] if v for t in enc(v.decode()) + [1]]
   targets = [t for e in b.eval_batches() for row, m in zip(e["tokens"], e["mask"]) for t in row[1:int(m.sum()) + 1]]
   assert targets == val[1:31] and b.eval_num_tokens == 30
+  # One saved Dataset has no validation split: asking for one is an error, not evaluation on training text.
+  c.update(hf_eval_split="validation")
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    make_data(c, seq_len=12, global_batch=4, seed=0)
   # A DatasetDict with its own validation split; a missing text column is named.
   dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs}),
                              "validation": datasets.Dataset.from_dict({"text": docs[:2]})})

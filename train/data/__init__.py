@@ -147,7 +147,8 @@ def _stream_readers(cfg):
     return shard, _val_parts(val, cfg.val_fraction), ""
   if src == "hf":
     where = f"hf_name={cfg.hf_name!r}"
-    make = lambda split: (lambda: sources_lib.hf_dataset(cfg.hf_name, cfg.hf_config, split, cfg.text_field))
+    make = lambda split: (lambda: sources_lib.hf_dataset(cfg.hf_name, cfg.hf_config, split, cfg.text_field,
+                                                         split_required=split != cfg.hf_train_split))
     make(cfg.hf_train_split)()  # Fail early (bad name, split or text_field), before the prefetch thread starts.
     shard = lambda i, n: sources_lib.HFShard(make(cfg.hf_train_split), cfg.text_field, i, n, where)
     if cfg.hf_eval_split:

@@ -103,7 +103,8 @@ def _documents(cfg):
     where = f"hf_name={cfg.hf_name!r}"
 
     def docs(split):
-      ds = lambda: sources.hf_dataset(cfg.hf_name, cfg.hf_config, split, cfg.text_field)
+      ds = lambda: sources.hf_dataset(cfg.hf_name, cfg.hf_config, split, cfg.text_field,
+                                      split_required=split != cfg.hf_train_split)
       return (d for d, _ in sources.HFShard(ds, cfg.text_field, 0, 1, where).open(0))
 
     val = None

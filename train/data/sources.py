@@ -222,8 +222,11 @@ def tfds_documents(name, split, data_dir="", text_field="text"):
     yield text if isinstance(text, bytes) else str(text).encode("utf-8")
 
 
-def hf_dataset(name, config="", split="train", text_field="text"):
-  """A Hugging Face dataset split: `Dataset` for a `save_to_disk` folder, else a streaming `IterableDataset`."""
+def hf_dataset(name, config="", split="train", text_field="text", split_required=False):
+  """A Hugging Face dataset split: `Dataset` for a `save_to_disk` folder, else a streaming `IterableDataset`.
+
+  A folder holding one saved `Dataset` (no splits) is the training split; `split_required` (the eval split) makes
+  it an error instead of silently evaluating on the training documents."""
   try:
     import datasets  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -236,6 +239,9 @@ def hf_dataset(name, config="", split="train", text_field="text"):
   try:
     if saved:
       ds = datasets.load_from_disk(local)
+      if not isinstance(ds, datasets.DatasetDict) and split_required:
+        raise ValueError(f"hf_name={name!r} is one saved dataset without splits, so it has no split {split!r}: set "
+                         "data.hf_eval_split='' (validation is then cut from each document, val_fraction)")
       if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
           raise ValueError(f"hf_name={name!r} has no split {split!r} (splits: {sorted(ds)})")

@@ -142,6 +142,9 @@ class HFTokenizer:
       raise ValueError("tokenizer='hf' needs data.tokenizer_path (a tokenizer.json file, a folder holding one, "
                        "or a Hugging Face Hub name such as 't5-base'); got ''")
     local = os.path.expanduser(path)
+    if local.endswith(".model"):
+      raise ValueError(f"tokenizer_path={path!r} looks like a SentencePiece model: set data.tokenizer="
+                       "'sentencepiece' for it (tokenizer='hf' reads a tokenizer.json)")
     if os.path.isdir(local):
       local = os.path.join(local, "tokenizer.json")
     try:
