@@ -24,6 +24,8 @@ from losses.pld import pld_loss
 from losses.ranking_accuracy import dpo_loss, idealized_ranking_accuracy, ranking_accuracy
 from losses.rep_mtl import rep_mtl_csa_loss, rep_mtl_loss, rep_mtl_task_saliency, rep_mtl_tsr_loss
 from losses.sft_cl import cl_loss, sft_cl_decomposition, sft_loss, unified_reranking_loss
+from losses.tr2m import (tr2m_coarse_loss, tr2m_depth_classes, tr2m_ema, tr2m_fine_loss, tr2m_pseudo_scale,
+                          tr2m_soc_loss)
 from losses.unlikeliness import grpo_advantages, unlikeliness_reward
 from losses.unpg import unpg_loss
 
@@ -41,5 +43,6 @@ __all__ = [
     "multi_similarity_miner", "mw_loss", "normscore_difficulty", "pld_loss", "principal_gradient_aggregate",
     "proto_triplet_loss", "ranking_accuracy", "reciprank_difficulty", "rep_mtl_csa_loss", "rep_mtl_loss",
     "rep_mtl_task_saliency", "rep_mtl_tsr_loss", "sft_cl_decomposition", "sft_loss",
-    "soft_sort", "unified_reranking_loss", "unlikeliness_reward", "unpg_loss",
+    "soft_sort", "tr2m_coarse_loss", "tr2m_depth_classes", "tr2m_ema", "tr2m_fine_loss",
+    "tr2m_pseudo_scale", "tr2m_soc_loss", "unified_reranking_loss", "unlikeliness_reward", "unpg_loss",
 ]
