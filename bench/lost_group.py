@@ -5,6 +5,7 @@ vs three kernels.lost_matmul calls) and of three dense layers (one GEMM on the s
 Loss = Σ_g sum(sin(y_g)), gradients w.r.t. x and every weight. Prints one JSON line.
 
   python bench/lost_group.py --tokens 1024 4096
+  python bench/lost_group.py --impl fused_onehot     # any fused sparse-path name (lostjax.kernels.registry)
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lostjax.kernels import lost_group_matmul, lost_matmul  # noqa: E402
+from lostjax.kernels import lost_group_matmul, lost_matmul, resolve_sparse_impl  # noqa: E402
 
 
-def run(tokens, d, r, k, groups, reps, seed=0):
+def run(tokens, d, r, k, groups, reps, impl="fused_concat", seed=0):
   rng = np.random.default_rng(seed)
   arr = lambda *s, scale=0.05: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
   x = arr(tokens, d, scale=1.0)
@@ -38,10 +39,10 @@ def run(tokens, d, r, k, groups, reps, seed=0):
   wd = [arr(d, d) for _ in range(groups)]
 
   def lost_sep(x, a, b, w):
-    return sum(jnp.sum(jnp.sin(lost_matmul(x, a[g], b[g], idx[g], w[g], 0.5))) for g in range(groups))
+    return sum(jnp.sum(jnp.sin(lost_matmul(x, a[g], b[g], idx[g], w[g], 0.5, impl=impl))) for g in range(groups))
 
   def lost_grp(x, a, b, w):
-    return sum(jnp.sum(jnp.sin(y)) for y in lost_group_matmul(x, a, b, idx, w, 0.5))
+    return sum(jnp.sum(jnp.sin(y)) for y in lost_group_matmul(x, a, b, idx, w, 0.5, impl=impl))
 
   def dense_sep(x, wd):
     return sum(jnp.sum(jnp.sin(x @ m)) for m in wd)
@@ -77,9 +78,13 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=25)
   p.add_argument("--groups", type=int, default=3)
   p.add_argument("--reps", type=int, default=15)
+  p.add_argument("--impl", default="fused_concat", help="fused sparse-path name: fused_concat | fused_onehot")
   args = p.parse_args(argv)
-  rows = [run(t, args.d, args.rank, args.k, args.groups, args.reps) for t in args.tokens]
-  out = {"jax": jax.__version__, "backend": jax.default_backend(), "d": args.d, "rank": args.rank, "k": args.k,
+  if not resolve_sparse_impl(args.impl).fused:
+    raise SystemExit(f"--impl {args.impl!r} is not a fused sparse path (nothing is shared across the group)")
+  rows = [run(t, args.d, args.rank, args.k, args.groups, args.reps, resolve_sparse_impl(args.impl).name)
+          for t in args.tokens]
+  out = {"jax": jax.__version__, "backend": jax.default_backend(), "impl": args.impl, "d": args.d, "rank": args.rank, "k": args.k,
          "groups": args.groups, "loadavg": os.getloadavg(), "rows": rows}
   print(json.dumps(out))
   return out

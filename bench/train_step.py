@@ -27,7 +27,9 @@ FLOPs per step (stated, counted explicitly from the built parameter trees):
   python bench/train_step.py --batch 8 --steps 7   # more tokens per step / more samples
   python bench/train_step.py --variants tiny/dense,tiny/lost --no-torch   # quick smoke
   Variant syntax: <size>/<method>[-sep][@<sparse_impl>]; "-sep" computes q/k/v and gate/up one by one
-  (model.fuse_projections=False) instead of together.
+  (model.fuse_projections=False) instead of together; <sparse_impl> is a sparse-path name of
+  lostjax.kernels.registry (auto, gather_xla, gather_onehot_grad, fused_concat, fused_onehot, pallas_gpu,
+  pallas_tpu), e.g. 60m/lost@gather_xla.
 
 Prints one JSON object (also written to --out if given).
 """
@@ -77,7 +79,7 @@ def _matmul_params(params) -> int:
 
 def build_lostjax(size: str, method: str, batch: int, seq: int, seed: int = 0):
   """(step_fn, state, rest, batch, info): the jitted, donating train step exactly as trainer.train builds it."""
-  method, _, sparse_impl = method.partition("@")   # e.g. "lost@fused" sets model.sparse_impl
+  method, _, sparse_impl = method.partition("@")   # e.g. "lost@fused_onehot" sets model.sparse_impl
   separate = method.endswith("-sep")               # e.g. "dense-sep": model.fuse_projections=False
   method = method.removesuffix("-sep")
   cfg = get_config(f"{size},{method}")
@@ -245,7 +247,7 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first one compiles)")
   p.add_argument("--steps", type=int, default=4, help="timed rounds; each round runs every variant once")
   p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                 help="comma list of <preset>/<dense|lowrank|lost>[-sep][@<model.sparse_impl>], e.g. 60m/lost@fused")
+                 help="comma list of <preset>/<dense|lowrank|lost>[-sep][@<model.sparse_impl>], e.g. 60m/lost@gather_xla")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/HF peer and the torch matmul")
   p.add_argument("--no-lmhead", action="store_true", help="skip the 60M LM-head-alone timing")
   p.add_argument("--torch-1thread", type=int, default=1,
