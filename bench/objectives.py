@@ -27,8 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train import objectives  # noqa: E402
-from train import optimizer as optim_lib  # noqa: E402
-from train import trainer  # noqa: E402
+from train import state as state_lib  # noqa: E402
 from train.configs.base import base_config, model_config  # noqa: E402
 from train.objectives import saf  # noqa: E402
 from train.step import make_train_step  # noqa: E402
@@ -55,14 +54,9 @@ def variant_config(args, name):
 
 def build(args, name):
   cfg = variant_config(args, name)
-  model_cfg = trainer.llama_config(cfg)
-  graphdef, params, rest = trainer.init_model(model_cfg, 0)
-  schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
-  tx = optim_lib.build_optimizer(cfg.optim, schedule)
-  obj = objectives.init_state(cfg.objectives, params, num_train_examples=args.saf_examples, seq_len=args.seq,
-                              vocab_size=model_cfg.vocab_size)
-  state = {"params": params, "opt": jax.jit(tx.init)(params), "obj": obj,
-           "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
+  cfg.mesh.num_devices = 1
+  run = state_lib.create_train_state(cfg, mesh=state_lib.make_mesh(cfg), num_train_examples=args.saf_examples)
+  graphdef, state, rest, tx, schedule = run.graphdef, run.state, run.rest, run.tx, run.schedule
   step = jax.jit(make_train_step(graphdef, tx, schedule, cfg), donate_argnums=(0,))
   return step, state, rest
 
