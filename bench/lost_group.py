@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lostjax import cpu_malloc  # noqa: E402
+from train import cpu_malloc  # noqa: E402
 
 cpu_malloc.tune()
 

@@ -12,7 +12,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from train_step import JaxRunner  # noqa: E402  (first: it applies lostjax.cpu_malloc.tune() before JAX starts)
+from train_step import JaxRunner  # noqa: E402  (first: it applies train.cpu_malloc.tune() before JAX starts)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

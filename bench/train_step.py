@@ -2,7 +2,7 @@
 
 Issue 3 benchmark. In ONE process, round-robin (each timing round runs every variant once, so the ratios share
 the machine's noise):
-  * lostjax train steps built exactly like `train.trainer.train` builds them: `init_model`, the optimizer from
+  * lostjax train steps built exactly like `train.trainer.train` builds them (`train.state.create_train_state`, the optimizer from
     `train.optimizer` (AdamW + global-norm clip 1.0, warmup-cosine schedule), `train.step.make_train_step`,
     `jax.jit(..., donate_argnums=(0,))`; synthetic uniform tokens. Variants: tiny and 60m presets, dense and LOST
     (60M LOST: r=128, s=0.05 -> k=25 channels for d_in=512, 68 for d_in=1376), plus 60m low-rank (r=128, no
@@ -46,7 +46,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lostjax import cpu_malloc  # noqa: E402
+from train import cpu_malloc  # noqa: E402
 
 # As train.main does, before numpy/JAX start threads (LOSTJAX_MALLOC_TUNING=off to compare without).
 MALLOC_TUNED = cpu_malloc.tune()
@@ -55,11 +55,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import objectives  # noqa: E402
-from train import optimizer as optim_lib  # noqa: E402
 from train.configs.llama import get_config  # noqa: E402
 from train.step import make_train_step  # noqa: E402
-from train.trainer import init_model, llama_config  # noqa: E402
+from train import state as state_lib  # noqa: E402
 
 DEFAULT_VARIANTS = "tiny/dense,tiny/lost,60m/dense,60m/lost,60m/lowrank"
 
@@ -89,16 +87,12 @@ def build_lostjax(size: str, method: str, batch: int, seq: int, seed: int = 0):
   cfg.train.global_batch = batch
   cfg.train.seq_len = seq
   cfg.train.steps = 1000
-  model_cfg = llama_config(cfg)
+  cfg.mesh.num_devices = 1
+  cfg.train.seed = seed
   t0 = time.perf_counter()
-  graphdef, params, rest = init_model(model_cfg, seed)
-  schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
-  tx = optim_lib.build_optimizer(cfg.optim, schedule)
-  opt_state = jax.jit(tx.init)(params)
-  obj_state = objectives.init_state(cfg.objectives, params, num_train_examples=0, seq_len=seq,
-                                    vocab_size=model_cfg.vocab_size)
-  state = {"params": params, "opt": opt_state, "obj": obj_state,
-           "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
+  run = state_lib.create_train_state(cfg, mesh=state_lib.make_mesh(cfg))
+  model_cfg, graphdef, state, rest = run.model_cfg, run.graphdef, run.state, run.rest
+  params, tx, schedule = state["params"], run.tx, run.schedule
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   step_fn = jax.jit(make_train_step(graphdef, tx, schedule, cfg), donate_argnums=(0,))
