@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from optim import frugal, galore, lift, state_size  # noqa: E402
-from optim.state import llama_param_shapes  # noqa: E402
+from lostjax.models import preset  # noqa: E402
+from train.state import abstract_params  # noqa: E402
 
 PRESETS = {  # hidden, intermediate, layers, rank (GaLore table / LOST)
     "60M": (512, 1376, 8, 128),
@@ -34,6 +35,12 @@ PRESETS = {  # hidden, intermediate, layers, rank (GaLore table / LOST)
 }
 PUBLISHED_GIB = {"60M": (0.36, 0.24), "130M": (0.76, 0.52), "350M": (2.06, 1.22), "1B": (7.80, 4.38)}
 GIB = 2.0 ** 30
+
+
+def llama_param_shapes(name, lost_rank=None):
+  """The real model's abstract parameter tree for a preset (lostjax.models), dense or LOST."""
+  kind = "lost" if lost_rank else "dense"
+  return abstract_params(preset(name.lower(), attn_kind=kind, mlp_kind=kind))
 
 
 def methods(rank):
@@ -56,7 +63,7 @@ def memory_table():
   rows = []
   for name, (d, ff, layers, rank) in PRESETS.items():
     for model in ("dense", "lost"):
-      params = llama_param_shapes(d, ff, layers, lost_rank=rank if model == "lost" else None)
+      params = llama_param_shapes(name, lost_rank=rank if model == "lost" else None)
       n_params = n_elements(params)
       for mname, tx in methods(rank).items():
         if model == "lost" and mname.startswith("galore"):
@@ -73,7 +80,7 @@ def memory_table():
 
 def time_updates(steps: int):
   d, ff, layers, rank = PRESETS["60M"]
-  shapes = llama_param_shapes(d, ff, layers)
+  shapes = llama_param_shapes("60M")
   key = jax.random.PRNGKey(0)
   params = jax.tree.map(lambda s: 0.02 * jax.random.normal(key, s.shape, s.dtype), shapes)
   grads = jax.tree.map(lambda p: jnp.sin(p * 37.0), params)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lostjax.pytree import key_to_str, path_to_str  # noqa: F401  (re-exported: optim.projection.path_to_str)
+
 MATRIX = "matrix"
 OTHER = "other"
 
@@ -40,18 +42,6 @@ INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 # ----------------------------------------------------------------------------------------------------------
 # Labels
 # ----------------------------------------------------------------------------------------------------------
-
-def key_to_str(k) -> str:
-  """One path entry (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey, ...) as a string."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def path_to_str(path) -> str:
-  return "/".join(key_to_str(k) for k in path)
-
 
 def default_is_matrix(path: str, leaf) -> bool:
   """A 2-D leaf not under an embedding, the LM head or a norm is a projectable matrix."""

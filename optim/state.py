@@ -41,28 +41,3 @@ def state_size(tx, params) -> StateSize:
     if any(key_to_str(k) in MOMENT_FIELDS for k in path):
       mel, mby = mel + n, mby + b
   return StateSize(el, by, mel, mby)
-
-
-def llama_param_shapes(hidden: int, intermediate: int, layers: int, vocab: int = 32000, lost_rank=None,
-                       lost_sparsity: float = 0.05, dtype=None):
-  """Abstract LLaMA parameter tree (jax.ShapeDtypeStruct) with the repo's leaf names, for state accounting.
-
-  Untied embed/lm_head, q/k/v/o [d, d], gate/up [d, ff], down [ff, d], two RMSNorm scales per layer + final norm.
-  With lost_rank, every linear becomes LOST factors a [d_in, r], b [r, d_out] and w_sparse [floor(s·d_in), d_out].
-  """
-  import jax.numpy as jnp
-  dtype = dtype or jnp.float32
-  sds = lambda *s: jax.ShapeDtypeStruct(s, dtype)
-
-  def linear(d_in, d_out):
-    if lost_rank is None:
-      return {"kernel": sds(d_in, d_out)}
-    return {"a": sds(d_in, lost_rank), "b": sds(lost_rank, d_out),
-            "w_sparse": sds(int(np.floor(lost_sparsity * d_in)), d_out)}
-
-  d, ff = hidden, intermediate
-  layer = {"attn": {n: linear(d, d) for n in ("q", "k", "v", "o")},
-           "mlp": {"gate": linear(d, ff), "up": linear(d, ff), "down": linear(ff, d)},
-           "attn_norm": {"scale": sds(d)}, "mlp_norm": {"scale": sds(d)}}
-  return {"embed": {"embedding": sds(vocab, d)}, "layers": {i: layer for i in range(layers)},
-          "final_norm": {"scale": sds(d)}, "lm_head": {"kernel": sds(d, vocab)}}

@@ -6,9 +6,19 @@ import optax
 import pytest
 
 from optim import frugal, galore, lift, state_size
-from optim.state import llama_param_shapes
+from lostjax.models import LlamaConfig
+from train.state import abstract_params
 
 D, FF, L, V, R = 32, 48, 4, 100, 8
+
+
+def llama_param_shapes(d, ff, layers, vocab=32000, lost_rank=None):
+  """The real model's parameter tree, abstract (nnx.eval_shape): 8 heads for 60M, else 4."""
+  kind = "lost" if lost_rank else "dense"
+  cfg = LlamaConfig(vocab_size=vocab, d_model=d, d_ff=ff, n_heads=8 if d == 512 else 4, n_layers=layers,
+                    attn_kind=kind, mlp_kind=kind, attn_rank=lost_rank or 8, mlp_rank=lost_rank or 8,
+                    sparsity=0.05)
+  return abstract_params(cfg)
 
 
 def counts():

@@ -131,3 +131,8 @@ def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_ex
            "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
   state = jax.tree.map(lambda x: _on_mesh(x, mesh), state)
   return TrainState(model_cfg, mesh, graphdef, state, rest, tx, schedule)
+
+
+def abstract_params(model_cfg: LlamaConfig):
+  """The model's parameters as jax.ShapeDtypeStruct leaves (nothing allocated), e.g. for optimizer-state sizes."""
+  return nnx.state(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)

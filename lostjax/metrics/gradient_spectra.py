@@ -49,31 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lostjax.pytree import path_to_str
+
 ATTN_PROJECTIONS = ("q", "k", "v", "o")
 MLP_PROJECTIONS = ("gate", "up", "down")
 _MATRIX_RE = re.compile(r"^(?P<prefix>(?:.*/)?layers/(?P<layer>\d+)/(?P<group>attn|mlp)/(?P<proj>[^/]+))/"
                         r"(?P<leaf>kernel|a|b|w_sparse|idx)$")
-_SKIP_KEYS = ("value", "raw_value")
-
-
-def path_to_str(path) -> str:
-  """'layers/0/attn/q/kernel' from a jax.tree_util key path (nnx Variable 'value' entries dropped)."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      name = key.key
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      name = key.name
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      name = key.idx
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      name = key.key
-    else:
-      name = str(key)
-    if name in _SKIP_KEYS:
-      continue
-    parts.append(str(name))
-  return "/".join(parts)
 
 
 def matrix_spectrum_metrics(m: jax.Array):
