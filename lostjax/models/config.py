@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from lostjax.layers import KINDS
-from lostjax.kernels.registry import canonical_name, resolve_sparse_impl
+from lostjax.layers.lost import SPARSE_IMPLS
 
 # name: (d_model, d_ff, n_heads, n_layers, default rank for low-rank/LOST layers)
 # 60M…1B are the GaLore/LOST C4 shapes (configs/llama_*.json, vocab 32000); 7B is LLaMA-7B. The tiny presets are
@@ -46,10 +47,9 @@ class LlamaConfig:
   lost_score: str = "l2"
   lost_residual_rank: int = 0      # 0: all remaining singular components
   lost_sparse_values: str = "original"
-  # LOST sparse branch: a name of the sparse-path registry (lostjax.kernels.registry, docs/sparse_paths.md):
-  # 'auto' | 'gather_xla' | 'gather_onehot_grad' | 'fused_concat' | 'fused_onehot' | 'pallas_gpu' | 'pallas_tpu'.
-  # 'auto' is resolved per backend there (CPU: fused_concat; GPU, TPU: gather_xla). Names written by older runs
-  # ('xla', 'xla_onehot', 'pallas', 'fused') are legacy aliases that build the same model.
+  # LOST sparse branch: 'auto' | 'xla' | 'xla_onehot' | 'pallas' | 'fused' (one GEMM) | 'fused_onehot' (one GEMM,
+  # selection by a one-hot GEMM; lostjax.layers.lost.SPARSE_IMPLS). 'auto' picks the path that was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
+  # 'xla' on GPU/TPU — on an H200 the Pallas kernel wins on the sparse branch alone but not in the model.
   sparse_impl: str = "auto"
   # q/k/v and gate/up read the same input: compute them together (lostjax.layers.group: one GEMM for dense
   # kernels and for the low-rank down-projections, one gather for LOST channel sets). Same parameters either way.
@@ -59,6 +59,14 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: bool = False
   attention_impl: str = "xla"     # passed to jax.nn.dot_product_attention ('xla' | 'cudnn' | None = auto)
+  # Mixture of experts (lostjax.models.moe; docs/moe_pathways.md). 0 experts = the dense SwiGLU MLP. Otherwise each
+  # block's MLP is `moe_experts` SwiGLU experts of width d_ff (linear kind mlp_kind), top-k routed per token.
+  # capacity_factor 0 = dropless; > 0: each expert takes at most ceil(cf * tokens * top_k / experts) assignments.
+  # aux_weight scales the Switch/GShard load-balancing loss (mean over layers) returned by Llama(return_aux=True).
+  moe_experts: int = 0
+  moe_top_k: int = 2
+  moe_capacity_factor: float = 0.0
+  moe_aux_weight: float = 0.01
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_ff", "n_heads", "n_layers", "max_seq_len"):
@@ -74,11 +82,20 @@ class LlamaConfig:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
-    try:  # a legacy name (config.json of an older run) is stored as its registry name: the same model
-      object.__setattr__(self, "sparse_impl", canonical_name(self.sparse_impl))
-      resolve_sparse_impl(self.sparse_impl)
-    except ValueError as e:
-      raise ValueError(f"model.sparse_impl: {e}") from None
+    if self.sparse_impl not in SPARSE_IMPLS:
+      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected one of {SPARSE_IMPLS}")
+
+    for name in ("moe_experts", "moe_top_k"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "moe_experts" else 1):
+        raise ValueError(f"model.{name} must be a {'non-negative' if name == 'moe_experts' else 'positive'} int, "
+                         f"got {v!r}")
+    if self.moe_experts and self.moe_top_k > self.moe_experts:
+      raise ValueError(f"model.moe_top_k={self.moe_top_k} exceeds model.moe_experts={self.moe_experts}")
+    for name in ("moe_capacity_factor", "moe_aux_weight"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"model.{name} must be a finite float >= 0, got {v!r}")
 
   @property
   def head_dim(self) -> int:

@@ -17,6 +17,7 @@ from flax import nnx
 from lostjax.layers import common, make_linear
 from lostjax.layers.group import grouped_call
 from lostjax.models.config import LlamaConfig
+from lostjax.models.moe import MoeMlp, Routing, reduce_aux
 
 
 class RMSNorm(nnx.Module):
@@ -146,15 +147,22 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
-    self.mlp = Mlp(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs) if cfg.moe_experts == 0 else MoeMlp(cfg, rngs)
 
-  def __call__(self, x, positions, cache: KVCache | None = None, layer: int = 0):
+  def _mlp(self, h):
+    """(MLP output, aux dict): the routed experts also return their routing and aux values, the dense MLP {}."""
+    if isinstance(self.mlp, MoeMlp):
+      return self.mlp(h)
+    return self.mlp(h), {}
+
+  def __call__(self, x, positions, cache: KVCache | None = None, layer: int = 0, *, return_aux: bool = False):
     if cache is not None:  # decoding (Llama.__call__ with a cache): also returns the updated cache
       h, cache = self.attn(self.attn_norm(x), positions, cache, layer)
       x = x + h
-      return x + self.mlp(self.mlp_norm(x)), cache
+      return x + self._mlp(self.mlp_norm(x))[0], cache
     x = x + self.attn(self.attn_norm(x), positions)
-    return x + self.mlp(self.mlp_norm(x))
+    y, aux = self._mlp(self.mlp_norm(x))
+    return (x + y, aux) if return_aux else x + y
 
 
 class Embed(nnx.Module):
@@ -180,8 +188,13 @@ class Llama(nnx.Module):
     self.lm_head = make_linear("dense", cfg.d_model, cfg.vocab_size, rngs=rngs, axes=("embed", "vocab"),
                                init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None):
-    """Logits [batch, seq, vocab]; with a `cache` (from `init_cache`): (logits, updated cache), see `decode`."""
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
+               return_aux: bool = False):
+    """Logits [batch, seq, vocab]; with a `cache` (from `init_cache`): (logits, updated cache), see `decode`.
+
+    return_aux=True: (logits, aux), aux = {} for a dense MLP, else float32 scalars `moe_aux_loss` (already times
+    model.moe_aux_weight; mean over layers) and `moe_dropped_frac` (lostjax.models.moe.reduce_aux).
+    """
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     if cache is not None:
@@ -191,13 +204,32 @@ class Llama(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens).astype(self.dtype)
+    aux = []
     for block in self.layers:
       if self.cfg.remat:
-        x = nnx.remat(lambda blk, y: blk(y, positions))(block, x)
+        x, a = nnx.remat(lambda blk, y: blk(y, positions, return_aux=True))(block, x)
       else:
-        x = block(x, positions)
+        x, a = block(x, positions, return_aux=True)
+      aux.append(a)
     x = self.final_norm(x)
-    return self.lm_head(x).astype(jnp.float32)
+    logits = self.lm_head(x).astype(jnp.float32)
+    return (logits, reduce_aux(self.cfg, aux)) if return_aux else logits
+
+  def route(self, tokens: jax.Array, positions: jax.Array | None = None) -> Routing:
+    """The routing of every token at every layer (MoE models): `Routing(ids, gates, probs)` with expert ids
+    (int32) and renormalised gates [layers, batch, seq, top_k] and router probabilities [layers, batch, seq, E]."""
+    if not self.cfg.moe_experts:
+      raise ValueError("Llama.route needs a mixture-of-experts model (model.moe_experts > 0), got moe_experts=0")
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed(tokens).astype(self.dtype)
+    per_layer = []
+    for block in self.layers:
+      x, a = block(x, positions, return_aux=True)
+      per_layer.append(a)
+    return Routing(*(jnp.stack([a[k] for a in per_layer]) for k in ("expert_ids", "expert_gates", "router_probs")))
 
   def init_cache(self, batch: int, length: int, start: jax.Array | None = None, dtype=None) -> KVCache:
     """An empty KVCache of `length` slots per row (a ring buffer: see `KVCache`).

@@ -15,11 +15,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),   # outside the experts, the expert axis is one more data axis
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -27,23 +27,30 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("rank", None),
     ("sparse", None),
     ("length", None),
+    ("expert", "expert"),   # stacked mixture-of-experts weights (lostjax.models.moe)
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None):
-  """A 3-axis ('data', 'fsdp', 'tensor') mesh with Auto axis types; data=-1 takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, *,
+              expert: int = 1):
+  """A 4-axis ('data', 'fsdp', 'tensor', 'expert') mesh with Auto axis types; data=-1 takes the remaining devices.
+
+  expert > 1 shards stacked mixture-of-experts weights over the experts (expert parallelism); the batch is split
+  over data × fsdp × expert. expert=1 (default) gives the 3-axis meshes of before plus a trivial 'expert' axis.
+  """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  for name, v in (("fsdp", fsdp), ("tensor", tensor)):
-    if not isinstance(v, int) or v < 1:
+  for name, v in (("fsdp", fsdp), ("tensor", tensor), ("expert", expert)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"mesh.{name} must be a positive int, got {v!r}")
   if data == -1:
-    if n % (fsdp * tensor):
-      raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {n} available devices")
-    data = n // (fsdp * tensor)
-  if not isinstance(data, int) or data < 1 or data * fsdp * tensor != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} != {n} available devices")
-  return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if n % (fsdp * tensor * expert):
+      raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} x expert={expert} does not divide the {n} available "
+                       f"devices")
+    data = n // (fsdp * tensor * expert)
+  if not isinstance(data, int) or data < 1 or data * fsdp * tensor * expert != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} x expert={expert} != {n} available devices")
+  return jax.make_mesh((data, fsdp, tensor, expert), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
 def _axis_size(mesh, axes) -> int:
