@@ -1,8 +1,14 @@
-"""Analysis metrics: RankMe, layer-wise gradient spectra, scaling-law fits, LLM Swiss round."""
+"""Analysis metrics: RankMe, layer-wise gradient spectra, scaling-law fits, LLM Swiss round, retrieval and
+robustness metrics, G-Rank."""
 import warnings
 
 from lostjax.metrics.gradient_spectra import gradient_spectra
+from lostjax.metrics.grank import GRankConfig, grank_scenario, simulate_grank
 from lostjax.metrics.rankme import rankme
+from lostjax.metrics.retrieval import (average_precision, exact_knn, hit_rate, label_recall,
+                                       majority_vote_accuracy, mrr, ndcg, popularity_score, synthetic_recall)
+from lostjax.metrics.robustness import (attack_success_rate, ood_drop_rate, per_query_variance,
+                                        perturbation_percentage, rank_boost, topk_boost_rate, worst_k_mean)
 from lostjax.metrics.scaling_law import fit_scaling_law
 from lostjax.metrics.swiss_round import swiss_round
 
@@ -11,4 +17,9 @@ from lostjax.metrics.swiss_round import swiss_round
 warnings.filterwarnings("ignore", category=RuntimeWarning,
                         message=r".*'lostjax\.metrics\.(gradient_spectra|scaling_law)' found in sys\.modules.*")
 
-__all__ = ["rankme", "gradient_spectra", "fit_scaling_law", "swiss_round"]
+__all__ = ["rankme", "gradient_spectra", "fit_scaling_law", "swiss_round",
+           "synthetic_recall", "label_recall", "majority_vote_accuracy", "hit_rate", "popularity_score",
+           "mrr", "ndcg", "average_precision", "exact_knn",
+           "per_query_variance", "worst_k_mean", "ood_drop_rate", "attack_success_rate", "rank_boost",
+           "topk_boost_rate", "perturbation_percentage",
+           "simulate_grank", "GRankConfig", "grank_scenario"]
