@@ -1,6 +1,6 @@
 """Tests for lostjax.kernels.lost_matmul: y = gamma*act(x A) B + (1-gamma)*x[..., I] W_s (arXiv 2508.02668).
 
-Oracles: a NumPy float64 evaluation of the LOST formula (spec lost_trp_lift.md §1.2), and JAX
+Oracles: a NumPy float64 evaluation of the LOST formula (arXiv 2508.02668, eq. of the layer), and JAX
 autodiff of the plain unfused expression for the gradients w.r.t. x, A, B, W_s and gamma.
 """
 import jax

@@ -12,7 +12,7 @@ from lostjax.layers.common import dense_init
 
 
 def _numpy_reference(w0, rank, sparsity):
-  """Independent numpy transcription of LOST init (paper §3 / spec §1.2), float64."""
+  """Independent numpy transcription of LOST init (arXiv 2508.02668, §3), float64."""
   w0 = np.asarray(w0, np.float64)
   u, s, vt = np.linalg.svd(w0, full_matrices=False)
   w_r = (u[:, :rank] * s[:rank]) @ vt[:rank]

@@ -89,9 +89,14 @@ def _prepare(idx, k, bk, bd):
 
 
 def _onehot(d0, bd, idx_row, dtype):
-  """P[d, c] = (d0 + d == idx_row[0, c]) as a [bd, bk] matrix of dtype (exact 0/1)."""
+  """P[d, c] = (d0 + d == idx_row[0, c]) as a [bd, bk] matrix of dtype (exact 0/1; built in float32)."""
   rows = jax.lax.broadcasted_iota(jnp.int32, (bd, idx_row.shape[1]), 0) + d0
-  return jnp.where(rows == idx_row, jnp.ones((), dtype), jnp.zeros((), dtype))
+  return jnp.where(rows == idx_row, 1.0, 0.0).astype(dtype)
+
+
+def _precision(dtype):
+  """HIGHEST for float32 operands, so that the one-hot products copy values exactly on the MXU."""
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _mask(v, valid):
@@ -100,10 +105,11 @@ def _mask(v, valid):
 
 def _select(x_blk, d_blk, bd, d_in, idx_row):
   """Columns of x_blk (input-channel block d_blk) picked by idx_row, as float32 [bm, bk] (zeros elsewhere)."""
-  cols = jax.lax.broadcasted_iota(jnp.int32, x_blk.shape, 1) + d_blk * bd
-  x_blk = _mask(x_blk, cols < d_in)  # edge block: columns past d_in are not data (NaN in interpret mode)
+  if d_in % bd:  # edge block: columns past d_in are not data (NaN in interpret mode), 0 * NaN would leak
+    cols = jax.lax.broadcasted_iota(jnp.int32, x_blk.shape, 1) + d_blk * bd
+    x_blk = _mask(x_blk, cols < d_in)
   p = _onehot(d_blk * bd, bd, idx_row, x_blk.dtype)
-  return jnp.dot(x_blk, p, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+  return jnp.dot(x_blk, p, preferred_element_type=jnp.float32, precision=_precision(x_blk.dtype))
 
 
 def _x_block(c, t, first, count):
@@ -197,10 +203,11 @@ def gather_matmul_dw(x, idx, dy, *, blocks=None, interpret=None):
 
     @pl.when(t == nd - 1)
     def _():
-      rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0) + i * bm
-      xg_t = _mask(xg_ref[...], rows < m).T.astype(x_ref.dtype)  # edge block: rows past m are not data
-      dyb = _mask(dy_ref[...], rows < m)
-      acc_ref[...] += jnp.dot(xg_t, dyb, preferred_element_type=jnp.float32)
+      xg, dyb = xg_ref[...], dy_ref[...]
+      if m % bm:  # edge block: rows past m are not data
+        rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0) + i * bm
+        xg, dyb = _mask(xg, rows < m), _mask(dyb, rows < m)
+      acc_ref[...] += jnp.dot(xg.T.astype(x_ref.dtype), dyb, preferred_element_type=jnp.float32)
 
     @pl.when((i == nm - 1) & (t == nd - 1))
     def _():
@@ -246,8 +253,7 @@ def scatter_dx(g, idx, d_in, *, blocks=None, interpret=None):
     def _():
       p = _onehot(e * bd, bd, idx_ref[...], g_ref.dtype)
       acc_ref[...] += jax.lax.dot_general(g_ref[...], p, (((1,), (1,)), ((), ())),
-                                          preferred_element_type=jnp.float32,
-                                          precision=jax.lax.Precision.HIGHEST)
+                                          preferred_element_type=jnp.float32, precision=_precision(g_ref.dtype))
 
     @pl.when(c == nc - 1)
     def _():
