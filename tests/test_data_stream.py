@@ -292,3 +292,17 @@ def oracle_batches_by(docs, owner, S, B, L, steps):
           stream += list(d) + [EOS]  # Separate validation split: training documents are used whole.
     wins.append([stream[k * L:k * L + L + 1] for k in range(steps * r)])
   return [np.array([wins[s][j] for s in range(S) for j in range(k * r, (k + 1) * r)]) for k in range(steps)]
+
+
+def test_prefetch_threads_end_with_the_iterator(docs_dir):
+  import gc
+  import threading
+  tmp_path, _ = docs_dir
+  count = lambda: sum(t.name.startswith("grain") for t in threading.enumerate())
+  before = count()
+  b = make_data(stream_cfg(tmp_path, prefetch=2), seq_len=8, global_batch=4, seed=0)
+  next(b.train)
+  assert count() > before
+  del b
+  gc.collect()
+  assert count() == before

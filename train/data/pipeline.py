@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import grain
 import numpy as np
@@ -65,6 +66,37 @@ def check_vocab(tokens, vocab_limit, where):
                      "embed it (raise data.vocab_limit and model.vocab_size, or use a tokenizer whose ids fit)")
 
 
+class _Batches:
+  """Batch k of the run (this process's rows), as a pure function of k; shared by grain's reader threads."""
+
+  def __init__(self, rows, global_batch, shuffle_seed, lo, local, vocab_limit):
+    self.rows, self.global_batch, self.shuffle_seed = rows, global_batch, shuffle_seed
+    self.lo, self.local, self.vocab_limit = lo, local, vocab_limit
+    self.num_sequences = int(rows.shape[0])
+    self.batches_per_epoch = self.num_sequences // global_batch
+    self._lock = threading.Lock()
+    self._perms = {}
+
+  def permutation(self, epoch):
+    with self._lock:  # A small cache of the last epochs' permutations.
+      if epoch not in self._perms:
+        if len(self._perms) >= 2:
+          self._perms.pop(min(self._perms))
+        self._perms[epoch] = epoch_permutation(self.shuffle_seed, epoch, self.num_sequences)
+      return self._perms[epoch]
+
+  def __call__(self, k):
+    epoch, j = divmod(int(k), self.batches_per_epoch)
+    start = j * self.global_batch + self.lo
+    ids = self.permutation(epoch)[start:start + self.local]
+    order = np.argsort(ids, kind="stable")  # Read the memmap in increasing order, then restore the order.
+    tokens = np.empty((self.local, self.rows.shape[1]), np.int32)
+    tokens[order] = self.rows[ids[order]]
+    check_vocab(tokens, self.vocab_limit, "training")
+    return {"tokens": tokens, "ids": ids.astype(np.int64),
+            "mask": np.ones((self.local, self.rows.shape[1] - 1), np.float32), "epoch": epoch}
+
+
 class TrainIterator:
   """Infinite, deterministic iterator over shuffled packed training sequences (this process's rows)."""
 
@@ -74,38 +106,18 @@ class TrainIterator:
     self.global_batch = int(global_batch)
     self.shuffle_seed = int(shuffle_seed)
     self._rows = packed_view(stream, self.seq_len)
-    self.num_sequences = int(self._rows.shape[0])
-    self.batches_per_epoch = self.num_sequences // self.global_batch
-    self._local = self.global_batch // int(process_count)
-    self._lo = int(process_index) * self._local
-    self._vocab_limit = int(vocab_limit)
-    self._lock = threading.Lock()
-    self._perms = {}
-    ds = grain.MapDataset.range(_RUN_LENGTH).map(self._batch)
+    local = self.global_batch // int(process_count)
+    self._batches = _Batches(self._rows, self.global_batch, self.shuffle_seed, int(process_index) * local, local,
+                             int(vocab_limit))
+    self.num_sequences = self._batches.num_sequences
+    self.batches_per_epoch = self._batches.batches_per_epoch
+    ds = grain.MapDataset.range(_RUN_LENGTH).map(self._batches)
     opts = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=int(prefetch))
     self._it = iter(ds.to_iter_dataset(opts))
+    self._finalizer = weakref.finalize(self, self._it.close)  # Reader threads end with this iterator.
 
   def __iter__(self):
     return self
-
-  def _permutation(self, epoch):
-    with self._lock:  # grain's reader threads share the cache of the last epochs' permutations.
-      if epoch not in self._perms:
-        if len(self._perms) >= 2:
-          self._perms.pop(min(self._perms))
-        self._perms[epoch] = epoch_permutation(self.shuffle_seed, epoch, self.num_sequences)
-      return self._perms[epoch]
-
-  def _batch(self, k):
-    epoch, j = divmod(int(k), self.batches_per_epoch)
-    start = j * self.global_batch + self._lo
-    ids = self._permutation(epoch)[start:start + self._local]
-    order = np.argsort(ids, kind="stable")  # Read the memmap in increasing order, then restore the order.
-    tokens = np.empty((self._local, self.seq_len + 1), np.int32)
-    tokens[order] = self._rows[ids[order]]
-    check_vocab(tokens, self._vocab_limit, "training")
-    return {"tokens": tokens, "ids": ids.astype(np.int64), "mask": np.ones((self._local, self.seq_len), np.float32),
-            "epoch": epoch}
 
   def __next__(self):
     return next(self._it)

@@ -24,6 +24,8 @@ the cached pipeline.
 """
 from __future__ import annotations
 
+import weakref
+
 import grain
 import numpy as np
 
@@ -158,6 +160,8 @@ class StreamTrainIterator:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(prefetch))
     self._ds = ds
     self._it = iter(ds)
+    # Stop the prefetch thread when this iterator is dropped or, at the latest, before interpreter shutdown.
+    self._finalizer = weakref.finalize(self, self._it.close)
 
   def __iter__(self):
     return self
