@@ -18,7 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from train.data import default_data_config, make_data  # pylint: disable=wrong-import-position
 from train.data import sources  # pylint: disable=wrong-import-position
 from train.data.tokenizers import HFTokenizer  # pylint: disable=wrong-import-position
-from tests.test_data_pipeline import make_docs, oracle_split  # pylint: disable=wrong-import-position
+from test_data_pipeline import make_docs, oracle_split  # pylint: disable=wrong-import-position
 
 
 def texts(n, seed=0, lo=80, hi=400):
@@ -269,3 +269,24 @@ def test_llama_c4_preset_data_config(monkeypatch, hf_tok):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(ValueError, match=r"pip install -e \.\[tfds\]"):
     make_data(cfg.data, seq_len=16, global_batch=8, seed=0)
+
+
+def test_hf_local_folder_of_jsonl_files(tmp_path):
+  """A local folder that is not a save_to_disk dataset: read by `load_dataset(folder, streaming=True)`."""
+  a, b = texts(4, seed=50), texts(3, seed=51)
+  d = tmp_path / "corpus"
+  d.mkdir()
+  for name, docs in (("part-0.jsonl", a), ("part-1.jsonl", b)):
+    with open(d / name, "w", encoding="utf-8") as f:
+      for t in docs:
+        f.write(json.dumps({"text": t, "meta": 1}) + "\n")
+  c = default_data_config()
+  c.update(source="hf", hf_name=str(d), hf_eval_split="", stream_shards=1, eval_max_tokens=20, cache_dir="",
+           val_fraction=0.3)
+  bd = make_data(c, seq_len=16, global_batch=2, seed=0)
+  want = oracle_packed(a + b, lambda s: list(s.encode()), 256, 0.3, 1, 2, 16, 5, lambda i, n: 0)
+  for k in range(5):
+    np.testing.assert_array_equal(next(bd.train)["tokens"], want[k])
+  c.update(hf_eval_split="validation")  # Such a folder has only a train split: one clear error naming it.
+  with pytest.raises(ValueError, match="validation"):
+    make_data(c, seq_len=16, global_batch=2, seed=0)

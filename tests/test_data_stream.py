@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from train.data import default_data_config, make_data
-from tests.test_data_pipeline import EOS, make_docs, oracle_split, write_txt
+from test_data_pipeline import EOS, make_docs, oracle_split, write_txt
 
 
 def oracle_shard_windows(docs, frac, S, s, seq_len, n_windows):
