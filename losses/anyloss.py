@@ -1,7 +1,7 @@
 """AnyLoss: classification metrics (accuracy, F-beta, G-mean, balanced accuracy) as losses.
 
 Paper: Han, Moniz, Chawla, "AnyLoss: Transforming Classification Metrics into Loss Functions",
-arXiv:2405.14745 (KDD 2024); authors' code doheonhan/anyloss_extension (spec losses.md Sec. 11).
+arXiv:2405.14745 (KDD 2024); authors' code doheonhan/anyloss_extension (notes in docs/losses.md).
 
   y_hat = A(p) = 1 / (1 + exp(-L (p - 1/2)))       approximation ("amplifying") function, L = 73
   TP = sum y y_hat,  FN = y1 - TP,  FP = sum y_hat - TP,  TN = N - y1 - sum y_hat + TP

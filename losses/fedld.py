@@ -2,7 +2,7 @@
 
 Paper: Zeng, Guo, Wang, Wang, Zhou, Qu, "Tackling Data Heterogeneity in Federated Learning via Loss
 Decomposition", MICCAI 2024, arXiv:2408.12300; official code Zeng-Shuang/FedLD (`methods/fedld.py`,
-`svd_tools.py`). Formulas follow the official code (spec losses.md Sec. 14).
+`svd_tools.py`). Formulas follow the official code (notes in docs/losses.md).
 
 Client loss (margin control):
   L = CE(z, y) + lambda log(1 + ||softmax(z)||_F^2),  lambda = 0.03

@@ -3,7 +3,7 @@
 Paper: "SuSana Distancia is all you need: Enforcing class separability in metric learning via two
 novel distance-based loss functions for few-shot image classification", arXiv:2305.09062 (2023);
 official code maumruiz/FSL-Loss (`algorithms/icnn_loss.py`). Formulas follow the official code
-(spec losses.md Sec. 5): Euclidean distance d(x, y) = sqrt(sum (x - y)^2 + 1e-6).
+(notes in docs/losses.md): Euclidean distance d(x, y) = sqrt(sum (x - y)^2 + 1e-6).
 
 Proto-Triplet:  L = mean_q max(0, d(q, c_{y_q}) - min_{c != y_q} d(q, c) + m),  m = 0.5.
 

@@ -1,8 +1,8 @@
 """MW (Mann-Whitney) loss and the AUC metric.
 
 Paper: "Optimizing What Matters: AUC-Driven Learning for Robust Neural Retrieval",
-arXiv:2510.00137 (ServiceNow, 2025). No official code is known; the formula is the one of the
-project spec (losses.md Sec. 3, confidence B: global pooling consistent with the abstract and Fig. 2):
+arXiv:2510.00137 (ServiceNow, 2025). No official code is known; the formula is reconstructed from
+the paper's abstract and Fig. 2 (global pooling; notes in docs/losses.md):
 
   P = {(i, j): Y_ij = 1}, N = {(k, l): Y_kl = 0}       (valid entries of the Q x M score matrix)
   L_MW = 1/(|P||N|) sum_{P x N} -log sigmoid((S_ij - S_kl) / T)        ("global", the paper's point)

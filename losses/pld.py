@@ -1,8 +1,8 @@
 """PLD: Plackett-Luce Distillation.
 
 Paper: Bassam, Zhu, Bian, "A Choice-Theoretic List-Wise Knowledge Distillation" (PLD),
-arXiv:2506.12542 (NeurIPS 2025). No official code is public; the formula below is the one of the
-project spec (losses.md Sec. 9; confidence B), reconstructed from the abstract and summaries:
+arXiv:2506.12542 (NeurIPS 2025). No official code is public; the formula below is reconstructed
+from the paper's abstract and summaries (assumptions listed below and in docs/losses.md):
 
   pi*   = (y, then the other classes by decreasing teacher logit)        teacher-optimal permutation
   a_k   = softmax(t / T)[pi*_k]                                          teacher confidence weights

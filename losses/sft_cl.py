@@ -3,7 +3,7 @@
 Paper: Dai, Zhang, Li, Zhang, Long, Xie, M. Zhang, W. Li, M. Zhang, SFT or contrastive learning
 for (M)LLM reranking (weight/direction analysis, "Unified Reranking Loss"), arXiv:2510.14824 (2025).
 Code is not available; the decomposition below is derived from the paper's definitions as quoted
-in the project spec (losses.md Sec. 19, confidence B).
+in summaries of the paper (assumptions listed below and in docs/losses.md).
 
 Per example: 1 positive (index 0) and n negatives; yes/no logits z_y, z_n at the answer position.
   SFT:  sigma_i = sigmoid(z_y,i - z_n,i);  L_SFT = -log sigma_+ - sum_{i neg} log(1 - sigma_i)

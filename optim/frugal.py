@@ -4,7 +4,7 @@ Paper: Zmushko, Beznosikov, Takáč, Horváth, "FRUGAL: Memory-Efficient Optimiz
 Scalable Training", arXiv 2411.07837 (ICML 2025). Reference code: `fzmushko/FRUGAL@c7ebe4c`
 (frugal/proj_optimizer_templates.py, galore_projector.py, coordinate_projector.py, adamw.py).
 
-Update rule for a projectable matrix W with gradient G at step k (torch-layout description in the spec, §1.1):
+Update rule for a projectable matrix W with gradient G at step k (see docs/frugal_galore.md for the torch layout):
   * every T = update_gap steps (k % T == 0, the first at k = 0) build the projector P_k from the current G; with
     reset_statistics (default, all FRUGAL runs) zero the state-full Adam moments AND its step counter;
   * state-full part:  U_full = s_proj · P⁻¹(Adam(P(G)))  with Adam = (m/bc1)/(√v/√bc2 + ε)  (frugal/adamw.py);

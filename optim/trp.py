@@ -15,8 +15,8 @@ matrices W_i[C, kh·kw], one per output filter i (torch `weight[i].view(C, kh·k
 (the SVD, rank and masks are batched over the filter axis). Shapes stay static: singular values are masked, never
 sliced.
 
-ND, as read from the reference (the spec's "rank = max over filters, capped at min(C, kh·kw), energy 0.85" is the
-deploy rule only):
+ND, as read from the reference ("rank = max over filters, capped at min(C, kh·kw), energy 0.85" is the deploy
+rule only; docs/trp.md):
   * training (`low_rank_approx`, type ND): every filter is truncated at its OWN energy-e rank k_i (e = 0.9 as for
     NC/VH) and the nuclear sub-gradient is U_{k_i} V_{k_i}ᵀ per filter, i.e. the regulariser is Σ_i ‖W_i‖_*. The
     state keeps one int32 rank per filter ([N] per conv kernel instead of a scalar);
