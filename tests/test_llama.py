@@ -90,7 +90,7 @@ def test_param_counts_every_preset(name, kind):
 
 
 def test_published_sizes():
-  # GaLore/LOST naming: dense 60M/130M/350M/1B have ~58M/134M/368M/1.34B parameters (spec §1.2).
+  # GaLore/LOST naming: dense 60M/130M/350M/1B have ~58M/134M/368M/1.34B parameters.
   expect = {"60m": 58.1e6, "130m": 134.1e6, "350m": 368.0e6, "1b": 1339e6}
   for name, n in expect.items():
     got = count_params(nnx.eval_shape(lambda: Llama(preset(name), rngs=nnx.Rngs(0))))["total"]

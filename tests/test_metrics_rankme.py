@@ -1,4 +1,4 @@
-"""Tests for lostjax.metrics.rankme against the spec's reference values and a numpy oracle."""
+"""Tests for lostjax.metrics.rankme: float64 reference values of Eq. (1) (arXiv:2210.02885) and a numpy oracle."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +76,7 @@ def test_large_gaussian_and_low_rank_statistical_values():
   strong = rng.normal(size=(1000, 8)) @ rng.normal(size=(8, 64))
   weak = 1e-3 * rng.normal(size=(1000, 64))
   r = float(rankme((strong + weak).astype(np.float32)))
-  assert 7.5 < r < 9.5, r  # spec: ~8.44 for 8 strong + 56 weak directions
+  assert 7.5 < r < 9.5, r  # ~8.44 for 8 strong + 56 weak directions
 
 
 def test_bf16_and_int_inputs_upcast():

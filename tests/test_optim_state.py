@@ -30,7 +30,7 @@ def counts():
 def test_param_count_60m_preset():
   p = llama_param_shapes(512, 1376, 8)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p))
-  assert n == 58_073_600  # spec: 58.1M (untied embed/lm_head)
+  assert n == 58_073_600  # 58.1M, the GaLore/LOST 60M count (untied embed/lm_head)
 
 
 def test_adamw_and_frugal_closed_forms():
