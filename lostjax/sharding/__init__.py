@@ -115,9 +115,17 @@ def init_module(build, mesh=None, *, sharded: bool = False, rules=DEFAULT_RULES)
   return graphdef, params, rest
 
 
+def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is sharded over: those of the 'batch' rule that the mesh (concrete or
+  abstract) has with size > 1. The one place the batch placement is decided (step inputs, SAF store, kernels)."""
+  rule = dict(rules)["batch"]
+  rule = () if rule is None else ((rule,) if isinstance(rule, str) else tuple(rule))
+  return tuple(a for a in rule if mesh.shape.get(a, 1) > 1)
+
+
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
-  """Shards the leading (batch) dimension over the mesh axes that 'batch' maps to."""
-  axes = tuple(a for a in dict(rules)["batch"] if mesh.shape.get(a, 1) > 1)
+  """Shards the leading (batch) dimension over `batch_axes(mesh)`."""
+  axes = batch_axes(mesh, rules)
   lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
   return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
@@ -127,8 +135,9 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
-  return _axis_size(mesh, tuple(a for a in dict(rules)["batch"] if a in mesh.shape))
+  """How many ways the batch is split: the product of `batch_axes(mesh)`."""
+  return _axis_size(mesh, batch_axes(mesh, rules))
 
 
 __all__ = ["init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
-           "MESH_AXES", "batch_divisor"]
+           "MESH_AXES", "batch_divisor", "batch_axes"]

@@ -164,9 +164,7 @@ def _store_axes(rows: int):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  rule = dict(sharding_lib.DEFAULT_RULES)["batch"]
-  rule = (rule,) if isinstance(rule, str) else tuple(rule)
-  axes = tuple(a for a in rule if mesh.shape.get(a, 1) > 1)
+  axes = sharding_lib.batch_axes(mesh)
   while axes and rows % int(np.prod([mesh.shape[a] for a in axes])):
     axes = axes[:-1]
   return axes
