@@ -9,7 +9,8 @@ and the usual sampling filters:
                   Σ_{j<i} p_(j) < top_p, i.e. the smallest prefix whose mass reaches top_p (tokens tied with the
                   last kept logit are kept too). Applied after temperature and top-k, as Hugging Face does.
 
-Algorithm (one `jax.jit` per shape/static setting, reused across calls):
+Algorithm (one `jax.jit`, compiled once per model structure, prompt shape and max_new_tokens; temperature, top-k,
+top-p, seed and eos_id are traced, so changing them does not recompile):
   1. the prompts are left-aligned into [batch, P] (right-padded input is shifted; row b's real tokens start at
      time pad_b = P - len_b), a `KVCache` of W = min(P + max_new_tokens, model.max_seq_len) slots is allocated;
   2. prefill: one forward over the P prompt tokens writes every layer's keys/values into the cache;
@@ -37,54 +38,54 @@ from flax import nnx
 PADDING_SIDES = ("right", "left")
 
 
-def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float | jax.Array = 1.0) -> jax.Array:
-  """Sets logits outside the top-k / top-p (nucleus) set to -inf. logits: [..., vocab] float."""
+def filter_logits(logits: jax.Array, top_k=0, top_p=1.0) -> jax.Array:
+  """Sets logits outside the top-k / top-p (nucleus) set to -inf. logits: [..., vocab] float.
+
+  top_k (0 = off) and top_p (>= 1 = off) may be traced scalars: changing them does not recompile.
+  """
   logits = logits.astype(jnp.float32)
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
-    desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs          # mass of the tokens ranked above each one
-    keep = before < top_p
-    keep = keep.at[..., 0].set(True)                     # the most likely token always stays
-    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
+  vocab = logits.shape[-1]
+  top_k = jnp.asarray(top_k, jnp.int32)
+  desc = -jnp.sort(-logits, axis=-1)
+  rank = jnp.arange(vocab)
+  desc = jnp.where((top_k > 0) & (rank >= top_k), -jnp.inf, desc)     # top-k, in sorted order
+  probs = jax.nn.softmax(desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs                          # mass of the tokens ranked above
+  keep = (before < top_p) | (rank == 0) | (jnp.asarray(top_p) >= 1.0)
+  keep = keep & jnp.isfinite(desc)
+  threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, *, temperature, top_k: int = 0, top_p=1.0,
-                 greedy: bool = False) -> jax.Array:
-  """One token id per row of logits [batch, vocab]: argmax when greedy, else a draw from the filtered softmax."""
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  z = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
-  return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+def sample_token(logits: jax.Array, key: jax.Array, *, temperature, top_k=0, top_p=1.0) -> jax.Array:
+  """One token id per row of logits [batch, vocab]: the argmax when temperature == 0, else a draw from the
+  softmax of the top-k/top-p filtered logits / temperature. All settings may be traced scalars."""
+  temperature = jnp.asarray(temperature, jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  z = filter_logits(logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)
+  drawn = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "width", "greedy", "top_k",
-                                             "use_top_p", "eos_id"))
-def _generate(graphdef, state, tokens, start, key, temperature, top_p, *, max_new_tokens, width, greedy, top_k,
-              use_top_p, eos_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "width"))
+def _generate(graphdef, state, tokens, start, key, temperature, top_k, top_p, eos_id, *, max_new_tokens, width):
+  """Compiled once per model structure, prompt shape, max_new_tokens and cache width; every sampling setting
+  (and eos_id, -1 = none) is a traced scalar."""
   model = nnx.merge(graphdef, state)
   cache = model.init_cache(tokens.shape[0], width, start=start)
   logits, cache = model(tokens, cache=cache)
 
   def pick(logits, step):
-    return sample_token(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
-                        top_p=top_p if use_top_p else 1.0, greedy=greedy)
+    return sample_token(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k, top_p=top_p)
 
   first = pick(logits[:, -1], 0)
-  done = jnp.zeros(first.shape, bool) if eos_id is None else first == eos_id
+  done = (first == eos_id) & (eos_id >= 0)
 
   def step(carry, i):
     tok, done, cache = carry
     logits, cache = model(tok[:, None], cache=cache)
-    nxt = pick(logits[:, 0], i)
-    if eos_id is not None:
-      nxt = jnp.where(done, eos_id, nxt)
-      done = done | (nxt == eos_id)
+    nxt = jnp.where(done, eos_id, pick(logits[:, 0], i))
+    done = done | ((nxt == eos_id) & (eos_id >= 0))
     return (nxt, done, cache), nxt
 
   _, rest = jax.lax.scan(step, (first, done, cache), jnp.arange(1, max_new_tokens))
@@ -135,7 +136,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
     prompt_lengths: [batch] real lengths of the rows (default: all P).
     eos_id: once a row emits it, the row keeps emitting it.
     padding_side: where the padding of a short row is, 'right' (tokens first, default) or 'left'.
-  Called eagerly (not inside jit); the work itself is one jitted prefill + scan, compiled once per shape/setting.
+  Called eagerly (not inside jit); the work itself is one jitted prefill + scan (see the module docstring).
   """
   cfg = model.cfg
   tokens, pad = left_align(prompt_tokens, prompt_lengths, padding_side)
@@ -156,11 +157,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
     raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
   graphdef, state = nnx.split(model)
   width = min(tokens.shape[1] + max_new_tokens, cfg.max_seq_len)
-  greedy = temperature == 0
   return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(pad), jax.random.key(seed),
-                   jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
-                   max_new_tokens=max_new_tokens, width=width, greedy=greedy, top_k=top_k,
-                   use_top_p=top_p < 1.0, eos_id=eos_id)
+                   jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                   jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens, width=width)
 
 
 class _CallableModule(types.ModuleType):

@@ -303,11 +303,36 @@ def import_hf(hf_dir: str, workdir: str, *, method: str = "dense", rank: int = 0
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv):
-  del argv
-  from absl import flags, logging
+def _flags():
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()  # own FlagValues: main(argv) can run in-process beside other CLIs
+  flags.DEFINE_string("workdir", None, "Run directory to export (or to write, with --from_hf).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Hugging Face folder to write.", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out (or --workdir with --from_hf).",
+                    flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).", flag_values=fv)
+  flags.DEFINE_string("from_hf", None, "Import this Hugging Face Llama folder into --workdir.", flag_values=fv)
+  flags.DEFINE_enum("method", "dense", ["dense", "lost"], "Imported model: dense copy or LOST decomposition.",
+                    flag_values=fv)
+  flags.DEFINE_integer("rank", 0, "LOST rank (default d_model // 4).", flag_values=fv)
+  flags.DEFINE_float("sparsity", 0.05, "LOST sparsity s (k = floor(s * d_in) channels).", flag_values=fv)
+  flags.DEFINE_float("gamma", 0.5, "LOST gamma.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "train.seed of the imported run.", flag_values=fv)
+  config_flags.DEFINE_config_file("config", None, "Training setup for the imported run (model section replaced).",
+                                  flag_values=fv, lock_config=False)
+  return fv
+
+
+def main(argv) -> int:
+  from absl import logging
+
+  from train.sample import parse
+  f = _flags()
+  status = parse(f, argv, __doc__)
+  if status is not None:
+    return status
   logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
   try:
     if f.from_hf:
       out = import_hf(f.from_hf, f.workdir, method=f.method, rank=f.rank, sparsity=f.sparsity, gamma=f.gamma,
@@ -324,18 +349,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  flags.DEFINE_string("workdir", None, "Run directory to export (or to write, with --from_hf).")
-  flags.DEFINE_string("out", None, "Hugging Face folder to write.")
-  flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --out (or --workdir with --from_hf).")
-  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-  flags.DEFINE_string("from_hf", None, "Import this Hugging Face Llama folder into --workdir.")
-  flags.DEFINE_enum("method", "dense", ["dense", "lost"], "Imported model: dense copy or LOST decomposition.")
-  flags.DEFINE_integer("rank", 0, "LOST rank (default d_model // 4).")
-  flags.DEFINE_float("sparsity", 0.05, "LOST sparsity s (k = floor(s * d_in) channels).")
-  flags.DEFINE_float("gamma", 0.5, "LOST gamma.")
-  flags.DEFINE_integer("seed", 0, "train.seed of the imported run.")
-  config_flags.DEFINE_config_file("config", None, "Training setup for the imported run (model section replaced).",
-                                  lock_config=False)
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main(sys.argv))

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
-flags.DEFINE_string("prompt", "", "Text to continue.")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.")
-flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_integer("num_samples", 1, "Samples (one batch).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-FLAGS = flags.FLAGS
+# Own FlagValues (not absl's global FLAGS): `main(argv)` can be called in-process, next to other CLIs' flags.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", flag_values=FLAGS)
+flags.DEFINE_string("prompt", "", "Text to continue.", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 1, "Samples (one batch).", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
 
 
 def sample_texts(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -55,8 +56,24 @@ def sample_texts(workdir: str, prompt: str, *, max_new_tokens: int, temperature:
   return texts
 
 
-def main(argv):
-  del argv
+def parse(flag_values, argv, doc) -> int | None:
+  """Parses argv into flag_values; returns an exit status (help: 0, bad flag: 2) or None to go on."""
+  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+    print(doc + "\n" + flag_values.get_help())
+    return 0
+  flag_values.unparse_flags()  # back to the defaults (main may run several times in one process)
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return None
+
+
+def main(argv) -> int:
+  status = parse(FLAGS, argv, __doc__)
+  if status is not None:
+    return status
   logging.set_verbosity(logging.WARNING)
   from train.checkpoint import CheckpointError
   try:
@@ -74,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main(sys.argv))
