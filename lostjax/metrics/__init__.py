@@ -11,6 +11,8 @@ from lostjax.metrics.robustness import (attack_success_rate, ood_drop_rate, per_
                                         perturbation_percentage, rank_boost, topk_boost_rate, worst_k_mean)
 from lostjax.metrics.scaling_law import fit_scaling_law
 from lostjax.metrics.swiss_round import swiss_round
+from lostjax.metrics.pathways import (levenshtein, mean_pathway_distance, pathway_consistency,
+                                      pathway_distances, router_embeddings, sample_pathways)
 
 # `python -m lostjax.metrics.<cli>` runs a module this package has already imported; runpy's warning about
 # that is harmless here (the CLIs keep no module state), so it is silenced for these modules only.
@@ -22,4 +24,6 @@ __all__ = ["rankme", "gradient_spectra", "fit_scaling_law", "swiss_round",
            "mrr", "ndcg", "average_precision", "exact_knn",
            "per_query_variance", "worst_k_mean", "ood_drop_rate", "attack_success_rate", "rank_boost",
            "topk_boost_rate", "perturbation_percentage",
-           "simulate_grank", "GRankConfig", "grank_scenario"]
+           "simulate_grank", "GRankConfig", "grank_scenario",
+           "sample_pathways", "levenshtein", "pathway_distances", "mean_pathway_distance",
+           "pathway_consistency", "router_embeddings"]
