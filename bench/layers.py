@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lostjax.kernels import gather_matmul, lost_matmul  # noqa: E402
 
-# name: (d, ff, rank) -- GaLore LLaMA configs; ranks as the LOST/CoLA presets (spec §1.2).
+# name: (d, ff, rank) -- GaLore LLaMA configs; ranks as the LOST/CoLA presets (docs/lost.md).
 SIZES = {
     "tiny": (64, 176, 16),  # smoke tests only
     "60m": (512, 1376, 128),

@@ -58,7 +58,7 @@ def spec_design():
     SMALL_GRID,
 ])
 def test_huber_recovers_noise_free_spec_design(grid):
-  # spec section 9: scipy L-BFGS-B with default tolerances stops early here; ours must recover to 1e-4.
+  # scipy L-BFGS-B with default tolerances stops early on this design; ours must recover to 1e-4.
   n, d = spec_design()
   fit = fit_scaling_law(n, d, law_np(TEX, n, d), method="huber", init_grid=grid)
   np.testing.assert_allclose(fit.params, TEX, atol=1e-4)
