@@ -29,7 +29,8 @@ arXiv:2301.12530 (TU Delft MSc thesis; official notebook "awrgold/G-Rank"). Impl
 - Evaluation per round: list distance (sum over shared items of |position in the node's list - position in the
   true list|, Spearman's footrule; the true list orders a term's items by the global benign click count), the share
   of queries whose shown top-n contains the term's most clicked item, the share of benign nodes whose top-1 for the
-  target term is the target item, the mean gossip message size (entries) and the known fraction of all entries.
+  target term is the target item (attack runs only; NaN without Sybils), the mean gossip message size (entries)
+  and the known fraction of all entries.
 
 Deliberate deviations from the notebook (to vectorise it; all documented in docs/metrics_retrieval_grank.md):
 - A synthetic catalogue: `num_terms` tags with `items_per_term` items each, Zipf popularity per tag (the
@@ -173,7 +174,7 @@ class GRankResult:
   config: GRankConfig
   list_distance: np.ndarray      # [rounds] mean footrule distance of benign queries' lists to the true list
   popular_share: np.ndarray      # [rounds] share of benign queries whose shown top-n has the most clicked item
-  target_share: np.ndarray       # [rounds] share of benign nodes ranking the target item first for its term
+  target_share: np.ndarray       # [rounds] share of benign nodes ranking the target item first (NaN: no Sybils)
   message_size: np.ndarray       # [rounds] mean entries per gossip message
   knowledge: np.ndarray          # [rounds] mean share of all entries a benign node knows
   popularity: np.ndarray         # [T, G] item popularity used by benign clicks
@@ -205,6 +206,7 @@ def top_terms_mask(counts, k: int):
 
 
 # ------------------------------------------------------------------------------------------ state updates
+@functools.partial(jax.jit, static_argnames=("k",))
 def _append(state: GRankState, mask, term, item, k: int) -> GRankState:
   """Append one entry (term[i], item[i]) to the own log of every node with mask[i]."""
   n, cap = state.e_term.shape
@@ -250,6 +252,11 @@ def similarity_matrix(state: GRankState, form: str = "paper", chunk_size: int = 
   """S_i(n_j) for all pairs from the state's logs and watermarks, rows divided by their max ([N, N] float32)."""
   if form not in SIMILARITIES:
     raise ValueError(f"similarity form must be one of {SIMILARITIES}, got {form!r}")
+  return _similarity(state, form=form, chunk_size=int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("form", "chunk_size"))
+def _similarity(state: GRankState, *, form: str, chunk_size: int) -> jax.Array:
   n = state.known.shape[0]
   cols = jnp.arange(n)
 
@@ -273,9 +280,13 @@ def similarity_matrix(state: GRankState, form: str = "paper", chunk_size: int = 
 def grank_scores(state: GRankState, queries, offset: float = 0.0, chunk_size: int = 128):
   """Scores sum_j C_jk (S_i(n_j) + F) of every item of node i's query term queries[i], and which items have a
   known click. Returns (scores [N, G] float32, clicked [N, G] bool)."""
+  return _scores(state, jnp.asarray(queries, jnp.int32), jnp.float32(offset), chunk_size=int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _scores(state: GRankState, queries, offset, *, chunk_size: int):
   n = state.known.shape[0]
   cols = jnp.arange(n)
-  queries = jnp.asarray(queries, jnp.int32)
 
   def block(rows):
     w = state.known[rows]
@@ -317,12 +328,21 @@ def _static_fanout(fanout) -> int:
     raise ValueError("gossip_step needs a concrete fanout array (its max sets a static shape)") from None
 
 
+@functools.partial(jax.jit, static_argnames=("scheme", "max_fanout"))
 def _gossip(known, link, active, fanout, key, *, scheme: str, max_fanout: int):
   n = known.shape[0]
-  contacts = (link | (known > 0)) & ~jnp.eye(n, dtype=bool) & active[None, :]
-  u = jnp.where(contacts, jax.random.uniform(key, (n, n)), -1.0)
-  val, tgt = jax.lax.top_k(u, max_fanout)
-  ok = (val >= 0) & (jnp.arange(max_fanout)[None, :] < fanout[:, None])
+  free = (link | (known > 0)) & ~jnp.eye(n, dtype=bool) & active[None, :]
+  picks, oks = [], []
+  for f, k in enumerate(jax.random.split(key, max_fanout)):
+    # uniform pick among the remaining contacts: the floor(u * count)-th True of the row (one draw per node)
+    count = jnp.sum(free, axis=1)
+    r = jnp.floor(jax.random.uniform(k, (n,)) * count).astype(jnp.int32)
+    pick = jnp.argmax(jnp.cumsum(free, axis=1, dtype=jnp.int32) > r[:, None], axis=1).astype(jnp.int32)
+    ok_f = (count > 0) & (f < fanout)
+    picks.append(pick)
+    oks.append(ok_f)
+    free = free & ~((jnp.arange(n)[None, :] == pick[:, None]) & ok_f[:, None])
+  tgt, ok = jnp.stack(picks, axis=1), jnp.stack(oks, axis=1)
   tgt = jnp.where(ok, tgt, -1)
   src = jnp.broadcast_to(jnp.arange(n)[:, None], tgt.shape)
   safe = jnp.where(ok, tgt, 0)
@@ -457,10 +477,14 @@ def _round(cfg: GRankConfig, target, pop, offset, state: GRankState, xs):
   state = _append(state, benign, q, item, cfg.top_k_terms)
   state = state._replace(gclicks=state.gclicks.at[jnp.where(benign, q, cfg.num_terms), item].add(1, mode="drop"))
 
-  # target tracking: top-1 of every node for the target term
-  t_scores, t_clicked = grank_scores(state, jnp.full((n,), target[0], jnp.int32), offset, cfg.chunk_size)
-  t_top = ranked_lists(t_scores, t_clicked)[:, 0]
-  target_first = (t_top == target[1]) & jnp.any(t_clicked, axis=1)
+  # target tracking (only in attack runs): top-1 of every node for the target term
+  if cfg.num_sybils:
+    t_scores, t_clicked = grank_scores(state, jnp.full((n,), target[0], jnp.int32), offset, cfg.chunk_size)
+    t_top = ranked_lists(t_scores, t_clicked)[:, 0]
+    target_first = (t_top == target[1]) & jnp.any(t_clicked, axis=1)
+    target_share = jnp.sum(target_first & benign) / cfg.num_nodes
+  else:
+    target_share = jnp.float32(jnp.nan)
 
   # gossip and similarity update
   is_sybil = ~benign & state.active
@@ -480,7 +504,7 @@ def _round(cfg: GRankConfig, target, pop, offset, state: GRankState, xs):
   total = jnp.sum(state.length).astype(jnp.float32)
   out = dict(list_distance=jnp.sum(jnp.where(benign, dist, 0)) / nb,
              popular_share=jnp.sum(in_top & benign) / nb,
-             target_share=jnp.sum(target_first & benign) / nb,
+             target_share=target_share,
              message_size=jnp.sum(jnp.where(sent, size, 0)) / jnp.maximum(jnp.sum(sent), 1),
              knowledge=jnp.sum(jnp.where(benign[:, None], state.known, 0)) / (nb * total))
   return state, out
