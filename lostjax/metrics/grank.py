@@ -18,7 +18,8 @@ arXiv:2301.12530 (TU Delft MSc thesis; official notebook "awrgold/G-Rank"). Impl
 - Ranking of query Q at node i: score(k) = sum_j C_jk (S_i(n_j) + F) where C_jk counts node j's clicks on item k
   for Q known to i and F ∈ {0, 1} ("offset") lets zero-similarity clicks count. The list holds the clicked items by
   descending score (ties: lower item id). With probability 0.5 two random positions are swapped (exploration).
-- Push gossip: every active node sends its knowledge to 1 random contact per round (Sybils to `sybil_fanout`);
+- Push gossip: every benign node sends its knowledge to 1 random contact per round (Sybils, from the attack round
+  on, to `sybil_fanout` contacts);
   pull gossip: every benign node fetches the knowledge of 1 random contact. Contacts are nodes whose entries a node
   knows, plus explicit links (bootstrap, the other side of every gossip exchange). Similarities are then
   recomputed.
@@ -44,8 +45,8 @@ Deliberate deviations from the notebook (to vectorise it; all documented in docs
 - The notebook overwrites the score with count x similarity before sorting, so its F has no effect; that is
   offset=0 here. Unseen queries (no click known) give an empty list instead of string matches.
 
-Cost per round is O(N^2 (T + G)) in fused, row-chunked JAX kernels (no N x N x L tensor); 1,000 nodes x 100 rounds
-runs in seconds on a CPU (bench/grank.py, BENCHMARKS.md).
+Cost per round is O(N^2 (T G / 32 + G)) in fused, row-chunked JAX kernels (no N x N x L tensor); 1,000 nodes x
+100 rounds take about 5-15 s of CPU time after compilation (bench/grank.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
