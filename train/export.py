@@ -104,48 +104,57 @@ def _check_out(out: str, overwrite: bool) -> None:
     raise ValueError(f"--out={out!r} exists and is not a directory")
 
 
-def write_tokenizer(cfg, out: str, max_len: int) -> str:
+def write_tokenizer(data_cfg, out: str, max_len: int) -> str:
   """Writes HF tokenizer files when the run's tokenizer has an HF form; returns a sentence saying what was done."""
-  name = cfg.data.tokenizer
+  name = data_cfg.tokenizer
   if name != "sentencepiece":
     return (f"no tokenizer files written: the run's tokenizer {name!r} (UTF-8 bytes 0..255 + EOS 256) has no "
             f"Hugging Face tokenizer class with the same ids; encode text as UTF-8 bytes yourself")
   import sentencepiece as spm
-  path = os.path.expanduser(cfg.data.tokenizer_path)
+  path = os.path.expanduser(data_cfg.tokenizer_path)
   sp = spm.SentencePieceProcessor(model_file=path)
   shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
   piece = lambda i: sp.id_to_piece(i) if i >= 0 else None
   tok_cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
              "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-             "pad_token": None, "model_max_length": max_len, "legacy": True, "add_prefix_space": False,
+             "pad_token": None, "model_max_length": max_len, "legacy": True, "add_prefix_space": True,
              "clean_up_tokenization_spaces": False}
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
     json.dump(tok_cfg, f, indent=2)
-  return "tokenizer.model + tokenizer_config.json (LlamaTokenizer, no BOS/EOS added, as in training) written"
+  return ("tokenizer.model + tokenizer_config.json (LlamaTokenizer, no BOS/EOS added, as in training) written; "
+          "decoding is exact, but transformers' converted tokenizer may split runs of spaces differently")
 
 
-def export(workdir: str, out: str, *, overwrite: bool = False, step: int | None = None) -> dict:
-  """Writes config.json, model.safetensors (and tokenizer files) of an HF LlamaForCausalLM; returns a summary."""
+def write_hf(model, out: str, data_cfg=None, *, overwrite: bool = False) -> dict:
+  """Writes config.json, model.safetensors (and tokenizer files for `data_cfg`, a run's `data` section) of an HF
+  LlamaForCausalLM equal to `model`; returns a summary. Nothing is written when the model cannot be exported."""
   from safetensors.numpy import save_file
-
-  from train.checkpoint import load_model
   _check_out(out, overwrite)
-  model, cfg = load_model(workdir, step)
   tensors = hf_state_dict(model)   # before writing anything: a non-exportable model fails here
   os.makedirs(out, exist_ok=True)
   eos = bos = None
-  if cfg.data.tokenizer == "byte":
+  tokenizer = data_cfg.tokenizer if data_cfg is not None else None
+  if tokenizer == "byte":
     eos = 256
-  elif cfg.data.tokenizer == "sentencepiece":
+  elif tokenizer == "sentencepiece":
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=os.path.expanduser(cfg.data.tokenizer_path))
+    sp = spm.SentencePieceProcessor(model_file=os.path.expanduser(data_cfg.tokenizer_path))
     eos, bos = (sp.eos_id() if sp.eos_id() >= 0 else None), (sp.bos_id() if sp.bos_id() >= 0 else None)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf_config(model.cfg, eos, bos), f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  note = write_tokenizer(cfg, out, model.cfg.max_seq_len)
+  note = (write_tokenizer(data_cfg, out, model.cfg.max_seq_len) if data_cfg is not None
+          else "no tokenizer files written: no tokenizer given")
   return {"out": out, "tensors": len(tensors), "params": int(sum(v.size for v in tensors.values())),
           "tokenizer": note}
+
+
+def export(workdir: str, out: str, *, overwrite: bool = False, step: int | None = None) -> dict:
+  """`write_hf` of a run directory's latest (or `step`) checkpoint, with the run's tokenizer."""
+  from train.checkpoint import load_model
+  _check_out(out, overwrite)
+  model, cfg = load_model(workdir, step)
+  return write_hf(model, out, cfg.data, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------- import
