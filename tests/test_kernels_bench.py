@@ -86,3 +86,21 @@ def test_gpu_script_smoke_mode(tmp_path):
   assert {r["kind"] for r in res["model"]["rows"]} == {"dense", "lost"}
   assert all("tokens_per_s" in r for r in res["model"]["rows"]), res["model"]["rows"]
   assert {"fused_concat", "fused_onehot", "auto-sep", "fused_concat-sep"} <= {r["sparse_impl"] for r in res["model"]["rows"]}
+
+
+@pytest.mark.slow
+def test_sparse_tpu_script_smoke_mode(tmp_path):
+  out = tmp_path / "sparse_tpu.json"
+  subprocess.run([sys.executable, os.path.join(BENCH, "sparse_tpu.py"), "--smoke", "--out", str(out)], check=True,
+                 timeout=900, capture_output=True)
+  res = json.loads(out.read_text())
+  for sec in ("check", "layers", "model"):
+    assert "error" not in res[sec], (sec, res[sec])
+  for row in res["check"]["rows"]:  # pallas_tpu (TPU interpret mode) against gather_xla
+    for name in ("y", "dx", "dw"):
+      assert row[f"max_abs_diff_{name}"] <= 1e-5 * max(1.0, row[f"max_abs_{name}"]), row
+  assert all("error" not in r for r in res["layers"]["rows"])
+  lost = {r["sparse_impl"]: r["loss"] for r in res["model"]["rows"] if r["kind"] == "lost"}
+  assert set(lost) == {"gather_xla", "pallas_tpu", "fused_concat", "fused_onehot"}
+  assert max(lost.values()) - min(lost.values()) < 1e-4  # the same model whatever the sparse path
+  assert res["auto_tpu"] in ("gather_xla", "pallas_tpu")

@@ -17,9 +17,9 @@ initialiser N(0, init_std²), LOST (paper §3):
 γ is a static float (default 0.5) and σ defaults to the identity. How the sparse term is computed is
 `sparse_impl`, a name of the one sparse-path registry (`lostjax.kernels.registry`: 'auto', 'gather_xla',
 'gather_onehot_grad', 'fused_concat', 'fused_onehot', 'pallas_gpu', 'pallas_tpu', or a legacy alias), resolved
-at construction by `resolve_sparse_impl`; the fused entries compute both branches with one output GEMM. I is stored as a non-trainable
-`SparseIndex` variable: it is checkpointed with the model, never seen by the optimizer (which only
-receives `nnx.Param` leaves) and never changes during training.
+at construction by `resolve_sparse_impl`; the fused entries compute both branches with one output GEMM.
+I is stored as a non-trainable `SparseIndex` variable: it is checkpointed with the model, never seen by the
+optimizer (which only receives `nnx.Param` leaves) and never changes during training.
 
 Deliberate deviations from the authors' development code (github.com/JiaxiLi1/Lora-init @ec6ce9b,
 ``HybridSparseLinear``), each pinned by a test in tests/test_lost.py:
