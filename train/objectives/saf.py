@@ -183,7 +183,7 @@ def store_init(*, num_examples: int, epochs_back: int, seq_len: int, topk: int, 
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f"{name}={v!r} must be a positive int" + (
           " (SAF needs a finite training set with global example ids; synthetic data has none — use "
-          "objectives.trajectory='mesa')" if name == "num_train_examples" else ""))
+          "objectives.mesa.enabled=True instead)" if name == "num_train_examples" else ""))
   if topk > vocab_size:
     raise ValueError(f"saf.topk={topk} exceeds vocab_size={vocab_size}")
   if store_dtype not in STORE_DTYPES:
