@@ -276,18 +276,18 @@ def test_cache_hit_and_invalidation(corpus_dir, monkeypatch):
   a = make_data(cfg, seq_len=16, global_batch=4, seed=0)
   path = a.info["cache_path"]
   assert os.path.isfile(os.path.join(path, "train.npy")) and os.path.isfile(os.path.join(path, "meta.json"))
-  real = corpus_lib._write_streams
+  real = corpus_lib.write_streams
 
   def fail(*args, **kwargs):
     raise AssertionError("cache was rebuilt")
 
-  monkeypatch.setattr(corpus_lib, "_write_streams", fail)
+  monkeypatch.setattr(corpus_lib, "write_streams", fail)
   b = make_data(cfg, seq_len=16, global_batch=4, seed=0)  # Served from the cache.
   assert b.info["cache_path"] == path
   assert isinstance(corpus_lib.load_corpus(cfg, b.tokenizer).train, np.memmap)  # Memory-mapped, not loaded.
   np.testing.assert_array_equal(next(a.train)["tokens"], next(b.train)["tokens"])
   # Changing a file (size/mtime) changes the key and rebuilds.
-  monkeypatch.setattr(corpus_lib, "_write_streams", real)
+  monkeypatch.setattr(corpus_lib, "write_streams", real)
   (tmp_path / "doc000.txt").write_bytes(docs[0] + b"more text\n")
   c = make_data(cfg, seq_len=16, global_batch=4, seed=0)
   assert c.info["cache_path"] != path

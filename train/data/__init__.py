@@ -31,7 +31,6 @@ from train.data import corpus as corpus_lib
 from train.data import pipeline
 from train.data import sources as sources_lib
 from train.data.pipeline import SyntheticTrainIterator, TrainIterator
-from train.data.stream import StreamTrainIterator
 from train.data.tokenizers import TOKENIZERS, ByteTokenizer, HFTokenizer, SentencePieceTokenizer, make_tokenizer
 
 SOURCES = ("stdlib", "files", "hf", "tfds", "synthetic")
@@ -120,7 +119,7 @@ def _eval_set(val_docs, tokenizer, cfg, seq_len, global_batch, process_index, pr
   if isinstance(val_docs, corpus_lib.Corpus):
     val, vbytes = val_docs.val, val_docs.val_bytes
   else:
-    (_, val, vbytes), _ = corpus_lib._write_streams(  # pylint: disable=protected-access
+    (_, val, vbytes), _ = corpus_lib.write_streams(
         tokenizer, [], val_docs, 0.0, cfg.eval_max_tokens, None)
   n_val = int(val.shape[0])
   if cfg.val_fraction > 0 and n_val < 2 and not eval_split:
@@ -269,6 +268,7 @@ def _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs):
                      "and an empty eval split to disable evaluation")
   batches, n_targets, eval_bytes = _eval_set(val_docs(), tokenizer, cfg, seq_len, global_batch,
                                              procs["process_index"], procs["process_count"], eval_split)
+  from train.data.stream import StreamTrainIterator  # pylint: disable=import-outside-toplevel  (imports grain)
   train = StreamTrainIterator(lambda i: shard(i, shards), shards, tokenizer, seq_len, global_batch,
                               0.0 if eval_split else cfg.val_fraction, vocab_limit=cfg.vocab_limit,
                               prefetch=cfg.prefetch, **procs)
@@ -279,4 +279,4 @@ def _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs):
 
 
 __all__ = ["default_data_config", "make_data", "DataBundle", "TrainIterator", "SyntheticTrainIterator",
-           "StreamTrainIterator", "ByteTokenizer", "SentencePieceTokenizer", "HFTokenizer", "make_tokenizer"]
+           "ByteTokenizer", "SentencePieceTokenizer", "HFTokenizer", "make_tokenizer"]

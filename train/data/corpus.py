@@ -127,7 +127,7 @@ def _chunks(docs):
     yield buf
 
 
-def _write_streams(tokenizer, train_docs, val_docs, val_fraction, eval_max_tokens, out_dir):
+def write_streams(tokenizer, train_docs, val_docs, val_fraction, eval_max_tokens, out_dir):
   """Tokenizes into train/val streams (files under out_dir, or in memory when out_dir is None)."""
   dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
   path = (lambda name: os.path.join(out_dir, name + ".npy")) if out_dir else (lambda name: None)
@@ -175,7 +175,7 @@ def load_corpus(cfg, tokenizer):
   train_docs, val_docs, source_key = _documents(cfg)
   cache_dir = os.path.expanduser(str(cfg.cache_dir or ""))
   if not cache_dir or cache_dir.lower() == "none":
-    (train, val, vbytes), stats = _write_streams(tokenizer, train_docs, val_docs, cfg.val_fraction,
+    (train, val, vbytes), stats = write_streams(tokenizer, train_docs, val_docs, cfg.val_fraction,
                                                  cfg.eval_max_tokens, None)
     return Corpus(train, val, vbytes, {**stats, "cache_path": None})
   key = cache_key(cfg, tokenizer, source_key)
@@ -186,7 +186,7 @@ def load_corpus(cfg, tokenizer):
     tmp = tempfile.mkdtemp(prefix=key + ".tmp.", dir=cache_dir)
     os.chmod(tmp, 0o755)
     try:
-      _, stats = _write_streams(tokenizer, train_docs, val_docs, cfg.val_fraction, cfg.eval_max_tokens, tmp)
+      _, stats = write_streams(tokenizer, train_docs, val_docs, cfg.val_fraction, cfg.eval_max_tokens, tmp)
       stats.update(source=cfg.source, tokenizer=tokenizer.name)
       with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(stats, f, indent=1)

@@ -29,7 +29,6 @@ import math
 import threading
 import weakref
 
-import grain
 import numpy as np
 
 _RUN_LENGTH = 1 << 62  # Batches addressable by the grain dataset (an effectively infinite run).
@@ -111,6 +110,8 @@ class TrainIterator:
                              int(vocab_limit))
     self.num_sequences = self._batches.num_sequences
     self.batches_per_epoch = self._batches.batches_per_epoch
+    import grain  # pylint: disable=import-outside-toplevel  (only training needs it, not train_tokenizer)
+
     ds = grain.MapDataset.range(_RUN_LENGTH).map(self._batches)
     opts = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=int(prefetch))
     self._it = iter(ds.to_iter_dataset(opts))

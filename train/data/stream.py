@@ -47,7 +47,7 @@ class PackedShardIterator(grain.DatasetIterator):
 
   def _reset(self):
     self._docs = None          # Reader: iterator of (bytes, resume token), positioned after the buffered documents.
-    self._buf = []             # [(doc index, resume token, int32 tokens incl. EOS)] from the current document on.
+    self._buf = []             # [(epoch, doc index, resume token, int32 tokens + EOS)] from the current document on.
     self._next_doc = self._state["doc"]
     self._epoch_read = self._state["epoch"]  # Epoch of the documents the reader returns next.
     self._epoch_tokens = None if self._next_doc else 0  # Tokens read in an epoch read from its start.
