@@ -5,11 +5,11 @@ pipeline (read -> tokenize -> pack, nothing cached) and the cached pipeline (mem
 tokenization), for the byte, SentencePiece and Hugging Face `tokenizers` tokenizers. Tokens/s = batches × batch ×
 seq_len / time from the first batch on (including every read and tokenizer call made so far; the default 250
 batches of 64 × 256 = 4.1M tokens cover most of the corpus), with prefetch off (the pipeline's own rate; with
-prefetch the consumer sees the same rate in steady state). The SentencePiece model (BPE) and the HF tokenizer.json (byte-level BPE) are trained here
-on the first `--tok-train-bytes` of the corpus with `--vocab` pieces, unless `--sp-model` / `--hf-tokenizer` give
-files (e.g. T5's spiece.model / tokenizer.json).
+prefetch the consumer sees the same rate in steady state). The SentencePiece model (BPE) and the HF
+tokenizer.json (byte-level BPE) are trained here on the first `--tok-train-bytes` of the corpus with `--vocab`
+pieces, unless `--sp-model` / `--hf-tokenizer` give files (e.g. T5's spiece.model / tokenizer.json).
 
-Part 2, overlap: a small LLaMA train step (`--model small,lost`, byte vocabulary) built as `train.trainer` builds
+Part 2, overlap: a small LLaMA train step (`--model small,lost`, byte vocabulary) built as the trainer builds
 it, timed step by step in alternating order (ABBA...) (a) on one preloaded device batch and (b) with
 `next(bundle.train)` from the streaming pipeline (prefetch 2, grain's background thread) + `jnp.asarray`.
 Ratio = median step time (b) / median (a); the target is <= 1.02.

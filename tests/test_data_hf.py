@@ -255,7 +255,7 @@ def test_llama_c4_preset_data_config(monkeypatch, hf_tok):
   cfg = llama.get_config("60m,lost")
   assert (cfg.data.source, cfg.data.hf_name, cfg.data.hf_config, cfg.data.tokenizer, cfg.data.tokenizer_path,
           cfg.data.vocab_limit, cfg.model.vocab_size, cfg.data.max_bytes) == (
-              "hf", "allenai/c4", "en", "hf", "t5-base", 32000, 32000, 0)
+              "hf", "allenai/c4", "en", "hf", "google-t5/t5-base", 32000, 32000, 0)
   cfg.data.tokenizer_path = hf_tok
   cfg.data.eval_max_tokens = 100
   b = make_data(cfg.data, seq_len=16, global_batch=8, seed=0)
@@ -290,3 +290,60 @@ def test_hf_local_folder_of_jsonl_files(tmp_path):
   c.update(hf_eval_split="validation")  # Such a folder has only a train split: one clear error naming it.
   with pytest.raises(ValueError, match="validation"):
     make_data(c, seq_len=16, global_batch=2, seed=0)
+
+
+def test_t5_style_sentinels_and_vocab_limit(hf_tok, tmp_path):
+  """T5 protocol in miniature: the tokenizer has extra sentinel ids above the pieces, the model embeds only the
+  pieces (vocab_limit). Ordinary text trains; text that yields a sentinel stops with the id and the limit."""
+  tok = tokenizers.Tokenizer.from_file(hf_tok)
+  base = tok.get_vocab_size()
+  tok.add_special_tokens([f"<extra_id_{i}>" for i in range(3)])
+  path = str(tmp_path / "t5like.json")
+  tok.save(path)
+  t = HFTokenizer(path)
+  assert t.vocab_size == base + 3 and t.eos_id == 1
+  sentinel = tok.token_to_id("<extra_id_1>")
+  assert sentinel == base + 1
+  docs = texts(6, seed=60)
+  for i, d in enumerate(docs):
+    (tmp_path / f"d{i}.txt").write_text(d, encoding="utf-8")
+  c = default_data_config()
+  c.update(source="files", paths=str(tmp_path / "d*.txt"), tokenizer="hf", tokenizer_path=path, vocab_limit=base,
+           pipeline="stream", stream_shards=1, eval_max_tokens=16, val_fraction=0.3)
+  b = make_data(c, seq_len=8, global_batch=2, seed=0)
+  assert b.vocab_size == base
+  for _ in range(4):
+    assert next(b.train)["tokens"].max() < base
+  (tmp_path / "d9.txt").write_text("alpha <extra_id_1> beta\n" * 30, encoding="utf-8")
+  for pipe in ("stream", "cached"):
+    c.update(pipeline=pipe, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=f"token id {sentinel} in a (training|validation) batch is >= "
+                       f"data.vocab_limit={base}"):
+      b = make_data(c, seq_len=8, global_batch=2, seed=0)
+      for _ in range(200):
+        next(b.train)
+
+
+def test_hf_tokenizer_hub_names(hf_tok, monkeypatch, tmp_path):
+  """Hub names (with or without an organisation) go to `Tokenizer.from_pretrained`; local-looking paths that do
+  not exist are reported as missing files."""
+  real = tokenizers.Tokenizer
+  asked = []
+
+  class Hub:
+    from_str = staticmethod(real.from_str)
+
+    @staticmethod
+    def from_pretrained(name):
+      asked.append(name)
+      return real.from_file(hf_tok)
+
+  monkeypatch.setattr(tokenizers, "Tokenizer", Hub)
+  monkeypatch.chdir(tmp_path)
+  for name in ("t5-base", "google-t5/t5-base"):
+    assert HFTokenizer(name).vocab_size == real.from_file(hf_tok).get_vocab_size()
+  assert asked == ["t5-base", "google-t5/t5-base"]
+  for path in ("./org/tok.json", "/no/such/dir/tokenizer.json", "a/b/c"):
+    with pytest.raises(ValueError, match="does not exist"):
+      HFTokenizer(path)
+  assert len(asked) == 2

@@ -3,9 +3,9 @@
 size: tiny | small | 20m | 60m | 130m | 350m | 1b | 7b; method: dense | lowrank | lost (default lost).
 Protocol (GaLore scripts/benchmark_c4, LOST §4): seq 256, 512×256 tokens per step, warmup 10 % then cosine to
 10 %, AdamW, 10K/20K/60K/100K steps for 60M/130M/350M/1B, C4 (`allenai/c4`, config `en`) streamed with Hugging
-Face `datasets` (`pip install -e .[hf]`) and T5's tokenizer (`t5-base` tokenizer.json: 32,100 ids, of which the
-model embeds 32,000 = `data.vocab_limit`; C4 text never yields the 100 sentinel ids, a batch that did would stop
-the run naming the id). The streaming pipeline reads only what the run consumes (steps × 512 × 256 tokens, plus
+Face `datasets` (`pip install -e .[hf]`) and T5's tokenizer (`google-t5/t5-base` tokenizer.json: 32,100 ids, of
+which the model embeds 32,000 = `data.vocab_limit`; C4 text never yields the 100 sentinel ids, a batch that did
+would stop the run naming the id). The streaming pipeline reads only what the run consumes (steps × 512 × 256 tokens, plus
 `eval_max_tokens` of the validation split). Other inputs:
 `--config.data.source=tfds` (TFDS `c4/en` from `--config.data.tfds_data_dir=gs://...`, `pip install -e .[tfds]`),
 `--config.data.tokenizer=sentencepiece --config.data.tokenizer_path=/path/to/spiece.model` (T5's SentencePiece
@@ -37,7 +37,7 @@ def get_config(arg: str = "60m,lost"):
     c.data.hf_config = "en"
     c.data.tfds_name = "c4/en"          # --config.data.source=tfds reads the same corpus from TFDS
     c.data.tokenizer = "hf"
-    c.data.tokenizer_path = "t5-base"   # Hub name, or a local tokenizer.json / spiece.model (tokenizer=sentencepiece)
+    c.data.tokenizer_path = "google-t5/t5-base"  # Hub name (the GaLore scripts' t5-base), or a local tokenizer.json
     c.data.vocab_limit = 32000
     c.data.eval_max_tokens = 10_000_000
   c.model.max_seq_len = 1024

@@ -153,9 +153,9 @@ class HFTokenizer:
           blob = f.read()
         tok = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
         self.path = local
-      elif os.sep in path or path.endswith(".json"):
+      elif path.endswith(".json") or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ValueError(f"tokenizer_path={path!r} does not exist (expected a tokenizer.json file)")
-      else:  # A Hub name: downloaded (and cached) by the tokenizers library.
+      else:  # A Hub name ('t5-base', 'google-t5/t5-base'): downloaded and cached by the tokenizers library.
         tok = tokenizers.Tokenizer.from_pretrained(path)
         blob = tok.to_str().encode("utf-8")
         self.path = path
