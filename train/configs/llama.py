@@ -5,8 +5,8 @@ Protocol (GaLore scripts/benchmark_c4, LOST §4): seq 256, 512×256 tokens per s
 10 %, AdamW, 10K/20K/60K/100K steps for 60M/130M/350M/1B, C4 (`allenai/c4`, config `en`) streamed with Hugging
 Face `datasets` (`pip install -e .[hf]`) and T5's tokenizer (`google-t5/t5-base` tokenizer.json: 32,100 ids, of
 which the model embeds 32,000 = `data.vocab_limit`; C4 text never yields the 100 sentinel ids, a batch that did
-would stop the run naming the id). The streaming pipeline reads only what the run consumes (steps × 512 × 256 tokens, plus
-`eval_max_tokens` of the validation split). Other inputs:
+would stop the run naming the id). The streaming pipeline reads only what the run consumes (steps × 512 × 256
+tokens, plus `eval_max_tokens` of the validation split). Other inputs:
 `--config.data.source=tfds` (TFDS `c4/en` from `--config.data.tfds_data_dir=gs://...`, `pip install -e .[tfds]`),
 `--config.data.tokenizer=sentencepiece --config.data.tokenizer_path=/path/to/spiece.model` (T5's SentencePiece
 file), `--config.data.tokenizer_path=/path/to/tokenizer.json` (offline), or local text:
