@@ -32,7 +32,7 @@ def run(name, nodes, rounds, **overrides):
               second_call_cpu_s=round(second_cpu, 2), load_avg_1m=round(os.getloadavg()[0], 1),
               final_list_distance=round(float(res.list_distance[-1]), 3),
               final_popular_share=round(float(res.popular_share[-1]), 3),
-              final_target_share=round(float(res.target_share[-1]), 3),
+              final_target_share=None if np.isnan(res.target_share[-1]) else round(float(res.target_share[-1]), 3),
               final_knowledge=round(float(res.knowledge[-1]), 3),
               mean_message_size=round(float(np.mean(res.message_size)), 1), backend=jax.default_backend())
 

@@ -116,7 +116,7 @@ def hand_state(e_term, e_item, known, num_terms, items, k):
       link=jnp.zeros((n, n), bool), sim=jnp.zeros((n, n)), gclicks=jnp.zeros((num_terms, items), jnp.int32),
       active=jnp.ones(n, bool))
   for pos in range(length):
-    st = G._append(st, jnp.ones(n, bool), jnp.asarray(e_term[:, pos]), jnp.asarray(e_item[:, pos]), k)
+    st = G._append(st, jnp.arange(n), jnp.asarray(e_term[:, pos]), jnp.asarray(e_item[:, pos]), k)
   return st._replace(known=jnp.asarray(known, jnp.int32))
 
 

@@ -208,27 +208,28 @@ def top_terms_mask(counts, k: int):
 
 # ------------------------------------------------------------------------------------------ state updates
 @functools.partial(jax.jit, static_argnames=("k",))
-def _append(state: GRankState, mask, term, item, k: int) -> GRankState:
-  """Append one entry (term[i], item[i]) to the own log of every node with mask[i]."""
-  n, cap = state.e_term.shape
+def _append(state: GRankState, rows, term, item, k: int) -> GRankState:
+  """Append one entry (term[m], item[m]) to the own log of node rows[m] (rows: distinct node ids).
+
+  Only the given rows are read and written, so appending for a few nodes (the Sybils' spam) is cheap."""
+  cap = state.e_term.shape[1]
   num_terms, g = state.last.shape[2], state.ct.shape[2]
-  rows = jnp.arange(n)
-  e = state.length
+  e = state.length[rows]
   onehot_t = jnp.arange(num_terms)[None, :] == term[:, None]
   flat = term * g + item
   bit = jnp.left_shift(jnp.uint32(1), (flat % 32).astype(jnp.uint32))
   word = jnp.arange(state.pb.shape[2])[None, :] == (flat // 32)[:, None]
   new_pb = state.pb[rows, e] | jnp.where(word, bit[:, None], jnp.uint32(0))
-  tcount = state.tcount + (onehot_t & mask[:, None]).astype(jnp.int32)
+  tcount = state.tcount[rows] + onehot_t.astype(jnp.int32)
   old_last = state.last[rows, e]
   new_last = jnp.where(onehot_t, e[:, None] + 1, old_last)
-  prev = state.ct[rows, old_last[rows, term]]
+  prev = state.ct[rows, jnp.take_along_axis(old_last, term[:, None], axis=1)[:, 0]]
   new_ct = prev + (jnp.arange(g)[None, :] == item[:, None]).astype(prev.dtype)
-  row = jnp.where(mask, e + 1, cap + 1)            # out of range -> dropped for unmasked nodes
-  col = jnp.where(mask, e, cap)
-  length = state.length + mask.astype(jnp.int32)
+  row = jnp.where(e < cap, e + 1, cap + 1)          # a full log drops the entry (capacity is sized to avoid it)
+  col = jnp.where(e < cap, e, cap)
+  length = jnp.minimum(e + 1, cap)
   return state._replace(
-      length=length,
+      length=state.length.at[rows].set(length),
       e_term=state.e_term.at[rows, col].set(term, mode="drop"),
       e_item=state.e_item.at[rows, col].set(item, mode="drop"),
       pb=state.pb.at[rows, row].set(new_pb, mode="drop"),
@@ -236,7 +237,7 @@ def _append(state: GRankState, mask, term, item, k: int) -> GRankState:
       topk=state.topk.at[rows, row].set(_pack(top_terms_mask(tcount, k)), mode="drop"),
       last=state.last.at[rows, row].set(new_last, mode="drop"),
       ct=state.ct.at[rows, row].set(new_ct, mode="drop"),
-      tcount=jnp.where(mask[:, None], tcount, state.tcount),
+      tcount=state.tcount.at[rows].set(tcount),
       known=state.known.at[rows, rows].set(length))
 
 
@@ -394,9 +395,10 @@ def _init_state(cfg: GRankConfig, key, pop) -> GRankState:
   k_click, k_boot = jax.random.split(key)
 
   def init_click(term, st):   # one click per term for every benign node (the notebook's initial log)
-    items = jax.random.categorical(jax.random.fold_in(k_click, term), jnp.log(pop[term]), shape=(n,))
-    st = _append(st, benign, jnp.full((n,), term, jnp.int32), items.astype(jnp.int32), cfg.top_k_terms)
-    return st._replace(gclicks=st.gclicks.at[term].add(jnp.bincount(jnp.where(benign, items, g), length=g + 1)[:g]))
+    nb = cfg.num_nodes
+    items = jax.random.categorical(jax.random.fold_in(k_click, term), jnp.log(pop[term]), shape=(nb,))
+    st = _append(st, jnp.arange(nb), jnp.full((nb,), term, jnp.int32), items.astype(jnp.int32), cfg.top_k_terms)
+    return st._replace(gclicks=st.gclicks.at[term].add(jnp.bincount(items, length=g)))
 
   state = jax.lax.fori_loop(0, t, init_click, state)
   # bootstrap: node i > 0 learns the log of a random earlier node, node 0 that of a random other node
@@ -410,29 +412,34 @@ def _init_state(cfg: GRankConfig, key, pop) -> GRankState:
   return state._replace(sim=similarity_matrix(state, cfg.similarity, cfg.chunk_size))
 
 
-def _sybil_join(cfg: GRankConfig, state: GRankState, key) -> GRankState:
+def _sybil_join(cfg: GRankConfig, state: GRankState, key, now) -> GRankState:
+  """If `now`: every Sybil gets the knowledge of a random benign node, which links to it (and back).
+
+  Written as masked row updates instead of a lax.cond so the scan never copies the large tables."""
   syb = cfg.num_nodes + jnp.arange(cfg.num_sybils)
   boot = jax.random.randint(key, (cfg.num_sybils,), 0, cfg.num_nodes)
-  known = state.known.at[syb].max(state.known[boot])
-  link = state.link.at[boot, syb].set(True).at[syb, boot].set(True)
-  return state._replace(known=known, link=link, active=state.active.at[syb].set(True))
+  rows = jnp.where(now, jnp.maximum(state.known[syb], state.known[boot]), state.known[syb])
+  link = state.link.at[boot, syb].set(state.link[boot, syb] | now).at[syb, boot].set(state.link[syb, boot] | now)
+  return state._replace(known=state.known.at[syb].set(rows), link=link,
+                        active=state.active.at[syb].set(state.active[syb] | now))
 
 
-def _sybil_spam(cfg: GRankConfig, state: GRankState, key, target) -> GRankState:
-  n = cfg.total_nodes
-  sybil = jnp.arange(n) >= cfg.num_nodes
+def _sybil_spam(cfg: GRankConfig, state: GRankState, key, target, now) -> GRankState:
+  """If `now`: every Sybil appends num_spam fake clicks (a loop of 0 or num_spam steps, no lax.cond copy)."""
+  ns = cfg.num_sybils
+  sybils = cfg.num_nodes + jnp.arange(ns)
 
   def spam(s, st):
     if cfg.attack == "targeted":
-      term = jnp.full((n,), target[0], jnp.int32)
-      item = jnp.full((n,), target[1], jnp.int32)
+      term = jnp.full((ns,), target[0], jnp.int32)
+      item = jnp.full((ns,), target[1], jnp.int32)
     else:
       kt, ki = jax.random.split(jax.random.fold_in(key, s))
-      term = jax.random.randint(kt, (n,), 0, cfg.num_terms)
-      item = jax.random.randint(ki, (n,), 0, cfg.items_per_term)
-    return _append(st, sybil, term, item, cfg.top_k_terms)
+      term = jax.random.randint(kt, (ns,), 0, cfg.num_terms)
+      item = jax.random.randint(ki, (ns,), 0, cfg.items_per_term)
+    return _append(st, sybils, term, item, cfg.top_k_terms)
 
-  return jax.lax.fori_loop(0, cfg.num_spam, spam, state)
+  return jax.lax.fori_loop(0, jnp.where(now, cfg.num_spam, 0), spam, state)
 
 
 def _footrule(order_a, order_b):
@@ -446,8 +453,8 @@ def _round(cfg: GRankConfig, target, pop, offset, state: GRankState, xs):
   join, attack = cfg.resolved_rounds()
   k_join, k_spam, k_query, k_swap, k_click, k_gossip = jax.random.split(key, 6)
   if cfg.num_sybils:
-    state = jax.lax.cond(rnd == join, lambda s: _sybil_join(cfg, s, k_join), lambda s: s, state)
-    state = jax.lax.cond(rnd == attack, lambda s: _sybil_spam(cfg, s, k_spam, target), lambda s: s, state)
+    state = _sybil_join(cfg, state, k_join, rnd == join)
+    state = _sybil_spam(cfg, state, k_spam, target, rnd == attack)
   benign = jnp.arange(n) < cfg.num_nodes
 
   # queries: every benign node searches a random term
@@ -475,8 +482,9 @@ def _round(cfg: GRankConfig, target, pop, offset, state: GRankState, xs):
   follow = (jax.random.uniform(kc1, (n,)) < cfg.follow_prob) & (shown >= 1)
   sampled = jax.random.categorical(kc2, jnp.log(pop[q]), axis=-1).astype(jnp.int32)
   item = jnp.where(follow, order[:, 0], sampled)
-  state = _append(state, benign, q, item, cfg.top_k_terms)
-  state = state._replace(gclicks=state.gclicks.at[jnp.where(benign, q, cfg.num_terms), item].add(1, mode="drop"))
+  nb = cfg.num_nodes
+  state = _append(state, jnp.arange(nb), q[:nb], item[:nb], cfg.top_k_terms)
+  state = state._replace(gclicks=state.gclicks.at[q[:nb], item[:nb]].add(1))
 
   # target tracking (only in attack runs): top-1 of every node for the target term
   if cfg.num_sybils:
@@ -500,7 +508,6 @@ def _round(cfg: GRankConfig, target, pop, offset, state: GRankState, xs):
   state = state._replace(known=known, link=link)
   state = state._replace(sim=similarity_matrix(state, cfg.similarity, cfg.chunk_size))
 
-  nb = cfg.num_nodes
   sent = size >= 0
   total = jnp.sum(state.length).astype(jnp.float32)
   out = dict(list_distance=jnp.sum(jnp.where(benign, dist, 0)) / nb,
