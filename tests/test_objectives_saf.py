@@ -360,7 +360,13 @@ def test_mesa_apply_kl_against_ema_teacher():
   g_teacher = jax.grad(lambda tp: objectives.apply(
       cfg, per_token_loss=per_token, mask=mask, logits=forward(student), ids=jnp.arange(b), step=jnp.int32(3),
       obj_state={"ema": tp}, forward=forward)[0])(teacher)
-  assert np.abs(np.asarray(g_student["w"])).sum() > 0
+  # values: d/dlogits = λ·τ·(softmax(z_s/τ) − softmax(z_t/τ))·mask / Σmask, chained through the linear forward
+  p_t = np.exp(np.apply_along_axis(np_log_softmax, -1, np.asarray(forward(teacher), np.float64) / 5.0))
+  q_s = np.exp(np.apply_along_axis(np_log_softmax, -1, np.asarray(forward(student), np.float64) / 5.0))
+  g_logits = 0.8 * 5.0 * (q_s - p_t) * m[..., None] / m.sum()
+  np.testing.assert_allclose(np.asarray(g_student["w"]), np.einsum("btd,btv->dv", np.asarray(x), g_logits),
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(g_student["b"]), g_logits.sum((0, 1)), rtol=1e-4, atol=1e-7)
   assert not any(np.asarray(l).any() for l in jax.tree.leaves(g_teacher))
   # same teacher as student: KL 0
   same, _, _ = objectives.apply(cfg, per_token_loss=per_token, mask=mask, logits=forward(student),
