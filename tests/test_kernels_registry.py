@@ -67,17 +67,27 @@ def test_every_level_uses_the_resolver(monkeypatch):
   def spy(name="auto", backend=None):
     seen.append(name)
     return real(name, backend)
-  for mod in ("lostjax.kernels.gather_matmul", "lostjax.kernels.lost_matmul", "lostjax.layers.lost",
-              "lostjax.models.config"):
+  for mod in ("lostjax.kernels.gather_matmul", "lostjax.kernels.lost_matmul", "lostjax.layers.lost"):
     monkeypatch.setattr(__import__(mod, fromlist=["_"]), "resolve_sparse_impl", spy)
   x = jnp.ones((2, 8))
   idx = jnp.array([1, 4], jnp.int32)
   kernels.gather_matmul(x, idx, jnp.ones((2, 3)), impl="gather_onehot_grad")
   kernels.lost_matmul(x, jnp.ones((8, 2)), jnp.ones((2, 3)), idx, jnp.ones((2, 3)), 0.5, impl="fused_onehot")
   Lost(8, 6, rank=2, sparsity=0.25, rngs=nnx.Rngs(0), sparse_impl="xla_onehot")
-  LlamaConfig(sparse_impl="pallas")
-  assert seen == ["gather_onehot_grad", "fused_onehot", "xla_onehot", "pallas_gpu"]
+  assert seen == ["gather_onehot_grad", "fused_onehot", "xla_onehot"]
+
+
+def test_config_checks_the_name_without_starting_jax(monkeypatch):
+  # LlamaConfig is built while configs load, before jax.distributed.initialize(): it checks the name in the
+  # registry (aliases mapped) but must not query the backend; the layer resolves 'auto' when it is built.
+  def no_backend():
+    raise AssertionError("the config queried the JAX backend")
+  monkeypatch.setattr(registry.jax, "default_backend", no_backend)
   assert LlamaConfig(sparse_impl="fused").sparse_impl == "fused_concat"  # stored under its registry name
+  assert LlamaConfig(sparse_impl="auto").sparse_impl == "auto"
+  assert LlamaConfig(sparse_impl="pallas_tpu").sparse_impl == "pallas_tpu"
+  with pytest.raises(ValueError, match="model.sparse_impl: unknown sparse_impl 'cuda'"):
+    LlamaConfig(sparse_impl="cuda")
 
 
 def test_old_run_configs_build_the_same_model(tmp_path):

@@ -13,9 +13,11 @@ scatter of ``dy W_s^T`` into the I columns of dx) can be computed in several way
   pallas_gpu           Pallas/Triton fused gather+GEMM forward; dW, dx in XLA                 gpu (cpu: interpret)
   pallas_tpu           Pallas/Mosaic TPU kernels: forward, dW_s and the dx scatter            tpu (cpu: interpret)
 
-Every level takes these names and calls :func:`resolve_sparse_impl`: the layer (``Lost``), the grouped
-projections (``layers.group``), ``kernels.lost_matmul``/``lost_group_matmul``, ``kernels.gather_matmul`` and
-the model config (``LlamaConfig.sparse_impl``). ``'auto'`` is resolved only here, from :data:`AUTO`, one entry
+Every level takes these names and calls :func:`resolve_sparse_impl`: the layer (``Lost``, whose resolved name
+the grouped projections use), ``kernels.lost_matmul``/``lost_group_matmul`` and ``kernels.gather_matmul``. The
+model config (``LlamaConfig.sparse_impl``) checks and stores the name with :func:`canonical_name`, the
+resolver's first step, without querying the backend (configs are built before ``jax.distributed.initialize``).
+``'auto'`` is resolved only here, from :data:`AUTO`, one entry
 per backend chosen by the whole-train-step measurements in BENCHMARKS.md (a backend not listed gets
 ``gather_xla``). Names used before this registry existed are mapped by :data:`ALIASES`, so configs of old
 runs (``model.sparse_impl`` in their config.json) build the same model.

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from lostjax.layers import KINDS
-from lostjax.layers.lost import SPARSE_IMPLS
+from lostjax.kernels.registry import canonical_name
 
 # name: (d_model, d_ff, n_heads, n_layers, default rank for low-rank/LOST layers)
 # 60M…1B are the GaLore/LOST C4 shapes (configs/llama_*.json, vocab 32000); 7B is LLaMA-7B. The tiny presets are
@@ -47,9 +47,10 @@ class LlamaConfig:
   lost_score: str = "l2"
   lost_residual_rank: int = 0      # 0: all remaining singular components
   lost_sparse_values: str = "original"
-  # LOST sparse branch: 'auto' | 'xla' | 'xla_onehot' | 'pallas' | 'fused' (one GEMM) | 'fused_onehot' (one GEMM,
-  # selection by a one-hot GEMM; lostjax.layers.lost.SPARSE_IMPLS). 'auto' picks the path that was fastest in the whole train step on each backend (lostjax.layers.lost.resolve_sparse_impl): 'fused' on CPU,
-  # 'xla' on GPU/TPU — on an H200 the Pallas kernel wins on the sparse branch alone but not in the model.
+  # LOST sparse branch: a name of the sparse-path registry (lostjax.kernels.registry, docs/sparse_paths.md):
+  # 'auto' | 'gather_xla' | 'gather_onehot_grad' | 'fused_concat' | 'fused_onehot' | 'pallas_gpu' | 'pallas_tpu'.
+  # 'auto' is resolved per backend there (CPU: fused_concat; GPU, TPU: gather_xla). Names written by older runs
+  # ('xla', 'xla_onehot', 'pallas', 'fused') are legacy aliases that build the same model.
   sparse_impl: str = "auto"
   # q/k/v and gate/up read the same input: compute them together (lostjax.layers.group: one GEMM for dense
   # kernels and for the low-rank down-projections, one gather for LOST channel sets). Same parameters either way.
@@ -82,9 +83,12 @@ class LlamaConfig:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
-    if self.sparse_impl not in SPARSE_IMPLS:
-      raise ValueError(f"unknown model.sparse_impl={self.sparse_impl!r}; expected one of {SPARSE_IMPLS}")
-
+    try:  # a legacy name (config.json of an older run) is stored as its registry name: the same model
+      object.__setattr__(self, "sparse_impl", canonical_name(self.sparse_impl))
+      # (no backend query here: building a config must not start JAX, e.g. before jax.distributed.initialize;
+      # the backend check runs when a layer is built)
+    except ValueError as e:
+      raise ValueError(f"model.sparse_impl: {e}") from None
     for name in ("moe_experts", "moe_top_k"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "moe_experts" else 1):
