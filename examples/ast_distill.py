@@ -20,6 +20,7 @@ Usage: python examples/ast_distill.py --ipc=1,10
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -72,6 +73,7 @@ def load_data(seed: int = 0):
   return (xtr - mu) / sd, ytr.astype(np.int32), (xte - mu) / sd, yte.astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def init_mlp(key, hidden: int, d_in: int = 64, n_cls: int = 10):
   k1, k2 = jax.random.split(key)
   return {"w1": jax.random.normal(k1, (d_in, hidden)) * np.sqrt(2.0 / d_in), "b1": jnp.zeros(hidden),
@@ -88,8 +90,18 @@ def ce(p, x, y):
   return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
 
 
+@jax.jit
+def _accuracy(p, x, y):
+  return jnp.mean(jnp.argmax(apply_mlp(p, x), -1) == y)
+
+
 def accuracy(p, x, y):
-  return float(jnp.mean(jnp.argmax(apply_mlp(p, x), -1) == y))
+  return float(_accuracy(p, x, y))
+
+
+def stack_trees(trees):
+  """Stacks pytrees of arrays on a new leading axis (host-side numpy: no per-shape compilation)."""
+  return jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *trees)
 
 
 def train_expert(key, xtr, ytr, args):
@@ -119,7 +131,7 @@ def train_expert(key, xtr, ytr, args):
   for e in range(args.expert_train_epochs):
     params, buf = epoch_fn(params, buf, e, jax.random.fold_in(kperm, e))
     traj.append(params)
-  return jax.tree.map(lambda *a: jnp.stack(a), *traj)
+  return stack_trees(traj)
 
 
 def train_eval(key, x, y, lr, steps, hidden, xte, yte):
@@ -140,7 +152,7 @@ def distill(key, xtr, ytr, trajs, ipc, args):
   """AST distillation of `ipc` images per class; returns (syn_x, syn_y, init_x, learned lr, final loss)."""
   rng = np.random.default_rng(args.seed + 1000 * ipc)
   idx = np.concatenate([rng.choice(np.flatnonzero(ytr == c), ipc, replace=False) for c in range(10)])
-  syn_x0, syn_y = jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx])
+  syn_x0, syn_y = np.asarray(xtr)[idx], np.asarray(ytr)[idx]
   m, n = args.expert_epochs, args.syn_steps
   max_start = args.max_start_epoch
 
@@ -164,7 +176,7 @@ def distill(key, xtr, ytr, trajs, ipc, args):
     ml = 0.5 * ml + gl
     return (syn_x - args.lr_img * mx, jnp.maximum(syn_lr - args.lr_lr * ml, 1e-5), mx, ml), loss
 
-  state = (syn_x0, jnp.asarray(args.lr_teacher, jnp.float32), jnp.zeros_like(syn_x0), jnp.zeros(()))
+  state = (syn_x0, np.float32(args.lr_teacher), np.zeros_like(syn_x0), np.float32(0.))
   losses = []
   for it in range(args.iterations):
     state, loss = update(state, jax.random.fold_in(key, it))
@@ -177,11 +189,11 @@ def distill(key, xtr, ytr, trajs, ipc, args):
 def main(argv=None):
   args = parse_args(argv)
   t0 = time.time()
-  xtr, ytr, xte, yte = load_data(args.seed)
+  xtr, ytr, xte, yte = load_data(0)   # fixed split; --seed varies experts, init and evaluation
   xtr, ytr, xte, yte = map(jnp.asarray, (xtr, ytr, xte, yte))
   key = jax.random.PRNGKey(args.seed)
   experts = [train_expert(jax.random.fold_in(key, k), xtr, ytr, args) for k in range(args.num_experts)]
-  trajs = jax.tree.map(lambda *a: jnp.stack(a), *experts)
+  trajs = jax.tree.map(jnp.asarray, stack_trees(experts))
   final = [accuracy(jax.tree.map(lambda a: a[-1], ex), xte, yte) for ex in experts]
   t_exp = time.time() - t0
   out = {"dataset": "sklearn digits (8x8, 10 classes), 1257 train / 540 test",

@@ -7,12 +7,29 @@ import os
 
 import jax
 import jax.numpy as jnp
-import jax.test_util as jtu
 import numpy as np
 import pytest
 
 import losses as L
 from losses import ast as A
+
+def fd_check(f, args, eps=1e-6, tol=1e-6):
+  """Directional finite difference of jitted f (float64) vs its jitted gradient; numpy-side perturbations only."""
+  g = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
+  rng = np.random.default_rng(1)
+  dirs = [rng.normal(size=np.shape(a)) for a in args]
+  fj = jax.jit(f)
+  plus = float(fj(*[np.asarray(a) + eps * d for a, d in zip(args, dirs)]))
+  minus = float(fj(*[np.asarray(a) - eps * d for a, d in zip(args, dirs)]))
+  ana = sum(float(np.sum(np.asarray(gi) * d)) for gi, d in zip(g, dirs))
+  np.testing.assert_allclose(ana, (plus - minus) / (2 * eps), rtol=tol, atol=tol)
+
+
+def _raises(match, thunk):
+  """The ValueError is raised while tracing (static checks): no compilation, no eager op-by-op dispatch."""
+  with pytest.raises(ValueError, match=match):
+    jax.jit(thunk)()
+
 
 RNG = np.random.default_rng(0)
 B, H, W, CH, K = 3, 2, 2, 2, 4
@@ -50,45 +67,43 @@ def np_ce(logits, y):
 
 
 def test_loss_scale_and_balance_factor_vs_formula():
+  got = np.asarray(jax.jit(lambda e: L.ast_loss_scale(e))(np.arange(14)))
+  off = np.asarray(jax.jit(lambda e: L.ast_loss_scale(e, num_decay_epochs=0))(np.arange(3)))
   for e in range(14):
     ref = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95][e] if e < 10 else 1.0
-    np.testing.assert_allclose(float(L.ast_loss_scale(e)), ref, rtol=1e-6)
-  np.testing.assert_allclose(float(L.ast_loss_scale(3, num_decay_epochs=0)), 1.0)
+    np.testing.assert_allclose(got[e], ref, rtol=1e-6)
+  np.testing.assert_allclose(off, 1.0)
   for s in (0, 1, 20, 30):
+    # traced start epoch, as in a jitted distillation step
+    fac = np.asarray(jax.jit(lambda e: L.ast_balance_factor(e, s))(np.arange(s + 1)))
     for e in range(s + 1):
       half = s // 2
       ref = math.log(e - half + 8, 5) if e >= half else 1 / math.log(half - e + 8, 5)
-      np.testing.assert_allclose(float(L.ast_balance_factor(e, s)), ref, rtol=1e-6)
-  # traced start epoch (as in a jitted distillation step)
-  np.testing.assert_allclose(jax.jit(lambda e: L.ast_balance_factor(e, 20))(jnp.arange(21)),
-                             [float(L.ast_balance_factor(e, 20)) for e in range(21)], rtol=1e-6)
+      np.testing.assert_allclose(fac[e], ref, rtol=1e-6)
 
 
 def test_gradient_penalty_and_expert_loss_vs_numpy():
   with jax.enable_x64(True):
-    p = (jnp.asarray(W1), jnp.asarray(V1))
-    x = jnp.asarray(X)
+    p = (W1, V1)
     gp = jax.jit(lambda p, x: L.ast_gradient_penalty(lambda z: net(p, z), x))
-    np.testing.assert_allclose(float(gp(p, x)), np_gp(W1, V1, X), rtol=1e-10)
-    np.testing.assert_allclose(float(L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=1, weight=0.5)),
-                               np_gp(W1, V1, X, 0.5, channel_axis=1), rtol=1e-10)
-    xa = x + 0.3
+    np.testing.assert_allclose(float(gp(p, X)), np_gp(W1, V1, X), rtol=1e-10)
+    gp1 = jax.jit(lambda p, x: L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=1, weight=0.5))
+    np.testing.assert_allclose(float(gp1(p, X)), np_gp(W1, V1, X, 0.5, channel_axis=1), rtol=1e-10)
+    xa = X + 0.3
+    expert = jax.jit(lambda p, e: L.ast_expert_loss(lambda z: net(p, z), X, Y, e, x_aug=xa))
     for epoch in (0, 4, 12):
-      got = jax.jit(lambda p, e: L.ast_expert_loss(lambda z: net(p, z), x, jnp.asarray(Y), e, x_aug=xa))(p, epoch)
-      logits = np.tanh(np.asarray(xa).reshape(B, -1) @ W1) @ V1
+      logits = np.tanh(xa.reshape(B, -1) @ W1) @ V1
       ref = (0.5 + 0.05 * epoch if epoch < 10 else 1.0) * np_ce(logits, Y) + np_gp(W1, V1, X)
-      np.testing.assert_allclose(float(got), ref, rtol=1e-10)
+      np.testing.assert_allclose(float(expert(p, epoch)), ref, rtol=1e-10)
     # double backward: the penalty's gradient w.r.t. the weights vs finite differences
-    jtu.check_grads(jax.jit(lambda w, v: L.ast_gradient_penalty(lambda z: net((w, v), z), x)), p, order=1,
-                    modes=("rev",), atol=1e-6, rtol=1e-6)
+    fd_check(lambda w, v: L.ast_gradient_penalty(lambda z: net((w, v), z), X), p)
   # zero input-gradient (constant net): penalty = lam, finite gradient
-  p = (jnp.asarray(W1, jnp.float32), jnp.asarray(V1, jnp.float32))
-  zero = L.ast_gradient_penalty(lambda z: 0. * net(p, z), jnp.asarray(X, jnp.float32))
-  np.testing.assert_allclose(float(zero), 2.0, rtol=1e-6)
-  g = jax.grad(lambda w: L.ast_gradient_penalty(lambda z: 0. * net((w, p[1]), z), jnp.asarray(X, jnp.float32)))(
-      jnp.asarray(W1, jnp.float32))
-  assert np.all(np.isfinite(g))
-  bf = L.ast_gradient_penalty(lambda z: net(p, z), jnp.asarray(X, jnp.bfloat16))
+  p = (W1.astype(np.float32), V1.astype(np.float32))
+  x32 = X.astype(np.float32)
+  zero_gp = lambda w: L.ast_gradient_penalty(lambda z: 0. * net((w, p[1]), z), x32)
+  np.testing.assert_allclose(float(jax.jit(zero_gp)(p[0])), 2.0, rtol=1e-6)
+  assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(zero_gp))(p[0]))))
+  bf = jax.jit(lambda x: L.ast_gradient_penalty(lambda z: net(p, z), x))(X.astype(jnp.bfloat16))
   assert bf.dtype == jnp.float32 and np.isfinite(float(bf))
 
 
@@ -108,19 +123,19 @@ def test_matching_loss_vs_numpy(middle):
   start = _tree(RNG)
   experts = [_tree(RNG) for _ in range(m)]
   students = [_tree(RNG) for _ in range(m)]
-  stack = lambda ts: {k: jnp.asarray(np.stack([t[k] for t in ts])) for k in ts[0]}
+  stack = lambda ts: {k: np.stack([t[k] for t in ts]) for k in ts[0]}
+  match = jax.jit(lambda s, st, e: L.ast_matching_loss(s, st, e, middle=middle))
   with jax.enable_x64(True):
-    got = jax.jit(lambda s, st, e: L.ast_matching_loss(s, st, e, middle=middle))(
-        stack(students), {k: jnp.asarray(v) for k, v in start.items()}, stack(experts))
+    got = match(stack(students), start, stack(experts))
     beta = {"agg": [1., 1.], "adaptive": [1 / 3, 2 / 3], "none": [0., 0.]}[middle]
     ref = np_traj(students[-1], start, experts[-1]) + sum(
         beta[i - 1] * np_traj(students[i - 1], start, experts[i - 1]) for i in range(1, m))
     np.testing.assert_allclose(float(got), ref, rtol=1e-10)
   # M = 1 is plain MTT
-  one = L.ast_matching_loss(stack(students[:1]), start, stack(experts[:1]))
+  one = jax.jit(L.ast_matching_loss)(stack(students[:1]), start, stack(experts[:1]))
   np.testing.assert_allclose(float(one), np_traj(students[0], start, experts[0]), rtol=1e-5)
   # an expert that did not move: finite (clamped denominator)
-  assert np.isfinite(float(L.ast_trajectory_loss(start, start, start)))
+  assert np.isfinite(float(jax.jit(L.ast_trajectory_loss)(start, start, start)))
 
 
 def np_unroll(w0, x, y, lr, steps, m, mom, factor):
@@ -149,62 +164,48 @@ def test_unroll_vs_numpy_and_grad_through_it():
   x, y, w0 = RNG.normal(size=(6, 4)), np.array([0, 1, 2, 0, 1, 2]), RNG.normal(size=(4, 3)) * 0.1
   with jax.enable_x64(True):
     for steps, m, e, smax in ((7, 3, 2, 10), (4, 2, 9, 10), (5, 1, None, None)):
-      got = jax.jit(lambda w, xx, lr: L.ast_unroll(_linear_ce, w, xx, jnp.asarray(y), lr, num_steps=steps,
-                                                   num_expert_epochs=m, start_epoch=e, max_start_epoch=smax))(
-          jnp.asarray(w0), jnp.asarray(x), 0.3)
+      got = jax.jit(lambda w, xx, lr: L.ast_unroll(_linear_ce, w, xx, y, lr, num_steps=steps, num_expert_epochs=m,
+                                                   start_epoch=e, max_start_epoch=smax))(w0, x, 0.3)
       fac = 1.0 if e is None else (math.log(e - smax // 2 + 8, 5) if e >= smax // 2 else
                                    1 / math.log(smax // 2 - e + 8, 5))
       np.testing.assert_allclose(np.asarray(got), np_unroll(w0, x, y, 0.3, steps, m, 0.9, fac), rtol=1e-10)
     assert L.ast_record_steps(7, 3) == [2, 4, 7]
     # the distillation gradient (images and lr) through the unroll and the matching loss vs finite differences
-    experts = jnp.asarray(RNG.normal(size=(2, 4, 3)) * 0.1)
+    experts = RNG.normal(size=(2, 4, 3)) * 0.1
 
     def objective(xx, lr):
-      st = L.ast_unroll(_linear_ce, jnp.asarray(w0), xx, jnp.asarray(y), lr, num_steps=4, num_expert_epochs=2,
-                        start_epoch=3, max_start_epoch=8)
-      return L.ast_matching_loss(st, jnp.asarray(w0), experts)
+      st = L.ast_unroll(_linear_ce, w0, xx, y, lr, num_steps=4, num_expert_epochs=2, start_epoch=3,
+                        max_start_epoch=8)
+      return L.ast_matching_loss(st, w0, experts)
 
-    jtu.check_grads(jax.jit(objective), (jnp.asarray(x), jnp.asarray(0.2)), order=1, modes=("rev",),
-                    atol=1e-6, rtol=1e-6)
-  # vmap over independent synthetic sets (e.g. several seeds)
-  xs = jnp.asarray(np.stack([x, 2 * x]), jnp.float32)
-  run = lambda xx: L.ast_unroll(_linear_ce, jnp.asarray(w0, jnp.float32), xx, jnp.asarray(y), 0.1, num_steps=3,
-                                num_expert_epochs=1)
-  vm = jax.jit(jax.vmap(run))(xs)
-  np.testing.assert_allclose(vm[1], run(xs[1]), rtol=1e-5)
-  bf = run(xs[0].astype(jnp.bfloat16))
-  assert np.all(np.isfinite(np.asarray(bf, np.float32)))
+    fd_check(objective, (x, np.float64(0.2)))
+  # vmap over independent synthetic sets (e.g. several seeds); bf16 images
+  xs = np.stack([x, 2 * x]).astype(np.float32)
+  run = jax.jit(lambda xx: L.ast_unroll(_linear_ce, w0.astype(np.float32), xx, y, 0.1, num_steps=3,
+                                        num_expert_epochs=1))
+  vm = np.asarray(jax.jit(jax.vmap(run))(xs))
+  np.testing.assert_allclose(vm[1], np.asarray(run(xs[1])), rtol=1e-5)
+  assert np.all(np.isfinite(np.asarray(run(xs[0].astype(jnp.bfloat16)), np.float32)))
 
 
 def test_bad_inputs():
-  p = (jnp.asarray(W1, jnp.float32), jnp.asarray(V1, jnp.float32))
-  x = jnp.asarray(X, jnp.float32)
-  with pytest.raises(ValueError, match="channel_axis"):
-    L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=0)
-  with pytest.raises(ValueError, match="x must"):
-    L.ast_gradient_penalty(lambda z: z, jnp.ones(3))
-  with pytest.raises(ValueError, match="labels"):
-    L.ast_expert_loss(lambda z: net(p, z), x, jnp.zeros(2, int), 0)
-  with pytest.raises(ValueError, match="labels"):
-    L.ast_expert_loss(lambda z: net(p, z), x, jnp.zeros(B), 0)
-  with pytest.raises(ValueError, match="max_start_epoch"):
-    L.ast_balance_factor(3, -1)
-  with pytest.raises(ValueError, match="middle"):
-    L.ast_matching_loss({"a": jnp.ones((2, 3))}, {"a": jnp.ones(3)}, {"a": jnp.ones((2, 3))}, middle="all")
-  with pytest.raises(ValueError, match="structure"):
-    L.ast_matching_loss({"a": jnp.ones((2, 3))}, {"b": jnp.ones(3)}, {"a": jnp.ones((2, 3))})
-  with pytest.raises(ValueError, match="leading axis"):
-    L.ast_matching_loss({"a": jnp.ones((2, 3))}, {"a": jnp.ones(3)}, {"a": jnp.ones((3, 3))})
-  with pytest.raises(ValueError, match="num_steps"):
-    L.ast_record_steps(2, 3)
-  with pytest.raises(ValueError, match="together"):
-    L.ast_unroll(_linear_ce, jnp.ones((4, 3)), jnp.ones((6, 4)), jnp.zeros(6, int), 0.1, num_steps=2,
-                 num_expert_epochs=1, start_epoch=1)
-  with pytest.raises(ValueError, match="syn_y"):
-    L.ast_unroll(_linear_ce, jnp.ones((4, 3)), jnp.ones((6, 4)), jnp.zeros(5, int), 0.1, num_steps=2,
-                 num_expert_epochs=1)
-  with pytest.raises(ValueError, match="num_decay_epochs"):
-    L.ast_loss_scale(1, num_decay_epochs=-1)
+  p = (W1.astype(np.float32), V1.astype(np.float32))
+  x = X.astype(np.float32)
+  _raises("channel_axis", lambda: L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=0))
+  _raises("x must", lambda: L.ast_gradient_penalty(lambda z: z, np.ones(3, np.float32)))
+  _raises("labels", lambda: L.ast_expert_loss(lambda z: net(p, z), x, np.zeros(2, int), 0))
+  _raises("labels", lambda: L.ast_expert_loss(lambda z: net(p, z), x, np.zeros(B, np.float32), 0))
+  _raises("max_start_epoch", lambda: L.ast_balance_factor(3, -1))
+  one, three = {"a": np.ones((2, 3))}, {"a": np.ones(3)}
+  _raises("middle", lambda: L.ast_matching_loss(one, three, one, middle="all"))
+  _raises("structure", lambda: L.ast_matching_loss(one, {"b": np.ones(3)}, one))
+  _raises("leading axis", lambda: L.ast_matching_loss(one, three, {"a": np.ones((3, 3))}))
+  _raises("num_steps", lambda: L.ast_record_steps(2, 3))
+  lin = (np.ones((4, 3), np.float32), np.ones((6, 4), np.float32))
+  _raises("together", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(6, int), 0.1, num_steps=2,
+                                           num_expert_epochs=1, start_epoch=1))
+  _raises("syn_y", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(5, int), 0.1, num_steps=2, num_expert_epochs=1))
+  _raises("num_decay_epochs", lambda: L.ast_loss_scale(1, num_decay_epochs=-1))
 
 
 def test_digits_example_tiny():
