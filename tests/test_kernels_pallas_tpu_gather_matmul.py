@@ -82,3 +82,19 @@ def test_interpret_default_follows_backend():
   assert jax.default_backend() == "cpu"
   assert isinstance(tk._interpret(None), type(tk.interpret_params()))  # TPU interpret mode off a TPU
   assert tk._interpret(False) is False
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_to_mosaic_for_tpu(dtype):
+  # Cross-platform lowering on CPU runs the Pallas -> Mosaic TPU lowering (block-shape tiling rules, supported
+  # primitives); compiling the Mosaic module itself needs a TPU. 350M ff->d shapes: d_in = 2736 is not a multiple
+  # of bd = 512, k = 136 needs two 128-channel chunks, 300 tokens leave a partial 256-row block.
+  m, d, k, n = 300, 2736, 136, 1024
+  sds = jax.ShapeDtypeStruct
+  x, idx, w, dy, g = sds((m, d), dtype), sds((k,), jnp.int32), sds((k, n), dtype), sds((m, n), dtype), sds((m, k), dtype)
+  calls = [(lambda a, i, b: tk.gather_matmul_fwd(a, i, b, interpret=False), (x, idx, w)),
+           (lambda a, i, b: tk.gather_matmul_dw(a, i, b, interpret=False), (x, idx, dy)),
+           (lambda a, i: tk.scatter_dx(a, i, d, interpret=False), (g, idx))]
+  for fn, args in calls:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
