@@ -19,7 +19,7 @@ from flax import nnx
 from lostjax import sharding
 from lostjax.models import Llama, count_params, lost_closed_form, preset
 from lostjax.models.config import LlamaConfig
-from lostjax.models.moe import MoeMlp, dispatch_plan
+from lostjax.models.moe import MoeMlp, dispatch_plan, dropless_capacities
 
 
 def _cfg(**kw):
@@ -114,17 +114,25 @@ def test_capacity_drops_exact_count_skewed_router():
   assert float(aux["aux_loss"]) == pytest.approx(cfg.moe_experts * 1.0, rel=1e-4)  # f = P = one-hot on expert 0
 
 
-def test_dispatch_plan_dropless_blocks():
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=(37, 2)))
-  plan = dispatch_plan(ids, 3, 0.0)
-  src = np.asarray(plan.slot_src)
-  n = ids.size
-  assert sorted(src[src < n].tolist()) == list(range(n))           # every assignment exactly once
-  experts = np.asarray(ids).T.reshape(-1)
-  group = np.asarray(plan.group_expert)
-  for s in np.nonzero(src < n)[0]:
-    assert group[s // plan.rows] == experts[src[s]]                 # each slot runs with its assignment's expert
-  assert plan.groups * plan.rows <= n + 3 * (plan.rows - 1)
+def test_dropless_buckets_and_skewed_router():
+  """Dropless picks the smallest compiled capacity holding the busiest expert: still no drop when one expert
+  takes every token (capacity T), and the output equals the loop oracle."""
+  assert dropless_capacities(10, 2, 4) == (7, 10)            # ceil(1.25·5), min(T, ceil(2·5)) = T
+  assert dropless_capacities(64, 1, 8) == (10, 16, 64)
+  cfg = _cfg(moe_capacity_factor=0.0, moe_top_k=1)
+  moe, x = _build(cfg)
+  x = np.abs(x)
+  for strength in (0.0, 5.0):   # balanced-ish random router, then everything to expert 0
+    kernel = np.asarray(moe.router.kernel[...]).copy()
+    kernel[:, 0] += strength
+    moe.router.kernel[...] = jnp.asarray(kernel)
+    y, aux = _apply(moe, x)
+    want, _, dropped, ids = _np_moe(x.reshape(-1, cfg.d_model).astype(np.float64), _np_weights(moe), 1, 0.0)
+    assert dropped == 0 and float(aux["dropped_frac"]) == 0.0
+    np.testing.assert_allclose(np.asarray(y).reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+  assert np.all(ids == 0)
+  plan = dispatch_plan(jnp.asarray(ids), cfg.moe_experts, 3)           # capacity 3: first 3 tokens kept
+  np.testing.assert_array_equal(np.asarray(plan.kept), np.arange(ids.size) < 3)
 
 
 def _np_loss(x, w, top_k, cf, c):

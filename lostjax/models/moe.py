@@ -29,10 +29,12 @@ Choices (the papers leave them open or differ between them):
     are served in the order (choice j, token t): all first choices before any second choice (GShard), tokens in
     sequence order within a choice. A dropped assignment contributes nothing (the token keeps the residual and
     its other, kept experts — gates are not renormalised again). `dropped_frac` = dropped assignments / (T·k).
-  * Dropless mode (capacity_factor = 0): every assignment is computed. The assignments are sorted by expert and
-    each expert's list is padded to a multiple of a block of B = ⌈T·k/(4E)⌉ rows (at most T·k + E·(B−1) rows,
-    ≈ 1.25·T·k); each block gathers the weights of its expert (a copy of ≤ 5E experts' weights per layer) and
-    all blocks run as one batched call. No work is spent on experts' unused capacity.
+  * Dropless mode (capacity_factor = 0): every assignment is computed. The layer is compiled for a few static
+    capacities (1.25 and 2 times the balanced load T·k/E, and T, which holds any routing) and `lax.switch` runs the
+    smallest one that holds the busiest expert's load, so the result is exactly dropless while a balanced router
+    pays about 1.25x the active compute (an expert that takes every token costs E/k times as much). A variant
+    that sorted the assignments into blocks with per-block gathered weights (no capacity at all) was 0.55x the
+    dense step's tokens/s on CPU against 0.85x for this one (BENCHMARKS.md, "Mixture of experts").
   * The experts are `nnx.vmap`-stacked `Mlp`s, so they use any linear kind (`make_linear`: dense, low-rank, LOST,
     each expert with its own LOST channel set) and carry the logical axis `expert` in front of every parameter
     (`lostjax.sharding` maps it to the `expert` mesh axis).
@@ -40,6 +42,7 @@ Choices (the papers leave them open or differ between them):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -50,21 +53,18 @@ from flax import nnx
 from lostjax.layers import make_linear
 from lostjax.models.config import LlamaConfig
 
-# Dropless mode: blocks per expert at perfect balance (B = ⌈T·k / (BLOCKS_PER_EXPERT·E)⌉ rows per block).
-BLOCKS_PER_EXPERT = 4
+# Dropless mode: the capacities compiled, as multiples of the balanced load T·k/E; a last bucket of T never drops.
+DROPLESS_BUCKETS = (1.25, 2.0)
 
 
 class Plan(NamedTuple):
   """Where each assignment goes. Assignments are numbered i = j·T + t (choice j of token t).
 
-  slot_src: [S] int32, the assignment computed in slot s (T·k = empty slot); S = groups × rows.
-  group_expert: [groups] int32, the expert of each group of rows (capacity mode: arange(E)).
+  slot_src: [E·C] int32, the assignment computed in slot e·C + c of expert e (T·k = empty slot).
   kept: [T·k] bool, whether assignment i is computed.
   """
   slot_src: jax.Array
-  group_expert: jax.Array
   kept: jax.Array
-  groups: int
   rows: int
 
 
@@ -73,8 +73,14 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
   return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def dispatch_plan(ids: jax.Array, num_experts: int, capacity_factor: float) -> Plan:
-  """Slots for the expert assignments `ids` [T, k] (see the module docstring for the order and the modes)."""
+def dropless_capacities(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
+  """The static capacities of dropless mode, ascending; the last is T (enough for any routing)."""
+  caps = {capacity(num_tokens, top_k, num_experts, m) for m in DROPLESS_BUCKETS}
+  return tuple(sorted(caps | {num_tokens}))
+
+
+def dispatch_plan(ids: jax.Array, num_experts: int, rows: int) -> Plan:
+  """Slots for the expert assignments `ids` [T, k] with `rows` slots per expert (see the module docstring)."""
   t, k = ids.shape
   n, e = t * k, num_experts
   flat = ids.T.reshape(-1).astype(jnp.int32)                 # i = j·T + t: first choices first
@@ -83,23 +89,11 @@ def dispatch_plan(ids: jax.Array, num_experts: int, capacity_factor: float) -> P
   counts = jnp.bincount(flat, length=e)
   starts = jnp.cumsum(counts) - counts
   rank = jnp.arange(n, dtype=jnp.int32) - starts[expert_sorted]   # position of the assignment in its expert
-  if capacity_factor > 0:
-    rows, groups = capacity(t, k, e, capacity_factor), e
-    keep_sorted = rank < rows
-    slot = jnp.where(keep_sorted, expert_sorted * rows + rank, groups * rows)   # out of range: dropped
-    group_expert = jnp.arange(e, dtype=jnp.int32)
-  else:
-    rows = max(1, math.ceil(n / (BLOCKS_PER_EXPERT * e)))
-    groups = (n + e * (rows - 1)) // rows                     # ≥ Σ_e ⌈count_e / rows⌉ for any counts
-    padded = (counts + rows - 1) // rows * rows
-    ends = jnp.cumsum(padded)
-    slot = (ends - padded)[expert_sorted] + rank
-    keep_sorted = jnp.ones((n,), bool)
-    group_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(groups) * rows, side="right"), e - 1)
-    group_expert = group_expert.astype(jnp.int32)
-  slot_src = jnp.full((groups * rows,), n, jnp.int32).at[slot].set(order, mode="drop")
+  keep_sorted = rank < rows
+  slot = jnp.where(keep_sorted, expert_sorted * rows + rank, e * rows)   # out of range: dropped
+  slot_src = jnp.full((e * rows,), n, jnp.int32).at[slot].set(order, mode="drop")
   kept = jnp.zeros((n,), bool).at[order].set(keep_sorted)
-  return Plan(slot_src, group_expert, kept, groups, rows)
+  return Plan(slot_src, kept, rows)
 
 
 def load_balancing_loss(probs: jax.Array, ids: jax.Array) -> jax.Array:
@@ -142,25 +136,34 @@ class MoeMlp(nnx.Module):
 
   def __call__(self, x: jax.Array):
     b, s, d = x.shape
-    t, k = b * s, self.top_k
+    t, k, e = b * s, self.top_k, self.num_experts
     x2 = x.reshape(t, d)
     probs, ids, gates = self.route(x2)
-    plan = dispatch_plan(ids, self.num_experts, self.capacity_factor)
-    n = t * k
-    valid = plan.slot_src < n
-    token = jnp.where(valid, plan.slot_src % t, t)            # row t of the padded input is zeros
-    gate = jnp.where(valid, jnp.concatenate([gates.T.reshape(-1), jnp.zeros((1,), gates.dtype)])[plan.slot_src], 0)
-    x_pad = jnp.concatenate([x2, jnp.zeros((1, d), x2.dtype)])
-    xs = x_pad[token].reshape(plan.groups, plan.rows, d)
     graphdef, state = nnx.split(self.experts)
-    if self.capacity_factor <= 0:   # dropless: each block of rows runs with its expert's weights
-      state = jax.tree.map(lambda v: v[plan.group_expert], state)
-    ys = jax.vmap(lambda st, xb: nnx.merge(graphdef, st)(xb))(state, xs)
-    contrib = ys.reshape(-1, d).astype(jnp.float32) * gate[:, None]
-    y = jnp.zeros((t + 1, d), jnp.float32).at[token].add(contrib)[:t]
+
+    def run(rows, state, x2, ids, gates):
+      """The routed experts' output [T, d] (float32) with `rows` slots per expert, and the kept mask."""
+      plan = dispatch_plan(ids, e, rows)
+      n = t * k
+      valid = plan.slot_src < n
+      token = jnp.where(valid, plan.slot_src % t, t)            # row t of the padded input is zeros
+      flat_gates = jnp.concatenate([gates.T.reshape(-1), jnp.zeros((1,), gates.dtype)])
+      gate = jnp.where(valid, flat_gates[plan.slot_src], 0.0)
+      x_pad = jnp.concatenate([x2, jnp.zeros((1, d), x2.dtype)])
+      ys = jax.vmap(lambda st, xb: nnx.merge(graphdef, st)(xb))(state, x_pad[token].reshape(e, rows, d))
+      contrib = ys.reshape(-1, d).astype(jnp.float32) * gate[:, None]
+      return jnp.zeros((t + 1, d), jnp.float32).at[token].add(contrib)[:t], plan.kept
+
+    if self.capacity_factor > 0:
+      y, kept = run(capacity(t, k, e, self.capacity_factor), state, x2, ids, gates)
+    else:   # dropless: the smallest compiled capacity that holds the busiest expert's load
+      caps = dropless_capacities(t, k, e)
+      load = jnp.max(jnp.bincount(ids.reshape(-1), length=e))
+      branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), load.astype(jnp.int32))
+      y, kept = jax.lax.switch(branch, [functools.partial(run, c) for c in caps], state, x2, ids, gates)
     aux = {
         "aux_loss": load_balancing_loss(probs, ids),
-        "dropped_frac": jnp.mean((~plan.kept).astype(jnp.float32)),
+        "dropped_frac": jnp.mean((~kept).astype(jnp.float32)),
         "expert_ids": ids.reshape(b, s, k),
         "expert_gates": gates.reshape(b, s, k),
         "router_probs": probs.reshape(b, s, self.num_experts),
