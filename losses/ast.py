@@ -1,9 +1,9 @@
 """AST: dataset distillation by trajectory matching with smooth expert trajectories.
 
-Paper: Jiyuan Shen, Wenzhuo Yang, Kwok-Yan Lam, "AST: Effective Dataset Distillation through Alignment with
-Smooth and High-Quality Expert Trajectories", arXiv:2310.10541 (2023); official code
-shenjiyuan123/AST-Alignment-with-Smooth-Expert (`buffer.py`, `utils.py`, `distill.py`). Trajectory matching itself is MTT
-(Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", arXiv:2203.11932).
+Paper: Shen, Yang, Lam, "AST: Effective Dataset Distillation through Alignment with Smooth and High-Quality
+Expert Trajectories", arXiv:2310.10541 (2023); official code shenjiyuan123/AST-Alignment-with-Smooth-Expert
+(`buffer.py`, `utils.py`, `distill.py`). Trajectory matching itself is MTT (Cazenavette et al., "Dataset
+Distillation by Matching Training Trajectories", arXiv:2203.11932).
 
 Expert side (training the experts whose per-epoch checkpoints are matched):
 
@@ -119,7 +119,9 @@ def ast_balance_factor(start_epoch, max_start_epoch: int):
 
 
 def _sq_dist(a, b):
-  leaves = jax.tree.leaves(jax.tree.map(lambda u, v: jnp.sum((u.astype(jnp.promote_types(u.dtype, jnp.float32)) - v) ** 2), a, b))
+  """Sum over all leaves of ||a - b||^2, in at least float32."""
+  sq = lambda u, v: jnp.sum((u.astype(jnp.promote_types(u.dtype, jnp.float32)) - v) ** 2)
+  leaves = jax.tree.leaves(jax.tree.map(sq, a, b))
   return sum(leaves[1:], leaves[0])
 
 
@@ -167,7 +169,8 @@ def ast_matching_loss(student_traj, start_params, expert_traj, *, middle: str = 
   U.check_choice("middle", middle, ("agg", "adaptive", "none"))
   _check_trees("student_traj", student_traj, "expert_traj", expert_traj)
   _check_trees("start_params", start_params, "expert_traj", expert_traj)
-  lead = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(student_traj) + jax.tree.leaves(expert_traj)}
+  leaves = jax.tree.leaves(student_traj) + jax.tree.leaves(expert_traj)
+  lead = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in leaves}
   if len(lead) != 1 or None in lead:
     raise ValueError(f"student_traj and expert_traj leaves must share one leading axis M, got sizes {lead}")
   m = lead.pop()

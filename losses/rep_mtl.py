@@ -1,7 +1,7 @@
 """Rep-MTL: representation-level task-saliency regularisers for multi-task learning.
 
-Paper: Zedong Wang, Siyuan Li, Dan Xu, "Rep-MTL: Unleashing the Power of Representation-level Task Saliency for
-Multi-Task Learning", arXiv:2507.21049 (ICCV 2025). No reference code is released; everything follows the paper.
+Paper: Wang, Li, Xu, "Rep-MTL: Unleashing the Power of Representation-level Task Saliency for Multi-Task
+Learning", arXiv:2507.21049 (ICCV 2025). No reference code is released; everything follows the paper.
 
 With Z the shared representation ([B, ..., C]: batch, positions, channels) and T task losses L_t:
 

@@ -1,9 +1,9 @@
 """TR2M: scale-oriented contrastive loss (coarse image level + fine pixel level).
 
-Paper: "TR2M: Transferring Monocular Relative Depth to Metric
-Depth with Language Descriptions and Dual-Level Scale-Oriented Contrast", arXiv:2506.13387 (v1 "... and
-Scale-Oriented Contrast"; v2 CVPR 2026). Metric depth is predicted as 1 / (A * D_r + B) from a relative depth
-D_r; the scale-oriented contrast L_soc = L_coarse + L_fine shapes the fused features by metric scale.
+Paper: "TR2M: Transferring Monocular Relative Depth to Metric Depth with Language Descriptions and Dual-Level
+Scale-Oriented Contrast", arXiv:2506.13387 (v1 "... and Scale-Oriented Contrast"; v2 CVPR 2026). Metric depth
+is predicted as 1 / (A * D_r + B) from a relative depth D_r; the scale-oriented contrast L_soc = L_coarse + L_fine
+shapes the fused features by metric scale.
 
 * coarse (`tr2m_coarse_loss`): image embeddings (average-pooled fused features) of the batch are ranked by the
   pseudo scale alpha (`tr2m_pseudo_scale`: least-squares fit alpha D_r + beta ~ target per image); images whose
