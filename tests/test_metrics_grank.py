@@ -246,3 +246,26 @@ def test_scenarios():
   assert G.grank_scenario("clicklog_inflation", num_nodes=10).num_spam == 1000
   with pytest.raises(ValueError, match="scenario"):
     G.grank_scenario("ddos")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    dict(attack="inflation", gossip="pull", similarity="code"),
+    dict(attack="targeted", gossip="pull", num_sybils=30),        # an "epic" attack on 24 nodes, pull gossip
+])
+def test_other_scenarios_keep_invariants_and_match_oracle(overrides):
+  cfg = dataclasses.replace(CFG, **overrides)
+  res = G.simulate_grank(cfg, seed=2, offset=1.0)
+  st = res.state
+  known, length = np.asarray(st.known), np.asarray(st.length)
+  np.testing.assert_array_equal(np.diag(known), length)
+  assert np.all(known <= length[None, :])
+  np.testing.assert_array_equal(length[cfg.num_nodes:], cfg.num_spam)
+  e_term = np.asarray(st.e_term)[cfg.num_nodes:, :cfg.num_spam]
+  if cfg.attack == "inflation":
+    assert len(np.unique(e_term)) > 1                  # random terms
+  else:
+    assert np.all(e_term == cfg.target_term)
+  np.testing.assert_allclose(np.asarray(st.sim), oracle_similarity(st, cfg.top_k_terms, cfg.similarity),
+                             rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(res.list_distance)) and np.all(res.knowledge <= 1 + 1e-6)
