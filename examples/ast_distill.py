@@ -6,7 +6,9 @@ with the balanced inner loop and matched to the expert trajectory with intermedi
 Protocol (all on CPU, sizes set by flags):
 1. Split digits 70/30 (stratified, seed 0); pixels / 16, then standardised with the training mean and std.
 2. Train `--num_experts` expert MLPs (64 -> hidden -> 10, ReLU) for `--expert_train_epochs` epochs of minibatch
-   SGD-momentum (0.9, lr `--lr_teacher`, batch 32), recording the parameters after every epoch.
+   SGD-momentum (0.9, lr `--lr_teacher`, batch 32) on AST's expert loss (clipping loss for the first
+   `--loss_decay_epochs` epochs + gradient penalty `--gp_weight`), recording the parameters after every epoch.
+   Unlike the reference recipe there is no data augmentation and no weight decay (digits are 8x8 grey images).
 3. For each IPC: initialise the synthetic set with IPC random real training images per class, then for
    `--iterations` steps sample an expert and a start epoch e <= `--max_start_epoch`, unroll `--syn_steps` student
    steps on the synthetic set from theta*_e, and update the images and the learnable student lr with SGD
