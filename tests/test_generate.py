@@ -108,7 +108,7 @@ def test_generation_past_max_seq_len_and_bf16():
   assert out.shape == (1, 30) and out.dtype == jnp.int32
   assert int(out.min()) >= 0 and int(out.max()) < model.cfg.vocab_size
   cache = model.init_cache(1, 16)
-  assert cache.k.dtype == jnp.bfloat16 and cache.k.shape == (1, 1, 16, 4, 16)
+  assert len(cache.k) == 1 and cache.k[0].dtype == jnp.bfloat16 and cache.k[0].shape == (1, 4, 16, 16)
 
 
 @pytest.mark.slow

@@ -53,9 +53,13 @@ class KVCache(NamedTuple):
   every row) is stored at slot t mod W. A query at time t attends to the keys of times t' with
   max(start, t - W + 1) <= t' <= t, so while t < W this is exact causal attention, and beyond it a sliding
   window of W tokens (RoPE positions keep their true values; only differences < W are ever seen).
+  Keys and values are preallocated, one [batch, heads, W, head_dim] buffer per layer: XLA updates separate
+  buffers in place inside the decode loop, while one stacked [layers, ...] array was copied whole every step
+  (measured on CPU: 15x slower at batch 8), and the heads-major layout needs no transpose for the one-token
+  attention (8x faster per layer than the [batch, W, heads, head_dim] layout through dot_product_attention).
   """
-  k: jax.Array       # [layers, batch, W, heads, head_dim], rotary already applied
-  v: jax.Array       # [layers, batch, W, heads, head_dim]
+  k: tuple           # n_layers x [batch, heads, W, head_dim], rotary already applied
+  v: tuple           # n_layers x [batch, heads, W, head_dim]
   start: jax.Array   # [batch] int32: first real (non-padding) time of each row (its left-padding length)
   index: jax.Array   # [] int32: the time of the next token to be written
 
@@ -65,25 +69,38 @@ def _cached_attention(q, k, v, cache: KVCache, layer: int):
 
   Returns (out [b, s, h, hd], cache with this layer's new keys/values written into the ring).
   """
-  b, s = q.shape[:2]
-  width = cache.k.shape[2]
+  s = q.shape[1]
+  ck, cv = cache.k[layer], cache.v[layer]
+  width = ck.shape[2]
   if s > width:
     raise ValueError(f"{s} new tokens do not fit a KV cache of {width} slots")
-  times_old = cache.index - 1 - jnp.mod(cache.index - 1 - jnp.arange(width), width)  # time held by each slot
-  times_new = cache.index + jnp.arange(s)
-  key_t = jnp.concatenate([times_old, times_new])                                    # [W + s]
-  q_t = times_new[:, None]                                                           # [s, 1]
-  start = cache.start[:, None, None]                                                 # [b, 1, 1]
-  mask = (key_t <= q_t) & (key_t > q_t - width)
-  mask = mask[None] & ((key_t >= start) | (key_t == q_t)[None])                      # padding attends to itself
-  keys = jnp.concatenate([cache.k[layer], k.astype(cache.k.dtype)], axis=1)
-  values = jnp.concatenate([cache.v[layer], v.astype(cache.v.dtype)], axis=1)
-  out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[:, None],
-                                     implementation="xla")
-  slots = jnp.mod(times_new, width)
-  new_k = cache.k.at[layer, :, slots].set(jnp.swapaxes(k, 0, 1).astype(cache.k.dtype))
-  new_v = cache.v.at[layer, :, slots].set(jnp.swapaxes(v, 0, 1).astype(cache.v.dtype))
-  return out, cache._replace(k=new_k, v=new_v)
+  if s == 1:  # one decode step: write first (the slot overwritten holds time t - W, outside the window)
+    t = cache.index
+    slot = jnp.mod(t, width)
+    ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype), (0, 0, slot, 0))
+    cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), (0, 0, slot, 0))
+    key_t = t - jnp.mod(t - jnp.arange(width), width)                                # time held by each slot
+    mask = (key_t >= cache.start[:, None, None]) | (key_t == t)                      # [b, 1, W]; own slot valid
+    scores = jnp.einsum("bhd,bhwd->bhw", q[:, 0], ck.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhw,bhwd->bhd", probs.astype(q.dtype), cv.astype(q.dtype),
+                     preferred_element_type=jnp.float32)[:, None].astype(q.dtype)
+  else:       # a chunk (prefill): the old window plus the chunk, so no query loses a key the chunk overwrites
+    times_old = cache.index - 1 - jnp.mod(cache.index - 1 - jnp.arange(width), width)
+    times_new = cache.index + jnp.arange(s)
+    key_t = jnp.concatenate([times_old, times_new])                                  # [W + s]
+    q_t = times_new[:, None]                                                         # [s, 1]
+    mask = (key_t <= q_t) & (key_t > q_t - width)
+    mask = mask[None] & ((key_t >= cache.start[:, None, None]) | (key_t == q_t)[None])  # padding sees itself
+    keys = jnp.concatenate([jnp.swapaxes(ck, 1, 2).astype(q.dtype), k], axis=1)
+    values = jnp.concatenate([jnp.swapaxes(cv, 1, 2).astype(q.dtype), v], axis=1)
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
+    slots = jnp.mod(times_new, width)
+    ck = ck.at[:, :, slots].set(jnp.swapaxes(k, 1, 2).astype(ck.dtype))
+    cv = cv.at[:, :, slots].set(jnp.swapaxes(v, 1, 2).astype(cv.dtype))
+  replace = lambda buffers, new: buffers[:layer] + (new,) + buffers[layer + 1:]
+  return out, cache._replace(k=replace(cache.k, ck), v=replace(cache.v, cv))
 
 
 def _linear(cfg: LlamaConfig, group: str, d_in: int, d_out: int, axes, rngs):
@@ -239,10 +256,11 @@ class Llama(nnx.Module):
     """
     if not isinstance(length, int) or length <= 0:
       raise ValueError(f"cache length must be a positive int, got {length!r}")
-    shape = (self.cfg.n_layers, batch, length, self.cfg.n_heads, self.cfg.head_dim)
+    shape = (batch, self.cfg.n_heads, length, self.cfg.head_dim)
     dt = self.dtype if dtype is None else common.resolve_dtype(dtype)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32).reshape(batch)
-    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), start, jnp.zeros((), jnp.int32))
+    zeros = lambda: tuple(jnp.zeros(shape, dt) for _ in range(self.cfg.n_layers))
+    return KVCache(zeros(), zeros(), start, jnp.zeros((), jnp.int32))
 
   def decode(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None):
     """tokens [batch, s] at times cache.index .. cache.index+s-1 -> (logits [batch, s, vocab], new cache).
