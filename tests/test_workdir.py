@@ -122,3 +122,21 @@ def test_read_config_errors(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
     wd.read_config(str(tmp_path))
+
+
+def test_fingerprint_compares_what_names_select():
+  a, b = base_config(), base_config()
+  a.model.sparse_impl, b.model.sparse_impl = "xla", "gather_xla"     # legacy name and registry name
+  assert wd.diff(wd.fingerprint(a), wd.fingerprint(b)) == []
+  b.model.sparse_impl = "fused_concat"
+  assert wd.diff(wd.fingerprint(a), wd.fingerprint(b)) == ["model.sparse_impl: 'gather_xla' -> 'fused_concat'"]
+  a.data.pipeline, b.model.sparse_impl = "cached", "gather_xla"        # stdlib: 'auto' selects the cache
+  assert wd.diff(wd.fingerprint(a), wd.fingerprint(b)) == []
+  # a TFDS run of an older release read through the cache; 'auto' would now stream it
+  old = base_config().to_dict()
+  old["data"]["source"] = "tfds"
+  del old["data"]["pipeline"]
+  new = base_config()
+  new.data.source = "tfds"
+  assert wd.diff(wd.fingerprint(wd.upgrade_config(old)), wd.fingerprint(new)) == [
+      "data.pipeline: 'cached' -> 'stream'"]

@@ -8,17 +8,24 @@ of the training iterator, so a resumed run continues bit-identically.
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CKPT_DIR = "checkpoints"
 
 
 class CheckpointError(ValueError):
   pass
+
+
+def checkpoint_dir(workdir):
+  """<workdir>/checkpoints as an epath.Path: absolute for local paths, unchanged for remote ones (gs://...)."""
+  path = epath.Path(workdir)
+  if "://" not in str(workdir):
+    path = path.absolute()
+  return path / CKPT_DIR
 
 
 def _abstract(tree):
@@ -29,11 +36,11 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3):
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"train.keep_ckpts must be a positive int, got {keep!r}")
-    self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
+    self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        item_names=("state", "data"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -80,7 +87,12 @@ def load_model(workdir: str, step: int | None = None):
     raise ValueError(f"no checkpoint in {ckpt.directory}")
   graphdef, params, rest = state_lib.init_model(state_lib.llama_config(cfg), seed=cfg.train.seed)
   try:
-    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # Restore onto this process's first device whatever mesh or process count wrote the checkpoint: the target
+    # is the stored shapes and dtypes with a single-device sharding.
+    meta = ckpt.manager.item_metadata(step)["state"]
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # orbax raises many types for missing/corrupt files
     raise CheckpointError(f"cannot read checkpoint step {step} from {ckpt.directory}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e

@@ -21,7 +21,11 @@ config_flags.DEFINE_config_file("config", None, "Training config file.", lock_co
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, loss.png, config.json.")
 flags.DEFINE_bool("summary_only", False, "Print one JSON line of counts and a memory estimate, then exit.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU; run the "
-                  "same command on every host).")
+                  "same command on every host). Implied by --coordinator_address/--num_processes/--process_id; "
+                  "without them the cluster is auto-detected (TPU pods, SLURM, Open MPI, Kubernetes).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the run (jax.distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (jax.distributed).")
 FLAGS = flags.FLAGS
 
 
@@ -31,9 +35,15 @@ def main(argv):
   cfg = FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=train/configs/quickstart.py")
-  if FLAGS.distributed:
-    import jax
-    jax.distributed.initialize()
+  explicit = {k: v for k, v in (("coordinator_address", FLAGS.coordinator_address),
+                                 ("num_processes", FLAGS.num_processes), ("process_id", FLAGS.process_id))
+              if v is not None}
+  import jax
+
+  if FLAGS.distributed or explicit:
+    # Collectives between CPU processes (multi-process runs and tests on CPU); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**explicit)
   from train import trainer  # after flag parsing, so --help is fast
   try:
     if FLAGS.summary_only:
@@ -44,7 +54,8 @@ def main(argv):
       raise ValueError("--workdir is required for training")
     out = trainer.train(cfg, FLAGS.workdir)
     out.pop("state", None)
-    print(json.dumps({k: v for k, v in out.items() if isinstance(v, (int, float, str))}))
+    if jax.process_index() == 0:
+      print(json.dumps({k: v for k, v in out.items() if isinstance(v, (int, float, str))}))
   except (ValueError, trainer.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

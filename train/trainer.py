@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 
@@ -110,7 +109,8 @@ def train(cfg, workdir: str) -> dict:
   lead = jax.process_index() == 0
   mesh = state_lib.make_mesh(cfg)
   state_lib.validate_config(cfg, mesh)
-  bundle = make_data(cfg.data, seq_len=t.seq_len, global_batch=t.global_batch, seed=t.seed)
+  bundle = make_data(cfg.data, seq_len=t.seq_len, global_batch=t.global_batch, seed=t.seed,
+                     process_index=jax.process_index(), process_count=jax.process_count())
   model_cfg = state_lib.llama_config(cfg, vocab_size=bundle.vocab_size)
   if bundle.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer vocabulary {bundle.vocab_size} exceeds model.vocab_size={model_cfg.vocab_size}")
@@ -145,8 +145,7 @@ def train(cfg, workdir: str) -> dict:
     summary = {"params": counts, "tokens_per_step": t.global_batch * t.seq_len,
                "model": dataclasses.asdict(model_cfg), "devices": jax.device_count(),
                "processes": jax.process_count(), "mesh": dict(mesh.shape), "data": bundle.info or {}}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=str)
+    (workdir_lib.as_path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
   writer = MetricWriter(workdir) if lead else None
   last: dict = {}
@@ -203,7 +202,7 @@ def train(cfg, workdir: str) -> dict:
   if writer is not None:
     writer.close()
     if t.plot:
-      writer.plot(os.path.join(workdir, "loss.png"))
+      writer.plot("loss.png")
   last["final_step"] = step
   last["state"] = state
   return last

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import ml_collections
+from etils import epath
 
 # Config sections whose change makes an existing workdir incompatible (train.steps may change: extend a run).
 FINGERPRINT = ("model", "optim", "objectives", "data", "train.seed", "train.global_batch", "train.seq_len",
@@ -30,7 +30,10 @@ FINGERPRINT = ("model", "optim", "objectives", "data", "train.seed", "train.glob
 
 # Fields added after runs were already written, whose current default does not reproduce those runs: a stored
 # config.json without the field is read as if it held this value (so an old run resumes with that setting).
-ADDED_FIELDS = {"model.fuse_projections": False}
+ADDED_FIELDS = {
+    "model.fuse_projections": False,   # q/k/v and gate/up computed together (same parameters, other rounding)
+    "data.pipeline": "cached",         # 'auto' now streams HF/TFDS sources; older runs read them through the cache
+}
 
 # Old flat optimizer field -> its place(s) in the sub-configs ('update_gap' and 'proj_side' were shared by FRUGAL
 # and GaLore).
@@ -47,6 +50,11 @@ LEGACY_OPTIM = {
     "trp_scheme": ("trp.scheme",), "trp_nuclear_every_step": ("trp.nuclear_every_step",), "trp_base": ("trp.base",),
 }
 CONFIG_FILE = "config.json"
+
+
+def as_path(workdir) -> epath.Path:
+  """A workdir as an `etils.epath.Path`: local paths, and remote ones (gs://, s3://, ...) kept remote."""
+  return epath.Path(workdir)
 
 
 def _set(d: dict, dotted: str, value) -> None:
@@ -105,6 +113,18 @@ def fingerprint(cfg) -> dict:
     for part in key.split("."):
       node = node.get(part) if isinstance(node, dict) else None
     out[key] = node
+  model = out.get("model")
+  if isinstance(model, dict) and isinstance(model.get("sparse_impl"), str):
+    # legacy sparse-path names and their registry names select the same implementation
+    from lostjax.kernels.registry import canonical_name
+    try:
+      model["sparse_impl"] = canonical_name(model["sparse_impl"])
+    except ValueError:
+      pass
+  data = out.get("data")
+  if isinstance(data, dict) and "pipeline" in data and "source" in data:
+    from train.data import _pipeline   # 'auto' compared as the pipeline it selects for this source
+    data["pipeline"] = _pipeline(ml_collections.ConfigDict(data))
   opt = out.get("optim")
   if isinstance(opt, dict):
     out["optim"] = {k: v for k, v in opt.items() if not isinstance(v, dict) or k == opt.get("name")}
@@ -126,14 +146,13 @@ def diff(a, b, prefix: str = "") -> list[str]:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's config.json in the current layout. ValueError if there is none or it is not valid JSON."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ValueError(f"no {CONFIG_FILE} in workdir {workdir!r}: not a lostjax run directory")
-  with open(path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); refusing to reuse this workdir") from e
+  path = as_path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise ValueError(f"no {CONFIG_FILE} in workdir {str(workdir)!r}: not a lostjax run directory")
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); refusing to reuse this workdir") from e
   if not isinstance(raw, dict):
     raise ValueError(f"{path} does not hold a config object")
   return ml_collections.ConfigDict(upgrade_config(raw))
@@ -146,7 +165,7 @@ def prepare_workdir(cfg, workdir: str, *, has_checkpoint: bool, write: bool = Tr
   differences; nothing is written). Without one, config.json is (re)written. `write=False` (processes other
   than 0 in a multi-process run) checks but does not write.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = as_path(workdir) / CONFIG_FILE
   if has_checkpoint:
     old = read_config(workdir)
     diffs = diff(fingerprint(old), fingerprint(cfg))
@@ -155,9 +174,8 @@ def prepare_workdir(cfg, workdir: str, *, has_checkpoint: bool, write: bool = Tr
                        f"it. Differences: {'; '.join(diffs[:8])}. Use a new --workdir.")
     return True
   if write:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2, default=str)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    tmp.replace(path)
   return False
