@@ -338,7 +338,7 @@ def _gossip(known, link, active, fanout, key, *, scheme: str, max_fanout: int):
   for f, k in enumerate(jax.random.split(key, max_fanout)):
     # uniform pick among the remaining contacts: the floor(u * count)-th True of the row (one draw per node)
     count = jnp.sum(free, axis=1)
-    r = jnp.floor(jax.random.uniform(k, (n,)) * count).astype(jnp.int32)
+    r = jnp.minimum(jnp.floor(jax.random.uniform(k, (n,)) * count).astype(jnp.int32), count - 1)
     pick = jnp.argmax(jnp.cumsum(free, axis=1, dtype=jnp.int32) > r[:, None], axis=1).astype(jnp.int32)
     ok_f = (count > 0) & (f < fanout)
     picks.append(pick)
@@ -449,7 +449,7 @@ def _footrule(order_a, order_b):
 
 def _round(cfg: GRankConfig, target, pop, offset, state: GRankState, xs):
   rnd, key = xs
-  n, g = cfg.total_nodes, cfg.items_per_term
+  n = cfg.total_nodes
   join, attack = cfg.resolved_rounds()
   k_join, k_spam, k_query, k_swap, k_click, k_gossip = jax.random.split(key, 6)
   if cfg.num_sybils:
