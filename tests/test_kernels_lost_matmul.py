@@ -95,7 +95,7 @@ def test_gamma_limits_and_callable_act():
     (dict(ws=np.ones((3, 15), np.float32)), "w_sparse must have shape"),
     (dict(idx=np.array([1, 2], np.int32)), "idx must have shape"),
     (dict(gamma=np.ones(2)), "gamma must be a scalar"),
-    (dict(act="swish2"), "act must be"),
+    (dict(act="swish2"), "unknown activation .swish2."),
     (dict(impl="fused2"), "unknown sparse_impl 'fused2'"),
 ])
 def test_bad_input_raises(kwargs, match):

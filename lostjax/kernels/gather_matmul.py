@@ -36,10 +36,13 @@ from jax.sharding import PartitionSpec as P
 from lostjax.kernels import pallas_gather_matmul as _pk_gpu
 from lostjax.kernels import pallas_tpu_gather_matmul as _pk_tpu
 from lostjax.kernels.registry import resolve_sparse_impl
+from lostjax import sharding as _sharding
 
 __all__ = ["gather_matmul", "batch_shard_axes", "dot_f32"]
 
-DEFAULT_BATCH_AXES = ("data", "fsdp")
+# The mesh axes a batch may be split over: the "batch" rule of lostjax.sharding (the one place it is decided).
+_BATCH_RULE = dict(_sharding.DEFAULT_RULES)["batch"]
+DEFAULT_BATCH_AXES = (_BATCH_RULE,) if isinstance(_BATCH_RULE, str) else tuple(_BATCH_RULE)
 
 
 class _Cfg(NamedTuple):

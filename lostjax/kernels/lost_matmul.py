@@ -38,19 +38,10 @@ import numpy as np
 
 from lostjax.kernels.gather_matmul import dot_f32 as _dot32
 from lostjax.kernels.gather_matmul import gather_matmul
+from lostjax.activations import resolve_activation
 from lostjax.kernels.registry import resolve_sparse_impl
 
 __all__ = ["lost_matmul", "lost_group_matmul"]
-
-_ACTS = {
-    None: None,
-    "identity": None,
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "tanh": jnp.tanh,
-}
-
 
 class _Cfg(NamedTuple):
   mode: str  # 'concat' | 'onehot'
@@ -171,15 +162,6 @@ _lost_fused = jax.custom_vjp(_primal, nondiff_argnums=(6,))
 _lost_fused.defvjp(_fwd, _bwd)
 
 
-def _resolve_act(act):
-  if callable(act):
-    return act
-  if act not in _ACTS:
-    raise ValueError(f"act must be None, a callable or one of {sorted(k for k in _ACTS if k)}, "
-                     f"got {act!r}")
-  return _ACTS[act]
-
-
 def _check_one(x, a, b, idx, w_sparse, where=""):
   d_in = x.shape[-1]
   if a.ndim != 2 or a.shape[0] != d_in:
@@ -216,7 +198,7 @@ def lost_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto", int
   x, a, b, w_sparse, idx = map(jnp.asarray, (x, a, b, w_sparse, idx))
   _check_common(x, gamma)
   _check_one(x, a, b, idx, w_sparse)
-  act_fn = _resolve_act(act)
+  act_fn = resolve_activation(act)
   d_in = x.shape[-1]
   entry = resolve_sparse_impl(impl)
   if entry.fused is None:
@@ -254,7 +236,7 @@ def lost_group_matmul(x, a, b, idx, w_sparse, gamma, act=None, impl: str = "auto
   a, b, idx, w_sparse = seqs
   for g in range(len(a)):
     _check_one(x, a[g], b[g], idx[g], w_sparse[g], where=f"[{g}]")
-  act_fn = _resolve_act(act)
+  act_fn = resolve_activation(act)
   entry = resolve_sparse_impl(impl)
   if entry.fused is None:
     return tuple(lost_matmul(x, a[g], b[g], idx[g], w_sparse[g], gamma, act_fn, impl=entry.name)

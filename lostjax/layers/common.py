@@ -7,17 +7,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from lostjax.activations import ACTIVATIONS, resolve_activation  # noqa: F401  (re-exported)
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array] | None] = {
-    "identity": None,
-    "none": None,
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "tanh": jnp.tanh,
-}
-
 
 def resolve_dtype(dtype) -> jnp.dtype:
   """Accepts a dtype or one of the names in `DTYPES`; raises ValueError naming anything else."""
@@ -28,12 +20,6 @@ def resolve_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(dtype)
 
 
-def resolve_activation(name: str | None):
-  if name is None:
-    return None
-  if name not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
 
 
 def check_dims(d_in: int, d_out: int) -> None:

@@ -1,7 +1,5 @@
 """Analysis metrics: RankMe, layer-wise gradient spectra, scaling-law fits, LLM Swiss round, retrieval and
 robustness metrics, G-Rank."""
-import warnings
-
 from lostjax.metrics.gradient_spectra import gradient_spectra
 from lostjax.metrics.grank import GRankConfig, grank_scenario, simulate_grank
 from lostjax.metrics.rankme import rankme
@@ -14,10 +12,6 @@ from lostjax.metrics.swiss_round import swiss_round
 from lostjax.metrics.pathways import (levenshtein, mean_pathway_distance, pathway_consistency,
                                       pathway_distances, router_embeddings, sample_pathways)
 
-# `python -m lostjax.metrics.<cli>` runs a module this package has already imported; runpy's warning about
-# that is harmless here (the CLIs keep no module state), so it is silenced for these modules only.
-warnings.filterwarnings("ignore", category=RuntimeWarning,
-                        message=r".*'lostjax\.metrics\.(gradient_spectra|scaling_law)' found in sys\.modules.*")
 
 __all__ = ["rankme", "gradient_spectra", "fit_scaling_law", "swiss_round",
            "synthetic_recall", "label_recall", "majority_vote_accuracy", "hit_rate", "popularity_score",
