@@ -78,7 +78,8 @@ def _apply(moe, x):
   return jax.jit(lambda st, v: nnx.merge(graphdef, st)(v))(state, jnp.asarray(x))
 
 
-@pytest.mark.parametrize("cf,top_k", [(0.0, 1), (0.0, 2), (0.5, 2), (1.0, 1), (100.0, 2)])
+@pytest.mark.parametrize("cf,top_k", [(0.0, 1), (0.0, 2), (0.5, 2), (1.0, 1),
+                                      pytest.param(100.0, 2, marks=pytest.mark.slow)])
 def test_forward_matches_numpy_loop(cf, top_k):
   cfg = _cfg(moe_capacity_factor=cf, moe_top_k=top_k)
   moe, x = _build(cfg)
@@ -192,8 +193,11 @@ def test_factorised_experts_match_routed_oracle(kind):
   assert a.shape[0] == cfg.moe_experts and not np.allclose(a[0], a[1])
 
 
-@pytest.mark.parametrize("kind", ["dense", "lowrank", "lost"])
+@pytest.mark.parametrize("kind", ["dense", pytest.param("lowrank", marks=pytest.mark.slow),
+                                  pytest.param("lost", marks=pytest.mark.slow)])
 def test_llama_moe_every_kind_trains(kind):
+  """value_and_grad of CE + aux through the whole model (low-rank/LOST experts' forward is checked by default in
+  test_factorised_experts_match_routed_oracle; their full-model gradients run with -m slow)."""
   cfg = _cfg(attn_kind=kind, mlp_kind=kind, moe_aux_weight=0.1, n_layers=1)
   model = Llama(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
@@ -248,7 +252,7 @@ def test_single_expert_is_the_dense_mlp():
   assert float(aux["aux_loss"]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_moe_off_is_the_dense_model(remat):
   """moe_experts=0: the same parameter tree as the dense model, logits = the blocks composed by hand, aux = {}."""
   cfg = _cfg(moe_experts=0, remat=remat)
@@ -286,7 +290,7 @@ def test_bf16_moe_close_to_float32():
   np.testing.assert_allclose(out["bfloat16"], out["float32"], atol=0.05)
 
 
-@pytest.mark.parametrize("cf", [0.0, 1.0])
+@pytest.mark.parametrize("cf", [0.0, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_expert_mesh_equals_single_device(cf):
   assert jax.device_count() == 8
   cfg = _cfg(moe_capacity_factor=cf, n_layers=1)
