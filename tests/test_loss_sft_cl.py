@@ -9,6 +9,7 @@ import pytest
 from losses import cl_loss, sft_cl_decomposition, sft_loss, unified_reranking_loss
 
 import losses as _L  # eager originals, used by test_jit_matches_eager
+from oracle_utils import np_fd_grad
 
 # The tests call jitted versions (one compile per shape instead of op-by-op eager dispatch, which
 # keeps the suite fast); test_jit_matches_eager compares them with the eager functions.
@@ -123,16 +124,6 @@ def np_url(w, s):
   return np.mean(np.sum(c * w * s, -1))
 
 
-def np_fd(fun, x, h=1e-6):
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[idx] += h
-    xm[idx] -= h
-    g[idx] = (fun(xp) - fun(xm)) / (2 * h)
-  return g
-
-
 def test_gradient_values_numpy_oracle():
   zy, zn = logits(HID)
   tau = 0.3
@@ -150,18 +141,18 @@ def test_gradient_values_numpy_oracle():
                     (lambda s: unified_reranking_loss(jnp.asarray(w), s), (a,))):
       jtu.check_grads(f, args, order=1, modes=["rev"], eps=1e-6)
   # SFT: finite differences of the numpy loop, and the closed form c * W_SFT / B (d/dz_n = -d/dz_y)
-  np.testing.assert_allclose(g_sft[0], np_fd(lambda y: np_sft(y, zn), zy), rtol=1e-6, atol=1e-9)
-  np.testing.assert_allclose(g_sft[1], np_fd(lambda n: np_sft(zy, n), zn), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_sft[0], np_fd_grad(lambda y: np_sft(y, zn), zy), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_sft[1], np_fd_grad(lambda n: np_sft(zy, n), zn), rtol=1e-6, atol=1e-9)
   d = zy - zn
   c = np.where(np.arange(N1) == 0, -1., 1.)
   w_sft = np.where(np.arange(N1) == 0, 1 - sig(d), sig(d))
   np.testing.assert_allclose(g_sft[0], c * w_sft / B, rtol=1e-10)
   # CL: finite differences and the closed form (p - onehot_0) / (tau B)
-  np.testing.assert_allclose(g_cl, np_fd(lambda y: np_cl(y, tau), zy), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_cl, np_fd_grad(lambda y: np_cl(y, tau), zy), rtol=1e-6, atol=1e-9)
   p = np.exp(zy / tau) / np.exp(zy / tau).sum(-1, keepdims=True)
   np.testing.assert_allclose(g_cl, (p - np.eye(N1)[0]) / (tau * B), rtol=1e-10, atol=1e-14)
   # URL: d/dscore = c W / B (finite differences of the numpy form); the weight gets no gradient
-  np.testing.assert_allclose(g_url[1], np_fd(lambda s: np_url(w, s), zy), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(g_url[1], np_fd_grad(lambda s: np_url(w, s), zy), rtol=1e-6, atol=1e-9)
   np.testing.assert_allclose(g_url[1], c * w / B, rtol=1e-12)
   assert not np.asarray(g_url[0]).any()
   # decomposition: sft_score = z_y - z_n, cl_score = z_y (identity Jacobians), weights detached

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from losses import unpg_loss as _unpg_loss
+from oracle_utils import np_fd_grad
 
 # tests call the jitted function (one compile per shape instead of op-by-op dispatch); the eager
 # function is compared with it in test_mask_bf16_jit_huge
@@ -97,17 +98,6 @@ def test_mask_bf16_jit_huge():
     _unpg_loss(f, w[:, :3], y)
 
 
-def _np_fd_grad(fun, x, h=1e-6):
-  """Central finite differences of a float64 numpy function, one coordinate at a time."""
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[idx] += h
-    xm[idx] -= h
-    g[idx] = (fun(xp) - fun(xm)) / (2 * h)
-  return g
-
-
 @pytest.mark.parametrize("kind", ["arcface", pytest.param("cosface", marks=pytest.mark.slow)])
 def test_gradient_values_numpy_oracle(kind):
   # gradients w.r.t. the features (through the class logits AND the appended pair logits) and the class
@@ -120,10 +110,10 @@ def test_gradient_values_numpy_oracle(kind):
         jnp.asarray(f), jnp.asarray(w))
     jtu.check_grads(lambda a, b: unpg_loss(a, b, jnp.asarray(y), margin_type=kind), (jnp.asarray(f), jnp.asarray(w)),
                     order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
-  want_f = _np_fd_grad(lambda a: np_unpg(a, w, y, kind=kind), f)
-  want_w = _np_fd_grad(lambda b: np_unpg(f, b, y, kind=kind), w)
+  want_f = np_fd_grad(lambda a: np_unpg(a, w, y, kind=kind), f)
+  want_w = np_fd_grad(lambda b: np_unpg(f, b, y, kind=kind), w)
   np.testing.assert_allclose(np.asarray(gf), want_f, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(gw), want_w, rtol=1e-5, atol=1e-6)
   # the pair term's share of d/df is far above the tolerance used above (so the check is sensitive to it)
-  no_pairs = _np_fd_grad(lambda a: np_unpg(a, w, y, kind=kind, wisk=-1.0), f)   # whisker < 0: empty sn'
+  no_pairs = np_fd_grad(lambda a: np_unpg(a, w, y, kind=kind, wisk=-1.0), f)   # whisker < 0: empty sn'
   assert np.abs(want_f - no_pairs).max() > 100 * (1e-5 * np.abs(want_f).max() + 1e-6)
