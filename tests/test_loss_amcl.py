@@ -9,21 +9,10 @@ import pytest
 
 import losses as L
 from losses import amcl as A
+from oracle_utils import fd_check, raises_while_tracing
 
 amcl_loss = jax.jit(A.amcl_loss, static_argnames=("dim", "variant", "reduction"))
 amcl_simclr_loss = jax.jit(A.amcl_simclr_loss, static_argnames=("dim", "variant", "reduction"))
-
-def fd_check(f, args, eps=1e-6, tol=1e-6):
-  """Directional finite difference of jitted f (float64) vs its jitted gradient; numpy-side perturbations only."""
-  g = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
-  rng = np.random.default_rng(1)
-  dirs = [rng.normal(size=np.shape(a)) for a in args]
-  fj = jax.jit(f)
-  plus = float(fj(*[np.asarray(a) + eps * d for a, d in zip(args, dirs)]))
-  minus = float(fj(*[np.asarray(a) - eps * d for a, d in zip(args, dirs)]))
-  ana = sum(float(np.sum(np.asarray(gi) * d)) for gi, d in zip(g, dirs))
-  np.testing.assert_allclose(ana, (plus - minus) / (2 * eps), rtol=tol, atol=tol)
-
 
 F32 = lambda *xs: tuple(np.asarray(x, np.float32) for x in xs)
 RNG = np.random.default_rng(0)
@@ -243,25 +232,19 @@ def test_symnegcos_and_barlow_vs_numpy_and_grads():
   assert np.isfinite(float(barlow(const, const, 1.0, 1.0)))
 
 
-def _raises(match, thunk):
-  """The ValueError is raised while tracing (static checks): no compilation, no eager op-by-op dispatch."""
-  with pytest.raises(ValueError, match=match):
-    jax.jit(thunk)()
-
-
 def test_bad_inputs():
   args = F32(ANC, POS, NEG, TP, TN)
-  _raises("variant", lambda: A.amcl_loss(*args, variant="simsiam"))
-  _raises("reduction", lambda: A.amcl_loss(*args, reduction="mean"))
-  _raises("negatives", lambda: A.amcl_loss(args[0], args[1], args[2][:, :, :, :3], *args[3:]))
-  _raises("tau_neg", lambda: A.amcl_loss(*args[:4], args[4][:, :, :2]))
-  _raises("beta", lambda: A.amcl_loss(*args, beta=-1.))
-  _raises("view_b", lambda: A.amcl_simclr_loss(args[0], args[1][:, :2], 0.5))
-  _raises("tau", lambda: A.amcl_simclr_loss(args[0], args[1], np.ones((C, 3, 3), np.float32)))
-  _raises("dim", lambda: L.amcl_omega(np.ones(3, np.float32), 0))
-  _raises("target_b", lambda: A.amcl_symnegcos_loss(args[0], args[1], args[0], args[1][:, :2], 1., 1.))
-  _raises("z_a", lambda: A.amcl_barlow_twins_loss(args[0][:, :1], args[1][:, :1], 1., 1.))
+  raises_while_tracing("variant", lambda: A.amcl_loss(*args, variant="simsiam"))
+  raises_while_tracing("reduction", lambda: A.amcl_loss(*args, reduction="mean"))
+  raises_while_tracing("negatives", lambda: A.amcl_loss(args[0], args[1], args[2][:, :, :, :3], *args[3:]))
+  raises_while_tracing("tau_neg", lambda: A.amcl_loss(*args[:4], args[4][:, :, :2]))
+  raises_while_tracing("beta", lambda: A.amcl_loss(*args, beta=-1.))
+  raises_while_tracing("view_b", lambda: A.amcl_simclr_loss(args[0], args[1][:, :2], 0.5))
+  raises_while_tracing("tau", lambda: A.amcl_simclr_loss(args[0], args[1], np.ones((C, 3, 3), np.float32)))
+  raises_while_tracing("dim", lambda: L.amcl_omega(np.ones(3, np.float32), 0))
+  raises_while_tracing("target_b", lambda: A.amcl_symnegcos_loss(args[0], args[1], args[0], args[1][:, :2], 1., 1.))
+  raises_while_tracing("z_a", lambda: A.amcl_barlow_twins_loss(args[0][:, :1], args[1][:, :1], 1., 1.))
   params = jax.tree.map(np.asarray, jax.jit(L.amcl_temperature_init, static_argnums=(1, 2))(jax.random.key(0), C, D))
-  _raises("za", lambda: A.amcl_temperature(params, args[0][:1], args[1]))
-  _raises("lower", lambda: A.amcl_temperature(params, args[0], args[1], lower=3.))
-  _raises("num_heads", lambda: L.amcl_temperature_init(jax.random.key(0), 0, D))
+  raises_while_tracing("za", lambda: A.amcl_temperature(params, args[0][:1], args[1]))
+  raises_while_tracing("lower", lambda: A.amcl_temperature(params, args[0], args[1], lower=3.))
+  raises_while_tracing("num_heads", lambda: L.amcl_temperature_init(jax.random.key(0), 0, D))

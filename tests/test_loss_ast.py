@@ -12,24 +12,7 @@ import pytest
 
 import losses as L
 from losses import ast as A
-
-def fd_check(f, args, eps=1e-6, tol=1e-6):
-  """Directional finite difference of jitted f (float64) vs its jitted gradient; numpy-side perturbations only."""
-  g = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
-  rng = np.random.default_rng(1)
-  dirs = [rng.normal(size=np.shape(a)) for a in args]
-  fj = jax.jit(f)
-  plus = float(fj(*[np.asarray(a) + eps * d for a, d in zip(args, dirs)]))
-  minus = float(fj(*[np.asarray(a) - eps * d for a, d in zip(args, dirs)]))
-  ana = sum(float(np.sum(np.asarray(gi) * d)) for gi, d in zip(g, dirs))
-  np.testing.assert_allclose(ana, (plus - minus) / (2 * eps), rtol=tol, atol=tol)
-
-
-def _raises(match, thunk):
-  """The ValueError is raised while tracing (static checks): no compilation, no eager op-by-op dispatch."""
-  with pytest.raises(ValueError, match=match):
-    jax.jit(thunk)()
-
+from oracle_utils import fd_check, raises_while_tracing
 
 RNG = np.random.default_rng(0)
 B, H, W, CH, K = 3, 2, 2, 2, 4
@@ -191,21 +174,21 @@ def test_unroll_vs_numpy_and_grad_through_it():
 def test_bad_inputs():
   p = (W1.astype(np.float32), V1.astype(np.float32))
   x = X.astype(np.float32)
-  _raises("channel_axis", lambda: L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=0))
-  _raises("x must", lambda: L.ast_gradient_penalty(lambda z: z, np.ones(3, np.float32)))
-  _raises("labels", lambda: L.ast_expert_loss(lambda z: net(p, z), x, np.zeros(2, int), 0))
-  _raises("labels", lambda: L.ast_expert_loss(lambda z: net(p, z), x, np.zeros(B, np.float32), 0))
-  _raises("max_start_epoch", lambda: L.ast_balance_factor(3, -1))
+  raises_while_tracing("channel_axis", lambda: L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=0))
+  raises_while_tracing("x must", lambda: L.ast_gradient_penalty(lambda z: z, np.ones(3, np.float32)))
+  raises_while_tracing("labels", lambda: L.ast_expert_loss(lambda z: net(p, z), x, np.zeros(2, int), 0))
+  raises_while_tracing("labels", lambda: L.ast_expert_loss(lambda z: net(p, z), x, np.zeros(B, np.float32), 0))
+  raises_while_tracing("max_start_epoch", lambda: L.ast_balance_factor(3, -1))
   one, three = {"a": np.ones((2, 3))}, {"a": np.ones(3)}
-  _raises("middle", lambda: L.ast_matching_loss(one, three, one, middle="all"))
-  _raises("structure", lambda: L.ast_matching_loss(one, {"b": np.ones(3)}, one))
-  _raises("leading axis", lambda: L.ast_matching_loss(one, three, {"a": np.ones((3, 3))}))
-  _raises("num_steps", lambda: L.ast_record_steps(2, 3))
+  raises_while_tracing("middle", lambda: L.ast_matching_loss(one, three, one, middle="all"))
+  raises_while_tracing("structure", lambda: L.ast_matching_loss(one, {"b": np.ones(3)}, one))
+  raises_while_tracing("leading axis", lambda: L.ast_matching_loss(one, three, {"a": np.ones((3, 3))}))
+  raises_while_tracing("num_steps", lambda: L.ast_record_steps(2, 3))
   lin = (np.ones((4, 3), np.float32), np.ones((6, 4), np.float32))
-  _raises("together", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(6, int), 0.1, num_steps=2,
+  raises_while_tracing("together", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(6, int), 0.1, num_steps=2,
                                            num_expert_epochs=1, start_epoch=1))
-  _raises("syn_y", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(5, int), 0.1, num_steps=2, num_expert_epochs=1))
-  _raises("num_decay_epochs", lambda: L.ast_loss_scale(1, num_decay_epochs=-1))
+  raises_while_tracing("syn_y", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(5, int), 0.1, num_steps=2, num_expert_epochs=1))
+  raises_while_tracing("num_decay_epochs", lambda: L.ast_loss_scale(1, num_decay_epochs=-1))
 
 
 def test_digits_example_tiny():

@@ -8,27 +8,10 @@ import pytest
 
 import losses as L
 from losses import rep_mtl as R
+from oracle_utils import fd_check, raises_while_tracing
 
 tsr = jax.jit(R.rep_mtl_tsr_loss, static_argnames=("channel_axis",))
 csa = jax.jit(R.rep_mtl_csa_loss, static_argnames=("channel_axis",))
-
-def fd_check(f, args, eps=1e-6, tol=1e-6):
-  """Directional finite difference of jitted f (float64) vs its jitted gradient; numpy-side perturbations only."""
-  g = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
-  rng = np.random.default_rng(1)
-  dirs = [rng.normal(size=np.shape(a)) for a in args]
-  fj = jax.jit(f)
-  plus = float(fj(*[np.asarray(a) + eps * d for a, d in zip(args, dirs)]))
-  minus = float(fj(*[np.asarray(a) - eps * d for a, d in zip(args, dirs)]))
-  ana = sum(float(np.sum(np.asarray(gi) * d)) for gi, d in zip(g, dirs))
-  np.testing.assert_allclose(ana, (plus - minus) / (2 * eps), rtol=tol, atol=tol)
-
-
-def _raises(match, thunk):
-  """The ValueError is raised while tracing (static checks): no compilation, no eager op-by-op dispatch."""
-  with pytest.raises(ValueError, match=match):
-    jax.jit(thunk)()
-
 
 RNG = np.random.default_rng(0)
 T, B, H, W, C = 3, 4, 2, 2, 3
@@ -175,11 +158,11 @@ def test_total_loss_value_and_second_order_gradient():
 
 def test_bad_inputs():
   s = S.astype(np.float32)
-  _raises("saliency", lambda: R.rep_mtl_tsr_loss(s[:, 0, 0, 0]))
-  _raises("channel_axis", lambda: R.rep_mtl_csa_loss(s, channel_axis=0))
-  _raises("tau", lambda: R.rep_mtl_csa_loss(s, tau=0.))
-  _raises("where", lambda: R.rep_mtl_tsr_loss(s, where=np.ones(B + 1, bool)))
-  _raises("task_losses_fn", lambda: L.rep_mtl_task_saliency(lambda z: jnp.sum(z), np.ones((2, 3), np.float32)))
-  _raises("task_weights", lambda: L.rep_mtl_loss(lambda z: _task_losses(HEADS, z), Z, task_weights=np.ones(2)))
-  _raises("lambda_tsr", lambda: L.rep_mtl_loss(lambda z: _task_losses(HEADS, z), Z, lambda_tsr=-1.))
-  _raises("z must", lambda: L.rep_mtl_loss(lambda z: z, np.ones(3, np.float32)))
+  raises_while_tracing("saliency", lambda: R.rep_mtl_tsr_loss(s[:, 0, 0, 0]))
+  raises_while_tracing("channel_axis", lambda: R.rep_mtl_csa_loss(s, channel_axis=0))
+  raises_while_tracing("tau", lambda: R.rep_mtl_csa_loss(s, tau=0.))
+  raises_while_tracing("where", lambda: R.rep_mtl_tsr_loss(s, where=np.ones(B + 1, bool)))
+  raises_while_tracing("task_losses_fn", lambda: L.rep_mtl_task_saliency(lambda z: jnp.sum(z), np.ones((2, 3), np.float32)))
+  raises_while_tracing("task_weights", lambda: L.rep_mtl_loss(lambda z: _task_losses(HEADS, z), Z, task_weights=np.ones(2)))
+  raises_while_tracing("lambda_tsr", lambda: L.rep_mtl_loss(lambda z: _task_losses(HEADS, z), Z, lambda_tsr=-1.))
+  raises_while_tracing("z must", lambda: L.rep_mtl_loss(lambda z: z, np.ones(3, np.float32)))

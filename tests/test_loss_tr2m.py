@@ -8,27 +8,10 @@ import pytest
 
 import losses as L
 from losses import tr2m as T
+from oracle_utils import fd_check, raises_while_tracing
 
 coarse = jax.jit(T.tr2m_coarse_loss, static_argnames=("window",))
 fine = jax.jit(T.tr2m_fine_loss, static_argnames=("detach_keys",))
-
-def fd_check(f, args, eps=1e-6, tol=1e-6):
-  """Directional finite difference of jitted f (float64) vs its jitted gradient; numpy-side perturbations only."""
-  g = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
-  rng = np.random.default_rng(1)
-  dirs = [rng.normal(size=np.shape(a)) for a in args]
-  fj = jax.jit(f)
-  plus = float(fj(*[np.asarray(a) + eps * d for a, d in zip(args, dirs)]))
-  minus = float(fj(*[np.asarray(a) - eps * d for a, d in zip(args, dirs)]))
-  ana = sum(float(np.sum(np.asarray(gi) * d)) for gi, d in zip(g, dirs))
-  np.testing.assert_allclose(ana, (plus - minus) / (2 * eps), rtol=tol, atol=tol)
-
-
-def _raises(match, thunk):
-  """The ValueError is raised while tracing (static checks): no compilation, no eager op-by-op dispatch."""
-  with pytest.raises(ValueError, match=match):
-    jax.jit(thunk)()
-
 
 RNG = np.random.default_rng(0)
 B, D, N = 6, 4, 10
@@ -151,12 +134,12 @@ def test_edge_cases_masks_vmap_bf16():
 def test_bad_inputs():
   e, s = EMB.astype(np.float32), SCALES.astype(np.float32)
   q, k, y = Q.astype(np.float32), K.astype(np.float32), LAB
-  _raises("window", lambda: T.tr2m_coarse_loss(e, s, window=0))
-  _raises("scales", lambda: T.tr2m_coarse_loss(e, s[:3]))
-  _raises("tau", lambda: T.tr2m_coarse_loss(e, s, tau=-1.))
-  _raises("keys", lambda: T.tr2m_fine_loss(q, k[:, :2], y))
-  _raises("labels", lambda: T.tr2m_fine_loss(q, k, y.astype(np.float32)))
-  _raises("d_max", lambda: L.tr2m_depth_classes(np.ones(3), 2.0, 1.0))
-  _raises("num_classes", lambda: L.tr2m_depth_classes(np.ones(3), 1.0, 2.0, num_classes=0))
-  _raises("target", lambda: L.tr2m_pseudo_scale(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32)))
-  _raises("momentum", lambda: L.tr2m_ema({"w": np.ones(2)}, {"w": np.ones(2)}, momentum=1.5))
+  raises_while_tracing("window", lambda: T.tr2m_coarse_loss(e, s, window=0))
+  raises_while_tracing("scales", lambda: T.tr2m_coarse_loss(e, s[:3]))
+  raises_while_tracing("tau", lambda: T.tr2m_coarse_loss(e, s, tau=-1.))
+  raises_while_tracing("keys", lambda: T.tr2m_fine_loss(q, k[:, :2], y))
+  raises_while_tracing("labels", lambda: T.tr2m_fine_loss(q, k, y.astype(np.float32)))
+  raises_while_tracing("d_max", lambda: L.tr2m_depth_classes(np.ones(3), 2.0, 1.0))
+  raises_while_tracing("num_classes", lambda: L.tr2m_depth_classes(np.ones(3), 1.0, 2.0, num_classes=0))
+  raises_while_tracing("target", lambda: L.tr2m_pseudo_scale(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32)))
+  raises_while_tracing("momentum", lambda: L.tr2m_ema({"w": np.ones(2)}, {"w": np.ones(2)}, momentum=1.5))
