@@ -44,6 +44,8 @@ def main(argv):
     # Collectives between CPU processes (multi-process runs and tests on CPU); accelerators use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**explicit)
+  from train import observe
+  observe.enable_compile_cache(cfg.get("system", {}).get("compile_cache_dir", ""))
   from train import trainer  # after flag parsing, so --help is fast
   try:
     if FLAGS.summary_only:

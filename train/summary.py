@@ -1,30 +1,47 @@
-"""`--summary_only`: exact parameter counts, optimizer-state size and a device-memory estimate, without training.
+"""`--summary_only`: exact parameter counts, optimizer-state size, a device-memory estimate and whether it fits.
 
 Nothing is allocated: the model and the optimizer state are built with `nnx.eval_shape`/`jax.eval_shape`.
 
-Memory estimate per device (bytes), for the chosen config and mesh:
-  params         = parameter bytes / fsdp·tensor shards (param_dtype)
-  grads          = same as params (float32 gradients of float32 parameters)
-  optimizer      = optimizer-state bytes / fsdp·tensor shards (exact, from `optim.state_size`)
-  activations    ≈ microbatch tokens per device × n_layers × (saved values per token per layer) × act bytes
-                   + logits (float32 [tokens, vocab], twice for the softmax/cross-entropy backward),
-  where the saved values per token per layer (no rematerialisation) are counted from the decoder's dataflow:
-  attention 2 norms' inputs + q, k, v, attention output, o input (≈ 7·d) plus the MLP gate, up, SiLU and product
-  (4·d_ff) and its input (d); LOST/low-rank layers add their rank-r (and k-column gather) intermediates.
-  With model.remat=True only each block's input (d per token per layer) is kept, plus one block's worth.
-This is an estimate for planning (XLA's buffer assignment can fuse or add temporaries); compare with
-`jax.jit(step).lower(...).compile().memory_analysis()` on the target device when it matters.
+Memory estimate per device (bytes), for the chosen config and mesh (m = fsdp·tensor model shards, tokens = microbatch
+tokens per device = global_batch / grad_accum · seq_len / (data·fsdp)):
+  params      = parameter bytes / m (param_dtype)
+  grads       = params (float32 gradients of float32 parameters)
+  optimizer   = optimizer-state bytes / m (exact, from `optim.state_size`)
+  activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4 + 2·d·act_bytes)
+with, per token and layer, the values the backward pass keeps (no rematerialisation):
+  v_layer = 9·d (two norm inputs and outputs, q, k, v after RoPE, attention output, o input)
+          + 5·d_ff (gate, up, SiLU(gate), its sigmoid, product)
+          + LOST/low-rank intermediates (rank r per projection, and the k gathered input channels of LOST)
+          + for experts: top_k copies of the MLP terms, 2·top_k·d dispatched input/output and E router values;
+  scores  = 3 · (batch rows per device) · heads · T² · 4 bytes with `model.attention_impl='xla'` (the float32
+            attention logits, probabilities and their gradient live at once); 0 for fused attention kernels;
+  the last term: the float32 logits and their softmax gradient, and the final norm's input/output.
+With model.remat=True each block keeps only its input (d per token per layer) plus one block's worth during its
+recomputation. The coefficients (9·d, 5·d_ff, 3 T² buffers) were counted from the dataflow and checked against
+XLA's memory analysis of the compiled train step (`compiled_memory`): within ±10 % for dense, LOST and FRUGAL
+from the tiny preset to 130M on CPU at float32 (tests/test_summary.py, bench/memory_estimate.py).
+
+`fits`: the total against the device memory (`system.device_memory_gib`, else the device's reported limit, else a
+table of common accelerators in train/flops.py); when it does not fit, `suggestions` lists the first settings of
+`mesh.fsdp`, `model.remat` and `train.grad_accum` (alone, then combined) whose estimate fits.
 """
 
 from __future__ import annotations
+
+import copy
 
 import jax
 import numpy as np
 from flax import nnx
 
+from lostjax.layers.common import resolve_dtype
 from lostjax.layers.lost import num_sparse_channels
 from lostjax.models import Llama, count_params
-from lostjax.layers.common import resolve_dtype
+
+GIB = 2.0 ** 30
+# Share of the device memory the estimate may use: XLA and the runtime need some headroom (fragmentation,
+# collectives' buffers, the input batch).
+FIT_FRACTION = 0.9
 
 
 def _vocab(cfg) -> int | None:
@@ -35,11 +52,10 @@ def _vocab(cfg) -> int | None:
 
 
 def activation_values_per_token_layer(mc) -> int:
+  """Values per token and decoder layer that the backward pass keeps (no remat; attention scores excluded)."""
   d, ff = mc.d_model, mc.d_ff
-  # Mixture of experts: each token's top_k experts keep their SwiGLU values, plus per assignment the dispatched
-  # input and the expert output (2·d) and per token the router probabilities (E); dropless padding is ignored.
   m = mc.moe_top_k if mc.moe_experts else 1
-  base = 7 * d + m * 4 * ff + d + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
+  base = 9 * d + m * 5 * ff + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
   extra = 0
   for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d)] * 4, 1),
                                      (mc.mlp_kind, mc.mlp_rank, [(d, ff), (d, ff), (ff, d)], m)):
@@ -48,6 +64,82 @@ def activation_values_per_token_layer(mc) -> int:
     if kind == "lost":
       extra += copies * sum(num_sparse_channels(din, mc.sparsity) for din, _ in shapes)
   return base + extra
+
+
+def attention_score_bytes(mc, rows: float, seq_len: int) -> float:
+  """Bytes of one layer's attention scores that are live at once ([rows, heads, T, T] float32 buffers)."""
+  if mc.attention_impl != "xla":
+    return 0.0
+  return 3.0 * rows * mc.n_heads * seq_len * seq_len * 4
+
+
+def _shards(cfg, n_dev: int) -> tuple[int, int]:
+  data = cfg.mesh.data if cfg.mesh.data > 0 else max(n_dev // (cfg.mesh.fsdp * cfg.mesh.tensor), 1)
+  return cfg.mesh.fsdp * cfg.mesh.tensor, max(data * cfg.mesh.fsdp, 1)
+
+
+def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int) -> dict:
+  """Per-device bytes: params, grads, optimizer, activations, total (see the module docstring)."""
+  t = cfg.train
+  model_shards, batch_shards = _shards(cfg, n_dev)
+  act_bytes = np.dtype(resolve_dtype(mc.dtype)).itemsize
+  rows = t.global_batch / t.grad_accum / batch_shards
+  tokens = rows * t.seq_len
+  per_layer = activation_values_per_token_layer(mc) * tokens * act_bytes
+  scores = attention_score_bytes(mc, rows, t.seq_len)
+  if mc.remat:
+    act = tokens * mc.n_layers * mc.d_model * act_bytes + per_layer + scores
+  else:
+    act = mc.n_layers * (per_layer + scores)
+  head = tokens * (2 * mc.vocab_size * 4 + 2 * mc.d_model * act_bytes)
+  mem = {"params": param_bytes / model_shards, "grads": param_bytes / model_shards,
+         "optimizer": opt_bytes / model_shards, "activations": act + head}
+  mem["total"] = sum(mem.values())
+  return mem
+
+
+def device_memory_bytes(cfg) -> float | None:
+  """The per-device memory to plan against: system.device_memory_gib, the device's limit, or the table; else None."""
+  from train import flops
+  gib = float(cfg.get("system", {}).get("device_memory_gib", 0.0) or 0.0)
+  if gib < 0:
+    raise ValueError(f"system.device_memory_gib must be >= 0 (0 = ask the device), got {gib!r}")
+  if gib:
+    return gib * GIB
+  dev = jax.devices()[0]
+  stats = None
+  try:
+    stats = dev.memory_stats()
+  except Exception:  # CPU and some backends do not report
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"])
+  return flops.device_memory(dev.device_kind)
+
+
+def _variants(cfg, n_dev: int):
+  """Candidate (label, cfg) settings, single changes first, then combinations."""
+  t = cfg.train
+  fsdps = [f for f in (2, 4, 8, 16, 32, 64, 128, 256) if f > cfg.mesh.fsdp and n_dev % (f * cfg.mesh.tensor) == 0]
+  accums = [a for a in (2, 4, 8, 16, 32, 64) if a > t.grad_accum and t.global_batch % a == 0]
+  remats = [True] if not cfg.model.remat else []
+  singles = [{"mesh.fsdp": f} for f in fsdps] + [{"model.remat": True} for _ in remats] + \
+            [{"train.grad_accum": a} for a in accums]
+  combos = [{"mesh.fsdp": f, "model.remat": True} for f in fsdps for _ in remats] + \
+           [{"model.remat": True, "train.grad_accum": a} for a in accums for _ in remats] + \
+           [{"mesh.fsdp": f, "model.remat": True, "train.grad_accum": a} for f in fsdps for a in accums for _ in remats]
+  for change in singles + combos:
+    c = copy.deepcopy(cfg)
+    with c.unlocked():
+      for key, v in change.items():
+        sec, field = key.split(".")
+        c[sec][field] = v
+      if "mesh.fsdp" in change and c.mesh.data > 0:
+        c.mesh.data = -1
+    _, batch_shards = _shards(c, n_dev)
+    if (c.train.global_batch // c.train.grad_accum) % batch_shards:
+      continue
+    yield change, c
 
 
 def summarize(cfg) -> dict:
@@ -63,26 +155,20 @@ def summarize(cfg) -> dict:
   size = optim.state_size(tx, params)
   n_dev = cfg.mesh.num_devices or jax.device_count()
   t = cfg.train
-  data = cfg.mesh.data if cfg.mesh.data > 0 else n_dev // (cfg.mesh.fsdp * cfg.mesh.tensor)
-  model_shards = cfg.mesh.fsdp * cfg.mesh.tensor
-  batch_shards = max(data * cfg.mesh.fsdp, 1)
   pbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
-  act_bytes = np.dtype(resolve_dtype(mc.dtype)).itemsize
-  tokens = (t.global_batch // t.grad_accum) * t.seq_len / batch_shards
-  per_layer = activation_values_per_token_layer(mc)
-  if mc.remat:
-    act = tokens * (mc.n_layers * mc.d_model + per_layer) * act_bytes
-  else:
-    act = tokens * mc.n_layers * per_layer * act_bytes
-  logits = 2 * tokens * mc.vocab_size * 4
-  mem = {
-      "params": pbytes / model_shards,
-      "grads": pbytes / model_shards,
-      "optimizer": size.bytes / model_shards,
-      "activations": act + logits,
-  }
-  mem["total"] = sum(mem.values())
-  gib = 2.0 ** 30
+  mem = memory_estimate(cfg, mc, pbytes, size.bytes, n_dev)
+  limit = device_memory_bytes(cfg)
+  fit = {"device_memory_bytes": None if limit is None else int(limit), "fits": None, "suggestions": []}
+  if limit is not None:
+    budget = FIT_FRACTION * limit
+    fit["fits"] = bool(mem["total"] <= budget)
+    if not fit["fits"]:
+      for change, c in _variants(cfg, n_dev):
+        total = memory_estimate(c, llama_config(c, vocab_size=mc.vocab_size), pbytes, size.bytes, n_dev)["total"]
+        if total <= budget:
+          fit["suggestions"].append({**change, "total_gib": round(total / GIB, 3)})
+          if len(fit["suggestions"]) == 3:
+            break
   return {
       "model": {"preset": cfg.model.get("preset", ""), "attn_kind": mc.attn_kind, "mlp_kind": mc.mlp_kind,
                 "d_model": mc.d_model, "n_layers": mc.n_layers, "vocab_size": mc.vocab_size},
@@ -90,8 +176,39 @@ def summarize(cfg) -> dict:
       "optimizer": {"name": cfg.optim.name, "state_elements": size.elements, "state_bytes": size.bytes,
                     "moment_elements": size.moment_elements, "moment_bytes": size.moment_bytes},
       "memory_estimate_per_device_bytes": {k: int(v) for k, v in mem.items()},
-      "memory_estimate_per_device_gib": {k: round(v / gib, 4) for k, v in mem.items()},
+      "memory_estimate_per_device_gib": {k: round(v / GIB, 4) for k, v in mem.items()},
+      "memory_fit": fit,
       "devices": n_dev,
       "batch": {"global_batch": t.global_batch, "seq_len": t.seq_len, "grad_accum": t.grad_accum,
                 "tokens_per_step": t.global_batch * t.seq_len},
   }
+
+
+def compiled_memory(cfg, vocab_size: int | None = None) -> dict:
+  """XLA's memory analysis of the compiled train step on one device of the current backend, from abstract inputs
+  (nothing allocated): argument, output, temp and alias bytes, and total = argument + output + temp − alias (the
+  donated state's outputs reuse its argument buffers). Compiles the step: seconds for small models, minutes for big.
+  """
+  import jax.numpy as jnp
+  from train import objectives
+  from train import optimizer as optim_lib
+  from train.state import llama_config
+  from train.step import make_train_step
+
+  mc = llama_config(cfg, vocab_size=vocab_size if vocab_size is not None else _vocab(cfg))
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llama(mc, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
+  tx = optim_lib.build_optimizer(cfg.optim, schedule)
+  obj = jax.eval_shape(lambda p: objectives.init_state(cfg.objectives, p, num_train_examples=0,
+                                                       seq_len=cfg.train.seq_len, vocab_size=mc.vocab_size), params)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  state = {"params": params, "opt": jax.eval_shape(tx.init, params), "obj": obj, "step": scalar, "bad_step": scalar}
+  b, s = cfg.train.global_batch, cfg.train.seq_len
+  batch = {"tokens": jax.ShapeDtypeStruct((b, s + 1), jnp.int32), "ids": jax.ShapeDtypeStruct((b,), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((b, s), jnp.float32)}
+  step = jax.jit(make_train_step(graphdef, tx, schedule, cfg), donate_argnums=(0,))
+  m = step.lower(state, rest, batch).compile().memory_analysis()
+  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+         "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out

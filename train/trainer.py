@@ -26,6 +26,8 @@ from flax import nnx
 from lostjax import sharding
 from lostjax.models import count_params
 from train import checkpoint as ckpt_lib
+from train import flops as flops_lib
+from train import observe
 from train import state as state_lib
 from train import workdir as workdir_lib
 from train.data import make_data
@@ -116,6 +118,9 @@ def train(cfg, workdir: str) -> dict:
     raise ValueError(f"tokenizer vocabulary {bundle.vocab_size} exceeds model.vocab_size={model_cfg.vocab_size}")
   run = state_lib.create_train_state(cfg, mesh=mesh, model_cfg=model_cfg,
                                      num_train_examples=_num_examples(bundle))
+  profile = observe.ProfileWindow(t.get("profile_steps", ""), workdir)
+  flops_per_token = flops_lib.flops_per_token(model_cfg, t.seq_len)
+  peak = flops_lib.peak_flops(mesh.devices.flat[0].device_kind, t.get("peak_flops_per_device", 0.0))
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts)
   try:
     resuming = workdir_lib.prepare_workdir(cfg, workdir, has_checkpoint=ckpt.latest_step() is not None,
@@ -158,8 +163,10 @@ def train(cfg, workdir: str) -> dict:
     stop = None
     while step < end:
       batch = _put_batch(next(bundle.train), data_sh, t.global_batch)
+      profile.before(step)
       state, metrics = step_fn(state, rest, batch)
       step += 1
+      profile.after(step, state)
       if pbar is not None:
         pbar.update(1)
       if step % t.log_every == 0 or step == t.steps:
@@ -170,6 +177,9 @@ def train(cfg, workdir: str) -> dict:
                "train_ce": float(metrics["ce"]), "lr": float(metrics["lr"]),
                "grad_norm": float(metrics["grad_norm"]),
                "tokens_per_s": (step - timer_step) * tokens_per_step / max(now - timer, 1e-9)}
+        row_mfu = observe.mfu(row["tokens_per_s"], flops_per_token, mesh.size, peak)
+        if row_mfu is not None:
+          row["mfu"] = row_mfu
         row.update({k: float(v) for k, v in metrics.items() if k not in ("loss", "ce", "lr", "grad_norm")})
         if writer is not None:
           writer.write(row)
@@ -196,6 +206,7 @@ def train(cfg, workdir: str) -> dict:
         if lead:
           print(f"received {stop}: saved checkpoint at step {step} in {ckpt.directory}; exiting", flush=True)
         break
+  profile.close()
   if pbar is not None:
     pbar.close()
   ckpt.close()

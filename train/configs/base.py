@@ -50,5 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
       progress=True,          # tqdm progress bar
       plot=True,              # loss.png at the end
       stop_at=0,              # >0: stop (with a checkpoint) after this step in this invocation; resume later
+      profile_steps="",       # "start:stop": a jax.profiler trace of steps [start, stop) in <workdir>/profile
+      peak_flops_per_device=0.0,  # peak FLOP/s per device for the logged MFU; 0: look up the device (train/flops.py)
   ))
+  # compile_cache_dir: a persistent XLA compilation cache ("" = none); device_memory_gib: per-device memory for
+  # --summary_only's fit check (0 = ask the device, else the table in train/flops.py).
+  c.system = ml_collections.ConfigDict(dict(compile_cache_dir="", device_memory_gib=0.0))
   return c

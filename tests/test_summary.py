@@ -1,0 +1,100 @@
+"""train/summary.py: the --summary_only memory estimate against XLA's memory analysis of the compiled train step,
+and the fit check with its suggestions.
+
+Oracle: `compiled_memory(cfg)` = argument + output + temp − alias bytes of `jax.jit(step).lower(...).compile()`
+on the CPU backend (float32), i.e. XLA's own buffer assignment of the very step the loop runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from train import summary
+from train.configs.base import base_config, model_config
+
+GIB = 2.0 ** 30
+
+
+def _cfg(method="dense", opt="adamw", batch=8, seq=128, devices=1):
+  c = base_config()
+  c.model = model_config("tiny", method)
+  c.model.vocab_size = 257
+  c.optim.name = opt
+  c.mesh.num_devices = devices
+  c.train.global_batch = batch
+  c.train.seq_len = seq
+  return c
+
+
+@pytest.mark.parametrize("method,opt", [("dense", "adamw"), ("lost", "adamw"), ("dense", "frugal")])
+def test_estimate_within_10_percent_of_compiled(method, opt):
+  cfg = _cfg(method, opt)
+  compiled = summary.compiled_memory(cfg)
+  assert compiled["total"] == compiled["argument"] + compiled["output"] + compiled["temp"] - compiled["alias"]
+  est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
+  assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"), abs=4)
+  ratio = est["total"] / compiled["total"]
+  assert 0.9 <= ratio <= 1.1, (method, opt, est, compiled, ratio)
+
+
+def test_estimate_scales_with_batch_and_mesh():
+  one = summary.summarize(_cfg(batch=8))["memory_estimate_per_device_bytes"]
+  two = summary.summarize(_cfg(batch=16))["memory_estimate_per_device_bytes"]
+  assert two["activations"] == pytest.approx(2 * one["activations"], rel=1e-6)
+  assert two["params"] == one["params"]
+  c = _cfg(batch=16, devices=8)
+  c.mesh.fsdp = 4
+  sharded = summary.summarize(c)["memory_estimate_per_device_bytes"]
+  assert sharded["params"] == pytest.approx(one["params"] / 4, rel=1e-6)
+  assert sharded["activations"] == pytest.approx(two["activations"] / 8, rel=1e-6)
+
+
+def test_attention_scores_only_for_xla_attention():
+  c = _cfg(seq=256)
+  xla = summary.summarize(c)["memory_estimate_per_device_bytes"]["activations"]
+  c.model.attention_impl = "cudnn"
+  fused = summary.summarize(c)["memory_estimate_per_device_bytes"]["activations"]
+  heads = c.model.n_heads
+  assert xla - fused == pytest.approx(c.model.n_layers * 3 * 8 * heads * 256 * 256 * 4)
+
+
+def test_fits_when_memory_is_ample():
+  c = _cfg()
+  c.system.device_memory_gib = 16.0
+  fit = summary.summarize(c)["memory_fit"]
+  assert fit == {"device_memory_bytes": 16 * 2**30, "fits": True, "suggestions": []}
+
+
+def test_does_not_fit_suggests_settings_that_fit():
+  c = _cfg(batch=64, devices=8)
+  total = summary.summarize(c)["memory_estimate_per_device_bytes"]["total"]
+  c.system.device_memory_gib = 0.6 * total / GIB  # the budget is 90 % of the device: 0.54 of the total
+  out = summary.summarize(c)
+  fit = out["memory_fit"]
+  assert fit["fits"] is False
+  assert fit["suggestions"], fit
+  for s in fit["suggestions"]:
+    v = _cfg(batch=64, devices=8)
+    for key, value in s.items():
+      if key != "total_gib":
+        sec, field = key.split(".")
+        v[sec][field] = value
+    est = summary.summarize(v)["memory_estimate_per_device_bytes"]["total"]
+    assert est <= 0.9 * fit["device_memory_bytes"]
+    assert s["total_gib"] == pytest.approx(est / GIB, abs=1e-3)
+
+
+def test_nothing_fits_gives_no_suggestion():
+  c = _cfg()
+  c.system.device_memory_gib = 1e-6
+  fit = summary.summarize(c)["memory_fit"]
+  assert fit["fits"] is False and fit["suggestions"] == []
+
+
+def test_unknown_device_memory_on_cpu_and_bad_value():
+  fit = summary.summarize(_cfg())["memory_fit"]
+  assert fit == {"device_memory_bytes": None, "fits": None, "suggestions": []}
+  c = _cfg()
+  c.system.device_memory_gib = -1.0
+  with pytest.raises(ValueError, match="-1"):
+    summary.summarize(c)
