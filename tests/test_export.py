@@ -45,7 +45,7 @@ def _assert_close(got, want):
 TOKENS = np.random.RandomState(0).randint(0, 257, (2, 24))
 
 
-@pytest.mark.parametrize("kind", ["dense", "lost", "lowrank"])
+@pytest.mark.parametrize("kind", ["dense", "lost", pytest.param("lowrank", marks=pytest.mark.slow)])
 def test_export_matches_transformers(kind, tmp_path):
   model = _model(kind)
   out = str(tmp_path / "hf")
@@ -148,6 +148,7 @@ def test_import_from_transformers_dense_equals_hf_logits(tmp_path):
   _assert_close(np.asarray(jax.jit(lambda t: model(t))(jnp.asarray(tokens))), want)
 
 
+@pytest.mark.slow
 def test_import_lost_decomposition_numpy_oracle(tmp_path):
   folder = _hf_folder(tmp_path)
   export.import_hf(folder, str(tmp_path / "run"), method="lost", rank=6, sparsity=0.25, gamma=0.4)

@@ -47,8 +47,7 @@ def _greedy_reference(model, rows, n):
   return np.asarray(out)
 
 
-@pytest.mark.parametrize("kind,kw", [("dense", {}), ("lost", {}),
-                                     pytest.param("lowrank", dict(lowrank_act="silu"), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind,kw", [("dense", {}), ("lost", {}), ("lowrank", dict(lowrank_act="silu", n_layers=1))])
 def test_greedy_equals_repeated_full_forward_ragged(kind, kw):
   model = _model(kind, **kw)
   rows = [[5, 17, 99, 3, 250, 7], [42, 8, 1]]

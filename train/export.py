@@ -245,6 +245,8 @@ def import_hf(hf_dir: str, workdir: str, *, method: str = "dense", rank: int = 0
            n_layers=hf["num_hidden_layers"], max_seq_len=hf.get("max_position_embeddings", 2048),
            rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
            attn_kind=method, mlp_kind=method, lowrank_act="identity")
+  if "moe_experts" in m:
+    m.moe_experts = 0   # an HF Llama has one dense SwiGLU MLP per block
   if method == "lost":
     m.update(attn_rank=rank, mlp_rank=rank, sparsity=float(sparsity), gamma=float(gamma))
   cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
