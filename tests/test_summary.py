@@ -91,6 +91,13 @@ def test_nothing_fits_gives_no_suggestion():
   assert fit["fits"] is False and fit["suggestions"] == []
 
 
+def test_flops_per_token_reported():
+  from train import flops
+  from train.state import llama_config
+  c = _cfg("lost")
+  assert summary.summarize(c)["flops_per_token"] == flops.flops_per_token(llama_config(c), 128)
+
+
 def test_unknown_device_memory_on_cpu_and_bad_value():
   fit = summary.summarize(_cfg())["memory_fit"]
   assert fit == {"device_memory_bytes": None, "fits": None, "suggestions": []}

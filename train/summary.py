@@ -1,4 +1,5 @@
-"""`--summary_only`: exact parameter counts, optimizer-state size, a device-memory estimate and whether it fits.
+"""`--summary_only`: exact parameter counts, optimizer-state size, FLOPs per token, a device-memory estimate and
+whether it fits.
 
 Nothing is allocated: the model and the optimizer state are built with `nnx.eval_shape`/`jax.eval_shape`.
 
@@ -144,6 +145,7 @@ def _variants(cfg, n_dev: int):
 
 def summarize(cfg) -> dict:
   import optim
+  from train import flops
   from train import optimizer as optim_lib
   from train.state import llama_config
 
@@ -178,6 +180,7 @@ def summarize(cfg) -> dict:
       "memory_estimate_per_device_bytes": {k: int(v) for k, v in mem.items()},
       "memory_estimate_per_device_gib": {k: round(v / GIB, 4) for k, v in mem.items()},
       "memory_fit": fit,
+      "flops_per_token": flops.flops_per_token(mc, t.seq_len),
       "devices": n_dev,
       "batch": {"global_batch": t.global_batch, "seq_len": t.seq_len, "grad_accum": t.grad_accum,
                 "tokens_per_step": t.global_batch * t.seq_len},
