@@ -311,7 +311,6 @@ def jax_train_step_bench(size, kind, seq, batch, sparse_impl="auto", attention_i
 
 
 def _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, label):
-  import optax
   from flax import nnx
 
   from lostjax.models import Llama, preset
@@ -325,34 +324,8 @@ def _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, l
   t0 = time.perf_counter()
   graphdef, params, rest = _fast_init(cfg, Llama, nnx)
   init_s = time.perf_counter() - t0
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-  opt_state = tx.init(params)
-
-  def loss_fn(params, rest, tokens):
-    m = nnx.merge(graphdef, params, rest)
-    logits = m(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  @jax.jit
-  def step(params, opt_state, rest, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
-  t0 = time.perf_counter()
-  params, opt_state, loss = step(params, opt_state, rest, tokens)
-  jax.block_until_ready(loss)
-  compile_s = time.perf_counter() - t0
-  for _ in range(2):
-    params, opt_state, loss = step(params, opt_state, rest, tokens)
-  jax.block_until_ready(loss)
-  n = ARGS.model_steps
-  t0 = time.perf_counter()
-  for _ in range(n):
-    params, opt_state, loss = step(params, opt_state, rest, tokens)
-  jax.block_until_ready(loss)
-  dt = (time.perf_counter() - t0) / n
+  dt, compile_s, loss = timed_adamw_steps(graphdef, params, rest, cfg.vocab_size, batch, seq, ARGS.model_steps,
+                                          warmup=3)
   tok_s = batch * seq / dt
   flops_tok, n_matmul = model_flops_per_token(cfg, seq)
   row = {"framework": "jax", "size": size, "kind": kind, "seq": seq, "batch": batch,
@@ -362,6 +335,38 @@ def _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, l
          "loss": float(loss)}
   row.update(_mfu(flops_tok, tok_s))
   return row
+
+
+def timed_adamw_steps(graphdef, params, rest, vocab_size, batch, seq, steps, warmup=2):
+  """(seconds per step, compile seconds, last loss) of a jitted AdamW LM step on random tokens."""
+  import optax
+  from flax import nnx
+  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, rest, tokens):
+    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  @jax.jit
+  def step(params, opt_state, rest, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab_size, jnp.int32)
+  t0 = time.perf_counter()
+  params, opt_state, loss = step(params, opt_state, rest, tokens)
+  jax.block_until_ready(loss)
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    params, opt_state, loss = step(params, opt_state, rest, tokens)
+  jax.block_until_ready(loss)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    params, opt_state, loss = step(params, opt_state, rest, tokens)
+  jax.block_until_ready(loss)
+  return (time.perf_counter() - t0) / steps, compile_s, loss
 
 
 def model_section(deadline, plan):

@@ -86,7 +86,6 @@ def layers(args):
 
 
 def train_step(size, kind, seq, batch, sparse_impl, steps):
-  import optax
   from flax import nnx
 
   from lostjax.models import Llama, preset
@@ -95,31 +94,7 @@ def train_step(size, kind, seq, batch, sparse_impl, steps):
     overrides.update(attn_kind=kind, mlp_kind=kind)
   cfg = preset(size, **overrides)
   graphdef, params, rest = layers_gpu._fast_init(cfg, Llama, nnx)  # shapes only: no SVD init
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-  opt_state = tx.init(params)
-
-  def loss_fn(params, rest, tokens):
-    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  @jax.jit
-  def step(params, opt_state, rest, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size, jnp.int32)
-  t0 = time.perf_counter()
-  params, opt_state, loss = step(params, opt_state, rest, tokens)
-  jax.block_until_ready(loss)
-  compile_s = time.perf_counter() - t0
-  params, opt_state, loss = step(params, opt_state, rest, tokens)
-  jax.block_until_ready(loss)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, loss = step(params, opt_state, rest, tokens)
-  jax.block_until_ready(loss)
-  dt = (time.perf_counter() - t0) / steps
+  dt, compile_s, loss = layers_gpu.timed_adamw_steps(graphdef, params, rest, cfg.vocab_size, batch, seq, steps)
   flops_tok, n_matmul = layers_gpu.model_flops_per_token(cfg, seq)
   return {"size": size, "kind": kind, "seq": seq, "batch": batch, "sparse_impl": sparse_impl,
           "step_ms": round(1e3 * dt, 3), "tokens_per_s": round(batch * seq / dt, 1), "compile_s": round(compile_s, 2),
