@@ -45,8 +45,8 @@ Deliberate deviations from the notebook (to vectorise it; all documented in docs
 - The notebook overwrites the score with count x similarity before sorting, so its F has no effect; that is
   offset=0 here. Unseen queries (no click known) give an empty list instead of string matches.
 
-Cost per round is O(N^2 (T G / 32 + G)) in fused, row-chunked JAX kernels (no N x N x L tensor); 1,000 nodes x
-100 rounds take about 5-15 s of CPU time after compilation (bench/grank.py, BENCHMARKS.md).
+Cost per round is O(N^2 (T G / 32 + G)) in fused, row-chunked JAX kernels (no N x N x L tensor); timings of
+1,000 nodes x 100 rounds: bench/grank.py, BENCHMARKS.md.
 """
 from __future__ import annotations
 
