@@ -38,13 +38,15 @@ def case_config(case: str):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--cases", default=DEFAULT)
+  p.add_argument("--dtype", default="float32", help="model.dtype (compute); parameters stay float32")
   args = p.parse_args()
   for case in args.cases.split(","):
     cfg = case_config(case)
+    cfg.model.dtype = args.dtype
     t0 = time.perf_counter()
     compiled = summary.compiled_memory(cfg)
     est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
-    print(json.dumps({"case": case, "estimate": est, "compiled": compiled,
+    print(json.dumps({"case": case, "dtype": args.dtype, "estimate": est, "compiled": compiled,
                       "ratio": round(est["total"] / compiled["total"], 3),
                       "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
 
