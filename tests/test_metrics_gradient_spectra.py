@@ -195,9 +195,9 @@ def test_spectra_match_numpy_and_paper_aggregation():
 
 
 def test_chunk_size_does_not_change_results():
-  _, params, rest, loss_fn, batch = build((Lost,))
-  a = gradient_spectra(loss_fn, params, batch, static=rest, chunk_size=1)
-  b = gradient_spectra(loss_fn, params, batch, static=rest, chunk_size=4)
+  model, params, rest, loss_fn, batch = build((Lost,))
+  a = gradient_spectra(loss_fn, params, batch, static=rest, chunk_size=1, model=model)
+  b = gradient_spectra(loss_fn, params, batch, static=rest, chunk_size=4, model=model)
   np.testing.assert_allclose(a.nuclear_norm, b.nuclear_norm, rtol=1e-5)
   np.testing.assert_allclose(a.effective_rank, b.effective_rank, rtol=1e-5)
 

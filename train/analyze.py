@@ -44,7 +44,7 @@ def spectra(argv) -> int:
   args = parser.parse_args(argv)
   from flax import nnx
 
-  from lostjax.metrics.gradient_spectra import gradient_spectra, lost_gammas, plot_spectra
+  from lostjax.metrics.gradient_spectra import gradient_spectra, plot_spectra
   from train.checkpoint import load_model
   from train.data.tokenizers import make_tokenizer
 
@@ -70,7 +70,7 @@ def spectra(argv) -> int:
     return jnp.sum(nll * w) / jnp.sum(w)   # mean token cross-entropy of the sample (HF-style)
 
   result = gradient_spectra(loss_fn, params, {"tokens": tokens, "mask": mask}, static=rest,
-                             include_mlp=args.include_mlp, gamma=lost_gammas(model) or 0.5,
+                             include_mlp=args.include_mlp, model=model,
                              chunk_size=args.chunk_size)
   table = result.table()
   print(f"{len(texts)} samples, seq_len {seq_len}, kinds {sorted(set(result.kinds))}")

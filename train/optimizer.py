@@ -13,6 +13,15 @@ compared when a run resumes, see train/workdir.py).
 `lr_schedule(cfg, total_steps)` is the warmup + cosine schedule of GaLore/FRUGAL/LOST pre-training (linear warmup
 for `warmup_frac` of the steps, cosine decay to `min_lr_ratio * lr`).
 
+Weight decay (`optim.weight_decay`, default 0 as in every GaLore/FRUGAL/LOST pre-training script) and
+`optim.decay_mask`: 'all' (default) decays every leaf, RMSNorm scales and embeddings included — the reference
+scripts' parameter groups all carry the same weight_decay, so this reproduces them; 'matrices' decays only the
+'matrix'-labelled leaves (2-D projection kernels, low-rank factors and LOST sparse rows; not the embedding,
+lm_head or norms), the usual no-decay groups of GPT-style training. With 'matrices' the transform runs with
+weight_decay 0 and a decoupled decay −lr(t)·wd·W (same schedule, same unscaled lr as AdamW) is added to the
+masked leaves afterwards; for AdamW, FRUGAL and GaLore that is exactly their own decay restricted to the mask
+(LIFT decays only its selected entries internally; with 'matrices' its whole matrices are decayed instead).
+
 Defaults: betas (0.9, 0.999) and eps 1e-8 as in the FRUGAL/GaLore C4 pre-training scripts (LOST's development
 code uses b2 = 0.95: `--config.optim.b2=0.95`). FRUGAL defaults to the paper's runs (blockwise, descending, ρ 0.25,
 T 200); GaLore to rank 128, scale 0.25 and its own eps 1e-6 (its scripts use lr 0.01). LIFT and TRP need `params`
@@ -24,10 +33,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 import optim
+import optim.projection
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 
@@ -130,6 +142,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.b2 = 0.999
   c.eps = 1e-8
   c.weight_decay = 0.0
+  c.decay_mask = "all"  # 'all' (reference scripts: every leaf) | 'matrices' (no norms, embeddings, lm_head)
   c.grad_clip = 1.0  # global-norm clip; 0 disables
   c.warmup_frac = 0.1
   c.min_lr_ratio = 0.1
@@ -163,6 +176,35 @@ def check_optim_config(c) -> None:
   _number("min_lr_ratio", c.min_lr_ratio, lo=0.0, hi=1.0)
   if isinstance(c.seed, bool) or not isinstance(c.seed, int):
     raise ValueError(f"optim.seed={c.seed!r} must be an int")
+  if c.get("decay_mask", "all") not in DECAY_MASKS:
+    raise ValueError(f"optim.decay_mask={c.decay_mask!r}; expected one of {DECAY_MASKS}")
+
+
+DECAY_MASKS = ("all", "matrices")
+
+
+def masked_weight_decay(learning_rate: ScalarOrSchedule, weight_decay: float,
+                        mask_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Adds −lr(t)·wd·W to the updates of the leaves where mask_fn(params) is True (decoupled weight decay)."""
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("masked_weight_decay needs params in update()")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    mask = mask_fn(params)
+    updates = jax.tree.map(lambda u, p, m: u - (lr * weight_decay * p).astype(u.dtype) if m else u,
+                           updates, params, mask)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _matrix_mask(label_fn):
+  labels = label_fn or optim.projection.default_label_fn
+  return lambda params: jax.tree.map(lambda lab: lab == optim.projection.MATRIX, labels(params))
 
 
 def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -192,10 +234,18 @@ def build_optimizer(optim_cfg, learning_rate: ScalarOrSchedule,
   """
   check_optim_config(optim_cfg)
   name = optim_cfg.name
+  decay_matrices = optim_cfg.get("decay_mask", "all") == "matrices" and optim_cfg.weight_decay > 0
+  build_cfg = optim_cfg
+  if decay_matrices:
+    build_cfg = optim_cfg.copy_and_resolve_references()
+    with build_cfg.unlocked():
+      build_cfg.weight_decay = 0.0
   try:
-    tx = OPTIMIZERS[name].build(optim_cfg, learning_rate, label_fn)
+    tx = OPTIMIZERS[name].build(build_cfg, learning_rate, label_fn)
   except (ValueError, TypeError) as e:
     raise ValueError(f"bad optim.{name} config: {e}") from None
+  if decay_matrices:
+    tx = optax.chain(tx, masked_weight_decay(learning_rate, optim_cfg.weight_decay, _matrix_mask(label_fn)))
   if optim_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
   return tx

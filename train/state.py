@@ -125,6 +125,11 @@ def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_ex
   tx = optim_lib.build_optimizer(cfg.optim, schedule)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(params)
+    if cfg.optim.name == "trp":
+      # TRP's step-0 projection, after tx.init (optim/trp.py); a resumed run's restored parameters replace it.
+      import optim
+      project = lambda p: optim.trp_project_params(p, cfg.optim.trp.energy, cfg.optim.trp.scheme)
+      params = jax.jit(project, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
     obj_state = objectives.init_state(cfg.objectives, params, num_train_examples=num_train_examples,
                                       seq_len=cfg.train.seq_len, vocab_size=model_cfg.vocab_size)
   state = {"params": params, "opt": opt_state, "obj": obj_state,

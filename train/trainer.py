@@ -215,6 +215,9 @@ def train(cfg, workdir: str) -> dict:
     if t.plot:
       writer.plot("loss.png")
   last["final_step"] = step
+  stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU; GPU/TPU: this process's peak (train.study)
+  if "peak_bytes_in_use" in stats:
+    last["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
   last["state"] = state
   return last
 

@@ -29,8 +29,9 @@ Analysed matrix per layer kind (leaf names as in lostjax.layers; W_eff in layout
   first-order change of W_eff under one SGD step on the factors (dW_eff/deta at eta = 0 of W_eff(theta - eta g),
   chain rule; the second-order term eta^2 g_a g_b is dropped). It is the update the layer really makes,
   not the gradient dloss/dW_eff of an equivalent dense layer (which has rank structure of its own).
-  `gamma` is the layer's mixing weight (a float or a {module-path-prefix: float} mapping; the CLI reads it
-  from the model). With a nonlinearity between the factors (CoLA-style) M is still g_a b + a g_b but W_eff is
+  `gamma` is the layer's mixing weight: by default (`gamma=None`) read from the layers of `model=` (the nnx
+  model the params come from, via `lost_gammas`); or given as a float or a {module-path-prefix: float} mapping.
+  LOST layers with neither raise a ValueError (no silent 0.5). With a nonlinearity between the factors (CoLA-style) M is still g_a b + a g_b but W_eff is
   then only a linearisation.
 
 Not implemented: the paper's gradient-similarity metrics (same-layer / adjacent-layer cosines, which its
@@ -117,6 +118,9 @@ def _find_matrices(params, static, include_mlp: bool, gamma) -> tuple[list, list
 
 
 def _gamma_for(prefix: str, gamma) -> float:
+  if gamma is None:
+    raise ValueError(f"gamma of LOST layer {prefix!r} unknown: pass model=<the nnx model> (its layers' gamma) "
+                     f"or gamma=<float or mapping>")
   if isinstance(gamma, Mapping):
     best = None
     for key, val in gamma.items():
@@ -262,8 +266,15 @@ def _run_chunks(loss_fn, params, batch, static, include_mlp, gamma, chunk_size, 
   return matrices, merged
 
 
+def _resolve_gamma(gamma, model):
+  if gamma is None and model is not None:
+    return lost_gammas(model)
+  return gamma
+
+
 def gradient_spectra(loss_fn: Callable, params, batch, *, static=None, include_mlp: bool = False,
-                     gamma: Union[float, Mapping[str, float]] = 0.5, chunk_size: int = 8) -> GradientSpectra:
+                     gamma: Union[None, float, Mapping[str, float]] = None, chunk_size: int = 8,
+                     model=None) -> GradientSpectra:
   """Nuclear norm and effective rank of each sample's gradient of every attention (and MLP) projection.
 
   Args:
@@ -274,13 +285,16 @@ def gradient_spectra(loss_fn: Callable, params, batch, *, static=None, include_m
     static: optional pytree holding LOST 'idx' index variables (e.g. the non-Param nnx state), if they are
       not part of `params`.
     include_mlp: also analyse layers/<i>/mlp/{gate,up,down}.
-    gamma: LOST mixing weight (float or {module path or prefix: float}); unused for dense/low-rank layers.
+    gamma: LOST mixing weight (float or {module path or prefix: float}); None (default): each LOST layer's own
+      `gamma`, read from `model`. Unused for dense/low-rank layers.
     chunk_size: samples per vmapped, compiled call (memory ~ chunk_size x selected params + activations).
+    model: the nnx model `params` come from; its LOST layers' `gamma` attributes are the default `gamma`.
 
   Raises:
     ValueError: no matching matrices, empty batch, batch leaves with different sample counts, LOST layer
       without idx, bad gamma or chunk_size.
   """
+  gamma = _resolve_gamma(gamma, model)
   matrices, out = _run_chunks(loss_fn, params, batch, static, include_mlp, gamma, chunk_size, False)
   return GradientSpectra(
       names=tuple(m.name for m in matrices), layers=np.array([m.layer for m in matrices]),
@@ -290,8 +304,10 @@ def gradient_spectra(loss_fn: Callable, params, batch, *, static=None, include_m
 
 
 def analysed_matrices(loss_fn: Callable, params, batch, *, static=None, include_mlp: bool = False,
-                      gamma: Union[float, Mapping[str, float]] = 0.5, chunk_size: int = 8) -> dict:
+                      gamma: Union[None, float, Mapping[str, float]] = None, chunk_size: int = 8,
+                      model=None) -> dict:
   """{module path: [num_samples, d_in, d_out]} the per-sample matrices `gradient_spectra` decomposes."""
+  gamma = _resolve_gamma(gamma, model)
   matrices, out = _run_chunks(loss_fn, params, batch, static, include_mlp, gamma, chunk_size, True)
   return {m.name: o for m, o in zip(matrices, out)}
 

@@ -12,6 +12,10 @@ tokens, plus `eval_max_tokens` of the validation split). Other inputs:
 file), `--config.data.tokenizer_path=/path/to/tokenizer.json` (offline), or local text:
 `--config.data.source=files --config.data.paths='/data/*.jsonl.gz'`.
 
+No gradient clipping (`optim.grad_clip=0.0`): the GaLore and FRUGAL C4 reference scripts clip nothing, so the
+presets do not either; the shared default elsewhere stays 1.0 (quickstart). Turn it on, or resume a run directory
+written with the earlier default, with `--config.optim.grad_clip=1.0`.
+
 The learning rates are the GaLore/LOST scripts' (1e-3 for 60M–350M dense AdamW; LOST's dev code uses 1e-3 as
 well); they are starting points, not tuned values.
 """
@@ -45,6 +49,7 @@ def get_config(arg: str = "60m,lost"):
   c.optim.lr = 1e-3
   c.optim.warmup_frac = 0.1
   c.optim.min_lr_ratio = 0.1
+  c.optim.grad_clip = 0.0   # the GaLore/FRUGAL reference scripts clip nothing
   c.train.steps = STEPS[size]
   c.train.global_batch = 512
   c.train.seq_len = 256

@@ -17,6 +17,11 @@ Deviations from the reference code (deliberate):
   `softmax` are already global, so every device sees the same weights. (fms-fsdp slices the gathered weights with
   the local rank, which is wrong on multi-node runs; not reproduced.)
 * Sequences without any non-masked token (padding rows) get weight 0 and are excluded from min/max/softmax.
+* Gradient accumulation (`train.grad_accum` = A > 1): the weights are computed per microbatch (min/max and
+  softmax over its B/A sequences, summing to 1 in each) and the step averages the A microbatch losses, so a
+  sequence's effective weight is w_i/A. Global-batch weights would need every microbatch's losses before any
+  backward pass (a second forward pass); the per-microbatch choice keeps one pass and equals the global weighting
+  when A = 1. Pinned by `tests/test_fidelity_fixes.py`.
 * Warm-up: uniform weights over sequences (the GPT-2 code uses token-weighted CE during `burnout_steps`; equal
   when every sequence has the same number of tokens, as in packed pretraining).
 """

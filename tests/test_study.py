@@ -1,0 +1,211 @@
+"""train/study.py and train/configs/study.py: grid expansion, best-lr/edge selection, verdicts, the tables, and
+(slow) a 3-run grid trained for a few steps: table, CSV, figures, a failed run reported, resume and skip.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from train import study
+from train.configs import study as grids
+
+
+def test_cpu_grid_runs_and_sweeps():
+  cfg = grids.get_config("cpu")
+  specs = study.expand(cfg)
+  assert len(specs) == 21 and len({s["name"] for s in specs}) == 21
+  runs = {s["run"] for s in specs}
+  assert runs == {"dense", "lowrank", "lost", "dense_galore", "dense_frugal", "dense_frugal_rho0", "lost_frugal"}
+  for s in specs:
+    c = s["config"]
+    assert c["model"]["attn_kind"] == c["model"]["mlp_kind"] == s["method"]
+    assert c["optim"]["name"] == s["optimizer"] and c["optim"]["lr"] == s["lr"]
+    assert "grid" not in c and "runs" not in c and "only" not in c
+    assert c["data"]["source"] == "stdlib" and c["data"]["tokenizer"] == "byte"
+  by = {(s["run"], s["lr"]): s["config"] for s in specs}
+  assert by[("dense_frugal", 1e-3)]["optim"]["frugal"]["rho"] == 0.25
+  assert by[("dense_frugal_rho0", 1e-3)]["optim"]["frugal"]["rho"] == 0.0
+  assert by[("dense_galore", 1e-2)]["optim"]["galore"]["rank"] == 32
+  # Every run sweeps >= 3 values a factor ~3 apart, including the papers' own learning rates.
+  for name, r in cfg.runs.items():
+    lrs = sorted(r.lrs)
+    assert len(lrs) >= 3 and all(2.5 < b / a < 3.5 for a, b in zip(lrs, lrs[1:]))
+    assert (1e-2 if r.optimizer == "galore" else 1e-3) in lrs, name
+  # Same tokens for all: data, batch, schedule and seed do not depend on the run.
+  shared = {json.dumps({k: s["config"][k] for k in ("data", "train")}, sort_keys=True) for s in specs}
+  assert len(shared) == 1
+
+
+def test_other_grids_and_bad_input():
+  g = grids.get_config("gpu60m")
+  assert g.model.d_model == 512 and g.data.source == "hf" and g.optim.grad_clip == 0.0
+  p = grids.get_config("paper:130m")
+  assert p.train.steps == 20_000 and p.train.global_batch == 512 and p.runs.dense_galore.set.startswith(
+      "optim.galore.rank=256")
+  assert 1e-3 in p.runs.dense.lrs and 1e-2 in p.runs.dense_galore.lrs
+  assert len(study.expand(p)) == 21
+  with pytest.raises(ValueError, match="paper:9b"):
+    grids.get_config("paper:9b")
+  with pytest.raises(ValueError, match="'gpu'"):
+    grids.get_config("gpu")
+  cfg = grids.get_config("cpu")
+  cfg.only = "dense, lost"
+  assert {s["run"] for s in study.expand(cfg)} == {"dense", "lost"}
+  cfg.only = "dense,densse"
+  with pytest.raises(ValueError, match="densse"):
+    study.expand(cfg)
+  cfg = grids.get_config("cpu")
+  cfg.runs.lost.set = "optim.frugal.rhoo=0.1"
+  with pytest.raises(ValueError, match="rhoo"):
+    study.expand(cfg)
+  cfg = grids.get_config("cpu")
+  cfg.runs.lost.lrs = (1e-3, -1.0)
+  with pytest.raises(ValueError, match="runs.lost.lrs"):
+    study.expand(cfg)
+  cfg = grids.get_config("cpu")
+  cfg.seeds = (0, 1)
+  cfg.train.steps = 30        # a shared override reaches every run
+  specs = study.expand(cfg)
+  assert len(specs) == 42 and "dense_lr0.001_s1" in {s["name"] for s in specs}
+  assert {s["config"]["train"]["steps"] for s in specs} == {30}
+  assert study.parse_set("a.b=0.25 c.d=x e.f=True") == [("a.b", 0.25), ("c.d", "x"), ("e.f", True)]
+  with pytest.raises(ValueError, match="'oops'"):
+    study.parse_set("oops")
+
+
+def _row(run, lr, loss, method="dense", optimizer="adamw", linear=1000, state=800, status="ok"):
+  return {"name": f"{run}_lr{lr:g}", "run": run, "method": method, "optimizer": optimizer, "lr": lr, "seed": 0,
+          "status": status, "best": False, "edge": False, "final_step": 10, "tokens": 100, "eval_loss": loss,
+          "eval_ppl": None if loss is None else math.exp(loss), "eval_bpb": None, "train_loss": loss,
+          "params_total": 2 * linear, "params_non_embedding": linear + 5, "params_linear": linear,
+          "opt_state_bytes": state, "peak_bytes": 2 ** 20, "peak_source": "compiled memory_analysis",
+          "estimate_bytes": 2 ** 20, "tokens_per_s": 1.0, "wall_s": 1.0, "error": "" if status == "ok" else "boom",
+          "_train": {50: loss or 0.0, 100: loss or 0.0}, "_eval": {100: loss or 0.0}}
+
+
+def _rows(lost_loss=2.03, galore_loss=2.01, low_loss=2.5):
+  return [
+      _row("dense", 1e-3, 2.05), _row("dense", 3e-3, 2.00), _row("dense", 1e-2, 2.10),
+      _row("lowrank", 1e-3, low_loss + 0.1, method="lowrank", linear=300),
+      _row("lowrank", 3e-3, low_loss + 0.05, method="lowrank", linear=300),
+      _row("lowrank", 1e-2, low_loss, method="lowrank", linear=300),
+      _row("lost", 1e-3, lost_loss, method="lost", linear=550), _row("lost", 3e-3, None, method="lost",
+                                                                     linear=550, status="failed"),
+      _row("dense_galore", 1e-2, galore_loss, optimizer="galore", state=400),
+      _row("dense_frugal", 1e-3, 2.2, optimizer="frugal", state=500),
+      _row("broken", 1e-3, None, status="failed"),
+  ]
+
+
+def test_best_edge_and_verdicts():
+  rows = _rows()
+  best = study.pick_best(rows)
+  assert set(best) == {"dense", "lowrank", "lost", "dense_galore", "dense_frugal"}
+  assert best["dense"]["lr"] == 3e-3 and not best["dense"]["edge"]
+  assert best["lowrank"]["lr"] == 1e-2 and best["lowrank"]["edge"]
+  assert best["lost"]["lr"] == 1e-3 and best["lost"]["edge"]      # the failed 3e-3 still counts as swept
+  assert [r["best"] for r in rows[:3]] == [False, True, False]
+  v = study.verdicts(best)   # LOST ≈ dense, low-rank worse, GaLore ≈ AdamW, FRUGAL ≈ AdamW
+  assert [h for _, h, _ in v] == [True, True, True, False]
+  assert "0.55× dense" in v[0][2] and "within 2%" in v[0][0] and "GaLore" in v[2][0] and "FRUGAL" in v[3][0]
+  assert "0.39 MiB" not in v[2][2] and "vs 0.00 MiB" in v[2][2]
+  # 2 % boundaries: LOST 2.1 % above dense does not hold; low-rank only 1 % above dense is not "clearly worse".
+  best = study.pick_best(_rows(lost_loss=2.042, low_loss=2.02))
+  assert [h for _, h, _ in study.verdicts(best)][:2] == [False, False]
+  best = study.pick_best([_row("dense", 1e-3, 2.0)])
+  assert [h for _, h, _ in study.verdicts(best)] == [None, None, None, None]
+
+
+def test_tables_csv_and_plots(tmp_path):
+  rows = _rows()
+  best = study.pick_best(rows)
+  study.write_csv(rows, str(tmp_path / "results.csv"))
+  with open(tmp_path / "results.csv") as f:
+    got = list(csv.DictReader(f))
+  assert [r["name"] for r in got] == [r["name"] for r in rows]
+  assert set(got[0]) == set(study.CSV_FIELDS) and got[1]["best"] == "True" and got[7]["status"] == "failed"
+  md = study.markdown(rows, best, study.verdicts(best), "## t")
+  assert "| lowrank | adamw | 0.01 (edge) |" in md and "broken_lr0.001: failed (boom)" in md
+  assert md.count("**holds**") == 3 and md.count("**does not hold**") == 1
+  study.plot(rows, best, str(tmp_path))
+  for name in ("curves.png", "lr.png"):
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collect_row_reads_metrics(tmp_path):
+  rdir = tmp_path / "r"
+  rdir.mkdir()
+  lines = [{"step": 10, "tokens": 160, "train_loss": 3.0, "tokens_per_s": 5.0},
+           {"step": 20, "tokens": 320, "train_loss": 2.5, "tokens_per_s": 100.0},
+           {"step": 20, "tokens": 320, "eval_loss": 2.4, "eval_ppl": math.exp(2.4), "eval_bpb": 3.46},
+           {"step": 30, "tokens": 480, "train_loss": 2.2, "tokens_per_s": 120.0}]
+  (rdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  spec = {"name": "dense_lr0.001", "run": "dense", "method": "dense", "optimizer": "adamw", "lr": 1e-3, "seed": 0,
+          "config": {"train": {"global_batch": 4, "seq_len": 4, "steps": 30}}}
+  mem = {"params": {"total": 10, "non_embedding": 6, "linear": 4}, "opt_state_bytes": 80, "estimate_bytes": 99,
+         "compiled_peak_bytes": 123}
+  row = study.collect_row(spec, str(rdir), {"status": "ok", "final_step": 30, "wall_s": 7.0}, mem)
+  assert row["eval_loss"] == 2.4 and row["train_loss"] == 2.2 and row["tokens"] == 480
+  assert row["tokens_per_s"] == 110.0          # median without the first (compiling) interval
+  assert row["peak_bytes"] == 123 and row["peak_source"] == "compiled memory_analysis"
+  row = study.collect_row(spec, str(rdir), {"status": "ok", "peak_bytes_in_use": 456}, mem)
+  assert row["peak_bytes"] == 456 and row["peak_source"] == "device memory_stats"
+
+
+def _small_grid():
+  cfg = grids.get_config("cpu")
+  cfg.model.update(dict(d_model=32, d_ff=64, n_heads=2, n_layers=1, attn_rank=4, mlp_rank=4, sparsity=0.25))
+  cfg.data.max_bytes = 300_000
+  cfg.data.eval_max_tokens = 512
+  cfg.train.update(dict(steps=4, global_batch=4, seq_len=16, log_every=1, eval_every=2, ckpt_every=2))
+  cfg.runs.dense.lrs = (1e-3, 3e-3)
+  cfg.runs.lost.lrs = (3e-3,)
+  cfg.runs.broken = grids.ml_collections.ConfigDict(dict(method="dense", optimizer="galore", lrs=(1e-2,),
+                                                         set="optim.galore.rank=1000"))
+  return cfg
+
+
+@pytest.mark.slow
+def test_study_end_to_end_resume_and_skip(tmp_path):
+  """A 2-run grid (dense at 2 lrs, LOST) plus a failing run, in subprocesses: interrupted, resumed, skipped."""
+  wd = str(tmp_path / "study")
+  cfg = _small_grid()
+  cfg.only = "dense,lost,broken"
+  cfg.train.stop_at = 2                       # every run stops (with a checkpoint) after step 2
+  rows = study.run_study(cfg, wd, log=lambda s: None)
+  st = {r["name"]: r["status"] for r in rows}
+  assert st == {"dense_lr0.001": "interrupted", "dense_lr0.003": "interrupted", "lost_lr0.003": "interrupted",
+                "broken_lr0.01": "failed"}
+  broken = next(r for r in rows if r["run"] == "broken")
+  assert "rank" in broken["error"]
+  cfg = _small_grid()
+  cfg.only = "dense,lost"
+  rows = study.run_study(cfg, wd, log=lambda s: None)
+  assert all(r["status"] == "ok" and r["final_step"] == 4 for r in rows)
+  for r in rows:
+    log = open(os.path.join(wd, r["name"], study.LOG_FILE)).read()
+    assert "resumed from" in log and np.isfinite(r["eval_loss"]) and r["tokens"] == 4 * 4 * 16
+    assert r["peak_bytes"] > 0 and r["params_linear"] > 0 and r["opt_state_bytes"] > 0
+  lost = next(r for r in rows if r["run"] == "lost")
+  dense = next(r for r in rows if r["run"] == "dense")
+  assert lost["params_linear"] < dense["params_linear"]
+  with open(os.path.join(wd, "results.csv")) as f:
+    got = list(csv.DictReader(f))
+  assert [g["name"] for g in got] == ["dense_lr0.001", "dense_lr0.003", "lost_lr0.003"]
+  assert sum(g["best"] == "True" for g in got) == 2
+  md = open(os.path.join(wd, "results.md")).read()
+  assert "| dense | adamw |" in md and "| lost | adamw | 0.003 |" in md
+  for name in ("curves.png", "lr.png"):
+    assert open(os.path.join(wd, name), "rb").read(4) == b"\x89PNG"
+  # Rerun: everything finished, nothing is trained again.
+  mtimes = {r["name"]: os.path.getmtime(os.path.join(wd, r["name"], study.LOG_FILE)) for r in rows}
+  messages = []
+  rows2 = study.run_study(cfg, wd, log=messages.append)
+  assert all("skipped" in m for m in messages if "lr" in m) and len(messages) == 3
+  assert {r["name"]: os.path.getmtime(os.path.join(wd, r["name"], study.LOG_FILE)) for r in rows2} == mtimes
+  assert [r["eval_loss"] for r in rows2] == [r["eval_loss"] for r in rows]

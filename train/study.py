@@ -1,0 +1,604 @@
+"""The reproduction study: train the methods side by side and write the results table.
+
+    python -m train.study --config=train/configs/study.py:cpu --workdir=runs/study_cpu
+    python -m train.study --config=train/configs/study.py:cpu --workdir=runs/study_cpu --config.train.steps=30 \
+        --config.only=dense,lost
+
+Claims checked (verdicts in results.md):
+* LOST (Li et al., "LOST: Low-rank and Sparse Pre-training for Large Language Models", arXiv 2508.02668): LOST
+  reaches the dense model's loss (here: within 2 % eval loss) with about half the linear parameters.
+* GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", arXiv 2403.03507):
+  pure low-rank pre-training is clearly worse than full rank; GaLore stays close to AdamW (within 2 %) with
+  less optimizer state.
+* FRUGAL (Zmushko et al., "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable
+  Training", arXiv 2411.07837): FRUGAL (ρ = 0.25) stays close to AdamW (within 2 %) with less optimizer state.
+
+How it runs. A grid (train/configs/study.py) expands into one ordinary `train.main` run per (run, lr, seed) in
+`DIR/<run>_lr<lr>[_s<seed>]`, each started as a subprocess (`python -m train.main`): a crash, an out-of-memory
+kill or a ValueError of one run is recorded as that run's failure and the study goes on; each run's device memory
+is its own (a GPU's peak memory statistics are per process). The run's full config is written to
+`<run dir>/study_config.json` and read back by `train/configs/study.py:run=<path>`. A run whose
+`study_result.json` says it finished all `train.steps` is skipped on a rerun; any other run is started again, and
+`train.main` resumes it from its latest checkpoint (its own resume rules: a changed model/optimizer/data config is
+refused, and reported as a failure).
+
+Before training, one more subprocess (`python -m train.study --measure=...`) builds each distinct configuration
+(learning rate and seed do not change memory) with `train.state.create_train_state`, lowers and compiles the
+jitted step with the run's shapes without running it, and records `compiled.memory_analysis()` (arguments +
+outputs + temporaries − donated aliases) beside the `--summary_only` estimate and the exact counts
+(`train.summary.summarize`). Where the backend has device memory statistics (GPU, TPU), the peak measured by the
+training process itself (`peak_bytes_in_use`, printed by train.main) is reported instead, with its source.
+
+Outputs in DIR: `results.csv` (every run and learning rate), `results.md` (best learning rate per run, the full
+sweep, the verdicts), `curves.png` (eval and train loss against tokens, best learning rate per run), `lr.png`
+(final eval loss against learning rate per run). The best learning rate is marked `edge` when it is the smallest
+or largest value swept. This module is a command: no other module of `train/` imports it.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study.py")
+STUDY_FIELDS = ("grid", "only", "seeds", "runs")
+RESULT_FILE = "study_result.json"
+RUN_CONFIG_FILE = "study_config.json"
+LOG_FILE = "study.log"
+TOLERANCE = 0.02  # "close to" / "within": relative eval-loss difference
+
+CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "seed", "status", "best", "edge", "final_step", "tokens",
+              "eval_loss", "eval_ppl", "eval_bpb", "train_loss", "params_total", "params_non_embedding",
+              "params_linear", "opt_state_bytes", "peak_bytes", "peak_source", "estimate_bytes", "tokens_per_s",
+              "wall_s", "error")
+
+
+def lr_tag(lr: float) -> str:
+  return f"{float(lr):g}"
+
+
+def parse_set(text: str) -> list[tuple[str, object]]:
+  """'optim.frugal.rho=0.25 optim.name=frugal' -> [('optim.frugal.rho', 0.25), ('optim.name', 'frugal')]."""
+  out = []
+  for item in (text or "").split():
+    if "=" not in item:
+      raise ValueError(f"bad run field assignment {item!r}: expected 'section.field=value'")
+    key, raw = item.split("=", 1)
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    out.append((key, value))
+  return out
+
+
+def _assign(d: dict, key: str, value, where: str) -> None:
+  parts = key.split(".")
+  node = d
+  for p in parts[:-1]:
+    if not isinstance(node.get(p), dict):
+      raise ValueError(f"{where}: unknown config field {key!r}")
+    node = node[p]
+  if parts[-1] not in node:
+    raise ValueError(f"{where}: unknown config field {key!r}")
+  node[parts[-1]] = value
+
+
+def _run_names(runs: dict) -> list[str]:
+  from train.configs.study import RUNS
+  return [n for n in RUNS if n in runs] + sorted(n for n in runs if n not in RUNS)
+
+
+def expand(cfg) -> list[dict]:
+  """The grid's runs: dicts with name, run, method, optimizer, lr, seed and the full run config (a plain dict)."""
+  d = cfg.to_dict()
+  for f in STUDY_FIELDS:
+    if f not in d:
+      raise ValueError(f"not a study config: field {f!r} missing (use --config=train/configs/study.py:<grid>)")
+  shared = {k: v for k, v in d.items() if k not in STUDY_FIELDS}
+  runs = d["runs"]
+  only = [s.strip() for s in str(d["only"] or "").split(",") if s.strip()]
+  unknown = [n for n in only if n not in runs]
+  if unknown:
+    raise ValueError(f"only={d['only']!r}: unknown run(s) {unknown}; known: {_run_names(runs)}")
+  seeds = list(d["seeds"])
+  if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+    raise ValueError(f"seeds={d['seeds']!r} must be a non-empty list of ints")
+  out = []
+  for name in _run_names(runs):
+    if only and name not in only:
+      continue
+    r = runs[name]
+    lrs = list(r.get("lrs", ()))
+    if not lrs or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in lrs):
+      raise ValueError(f"runs.{name}.lrs={r.get('lrs')!r} must be a non-empty list of positive numbers")
+    if r.get("method") not in ("dense", "lowrank", "lost"):
+      raise ValueError(f"runs.{name}.method={r.get('method')!r}: expected dense, lowrank or lost")
+    for lr in lrs:
+      for seed in seeds:
+        c = copy.deepcopy(shared)
+        c["model"]["attn_kind"] = c["model"]["mlp_kind"] = r["method"]
+        c["optim"]["name"] = r["optimizer"]
+        for key, value in parse_set(r.get("set", "")):
+          _assign(c, key, value, f"runs.{name}.set")
+        c["optim"]["lr"] = float(lr)
+        c["train"]["seed"] = int(seed)
+        run_name = f"{name}_lr{lr_tag(lr)}" + (f"_s{seed}" if seed != 0 else "")
+        out.append({"name": run_name, "run": name, "method": r["method"], "optimizer": c["optim"]["name"],
+                    "lr": float(lr), "seed": int(seed), "config": c})
+  if not out:
+    raise ValueError("the study selects no runs")
+  return out
+
+
+def _memory_key(config: dict) -> str:
+  c = copy.deepcopy(config)
+  c["optim"]["lr"] = 0.0
+  c["train"]["seed"] = 0
+  c["train"]["stop_at"] = 0
+  return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _to_configdict(config: dict):
+  import ml_collections
+  return ml_collections.ConfigDict(config)
+
+
+# ----------------------------------------------------------------------------------------------- measurement child
+
+def measure_one(config: dict) -> dict:
+  """Counts, optimizer state and the `--summary_only` estimate, and the compiled step's memory analysis."""
+  import jax
+  from train import state as state_lib
+  from train import summary as summary_lib
+  from train.step import make_train_step
+  from lostjax import sharding
+
+  cfg = _to_configdict(config)
+  s = summary_lib.summarize(cfg)
+  out = {"params": s["params"], "opt_state_bytes": s["optimizer"]["state_bytes"],
+         "estimate_bytes": s["memory_estimate_per_device_bytes"]["total"]}
+  mesh = state_lib.make_mesh(cfg)
+  state_lib.validate_config(cfg, mesh, vocab_size=s["model"]["vocab_size"])
+  model_cfg = state_lib.llama_config(cfg, vocab_size=s["model"]["vocab_size"])
+  run = state_lib.create_train_state(cfg, mesh=mesh, model_cfg=model_cfg)
+  state_sh = jax.tree.map(lambda x: x.sharding, run.state)
+  rest_sh = jax.tree.map(lambda x: x.sharding, run.rest)
+  fn = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), donate_argnums=(0,),
+               in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
+  b, l = cfg.train.global_batch, cfg.train.seq_len
+  spec = sharding.batch_sharding(mesh).spec[:1]
+  sh = lambda nd: jax.sharding.NamedSharding(mesh, jax.P(*spec, *([None] * (nd - 1))))
+  import jax.numpy as jnp
+  batch = {"tokens": jax.ShapeDtypeStruct((b, l + 1), jnp.int32, sharding=sh(2)),
+           "ids": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh(1)),
+           "mask": jax.ShapeDtypeStruct((b, l), jnp.float32, sharding=sh(2))}
+  with jax.set_mesh(mesh):
+    compiled = fn.lower(run.state, run.rest, batch).compile()
+  ma = compiled.memory_analysis()
+  if ma is not None:
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    m = {f: int(getattr(ma, f, 0) or 0) for f in fields}
+    out["memory_analysis"] = m
+    out["compiled_peak_bytes"] = (m["argument_size_in_bytes"] + m["output_size_in_bytes"]
+                                  + m["temp_size_in_bytes"] - m["alias_size_in_bytes"])
+  out["backend"] = jax.default_backend()
+  return out
+
+
+def measure_main(paths: list[str]) -> None:
+  for p in paths:
+    with open(p) as f:
+      job = json.load(f)
+    try:
+      res = measure_one(job["config"])
+    except Exception as e:  # recorded for this configuration; the study goes on  # noqa: BLE001
+      res = {"error": f"{type(e).__name__}: {e}"}
+    with open(job["out"], "w") as f:
+      json.dump(res, f, indent=1)
+
+
+def _measure_all(specs: list[dict], workdir: str, log) -> dict:
+  """key -> measurement, computed once per distinct configuration in one subprocess, cached in DIR/_memory."""
+  mdir = os.path.join(workdir, "_memory")
+  os.makedirs(mdir, exist_ok=True)
+  jobs, seen = [], set()
+  for s in specs:
+    k = _memory_key(s["config"])
+    out = os.path.join(mdir, f"{k}.json")
+    if k in seen or os.path.exists(out):
+      continue
+    seen.add(k)
+    job = os.path.join(mdir, f"{k}.job.json")
+    with open(job, "w") as f:
+      json.dump({"config": s["config"], "out": out}, f)
+    jobs.append(job)
+  if jobs:
+    log(f"measuring memory of {len(jobs)} configuration(s)")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    with open(os.path.join(mdir, "measure.log"), "a") as lf:
+      subprocess.run([sys.executable, "-m", "train.study", "--measure=" + ",".join(jobs)], stdout=lf,
+                     stderr=subprocess.STDOUT, env=env, cwd=_repo_root())
+  res = {}
+  for s in specs:
+    k = _memory_key(s["config"])
+    p = os.path.join(mdir, f"{k}.json")
+    if os.path.exists(p):
+      with open(p) as f:
+        res[k] = json.load(f)
+    else:
+      res[k] = {"error": "memory measurement did not finish (see _memory/measure.log)"}
+  return res
+
+
+def _repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------------ one run
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def is_finished(rdir: str, config: dict) -> bool:
+  r = _read_json(os.path.join(rdir, RESULT_FILE))
+  return bool(r) and r.get("status") == "ok" and r.get("final_step", 0) >= config["train"]["steps"]
+
+
+def _last_json_line(text: str) -> dict:
+  for line in reversed(text.strip().splitlines()):
+    line = line.strip()
+    if line.startswith("{") and line.endswith("}"):
+      try:
+        return json.loads(line)
+      except ValueError:
+        continue
+  return {}
+
+
+def _error_line(text: str) -> str:
+  lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+  for ln in reversed(lines):
+    if ln.startswith("error:"):
+      return ln[len("error:"):].strip()
+  return lines[-1] if lines else ""
+
+
+def train_run(spec: dict, rdir: str) -> dict:
+  """Starts (or resumes) one run as `python -m train.main`; writes and returns its study_result.json."""
+  os.makedirs(rdir, exist_ok=True)
+  cpath = os.path.join(rdir, RUN_CONFIG_FILE)
+  with open(cpath, "w") as f:
+    json.dump(spec["config"], f, indent=1)
+  prev = _read_json(os.path.join(rdir, RESULT_FILE)) or {}
+  cmd = [sys.executable, "-m", "train.main", f"--config={CONFIG_FILE}:run={os.path.abspath(cpath)}",
+         f"--workdir={os.path.abspath(rdir)}"]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo_root())
+  wall = time.perf_counter() - t0
+  with open(os.path.join(rdir, LOG_FILE), "a") as f:
+    f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n[exit {proc.returncode} after {wall:.1f} s]\n")
+  final = _last_json_line(proc.stdout) if proc.returncode == 0 else {}
+  steps = spec["config"]["train"]["steps"]
+  res = {"wall_s": prev.get("wall_s", 0.0) + wall, "returncode": proc.returncode}
+  if proc.returncode != 0:
+    res.update(status="failed", error=_error_line(proc.stderr) or f"exit code {proc.returncode}")
+  elif final.get("final_step", 0) < steps:
+    res.update(status="interrupted", final_step=final.get("final_step", 0))
+  else:
+    res.update(status="ok", final_step=final["final_step"])
+  if "peak_bytes_in_use" in final:
+    res["peak_bytes_in_use"] = int(final["peak_bytes_in_use"])
+  with open(os.path.join(rdir, RESULT_FILE), "w") as f:
+    json.dump(res, f, indent=1)
+  return res
+
+
+def read_metrics(rdir: str) -> tuple[dict, dict, list]:
+  """(train loss by tokens, eval rows by tokens, tokens_per_s values); the last value per step wins."""
+  train, evals, speed = {}, {}, {}
+  path = os.path.join(rdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}, {}, []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if "train_loss" in row:
+        train[row["tokens"]] = row["train_loss"]
+        speed[row["step"]] = row.get("tokens_per_s")
+      if "eval_loss" in row:
+        evals[row["tokens"]] = row
+  steps = sorted(speed)
+  tps = [speed[s] for s in steps[1:] if speed[s]]  # the first log interval includes compilation
+  return train, evals, tps
+
+
+def _median(xs):
+  xs = sorted(xs)
+  if not xs:
+    return None
+  n = len(xs)
+  return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def collect_row(spec: dict, rdir: str, result: dict, mem: dict) -> dict:
+  train, evals, tps = read_metrics(rdir)
+  last_eval = evals[max(evals)] if evals else {}
+  params = mem.get("params", {})
+  peak, source = None, ""
+  if result.get("peak_bytes_in_use"):
+    peak, source = result["peak_bytes_in_use"], "device memory_stats"
+  elif mem.get("compiled_peak_bytes") is not None:
+    peak, source = mem["compiled_peak_bytes"], "compiled memory_analysis"
+  status = result.get("status", "not run")
+  return {
+      "name": spec["name"], "run": spec["run"], "method": spec["method"], "optimizer": spec["optimizer"],
+      "lr": spec["lr"], "seed": spec["seed"], "status": status, "best": False, "edge": False,
+      "final_step": result.get("final_step", max(train) // _tokens_per_step(spec) if train else 0),
+      "tokens": max(train) if train else 0,
+      "eval_loss": last_eval.get("eval_loss"), "eval_ppl": last_eval.get("eval_ppl"),
+      "eval_bpb": last_eval.get("eval_bpb"), "train_loss": train[max(train)] if train else None,
+      "params_total": params.get("total"), "params_non_embedding": params.get("non_embedding"),
+      "params_linear": params.get("linear"), "opt_state_bytes": mem.get("opt_state_bytes"),
+      "peak_bytes": peak, "peak_source": source, "estimate_bytes": mem.get("estimate_bytes"),
+      "tokens_per_s": _median(tps), "wall_s": result.get("wall_s"),
+      "error": result.get("error", "") or mem.get("error", ""),
+      "_train": train, "_eval": {k: v["eval_loss"] for k, v in evals.items()},
+  }
+
+
+def _tokens_per_step(spec):
+  t = spec["config"]["train"]
+  return t["global_batch"] * t["seq_len"]
+
+
+# ------------------------------------------------------------------------------------------------------ results
+
+def _ok(row) -> bool:
+  return row["status"] == "ok" and row["eval_loss"] is not None and math.isfinite(row["eval_loss"])
+
+
+def pick_best(rows: list[dict]) -> dict:
+  """run -> its best row (lowest eval loss averaged over seeds); marks best and edge in place."""
+  best = {}
+  by_run: dict = {}
+  for r in rows:
+    by_run.setdefault(r["run"], []).append(r)
+  for run, rs in by_run.items():
+    lrs = sorted({r["lr"] for r in rs})
+    means = {}
+    for lr in lrs:
+      ok = [r["eval_loss"] for r in rs if r["lr"] == lr and _ok(r)]
+      if ok:
+        means[lr] = sum(ok) / len(ok)
+    if not means:
+      continue
+    lr = min(means, key=means.get)
+    edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
+    chosen = [r for r in rs if r["lr"] == lr and _ok(r)]
+    for r in chosen:
+      r["best"], r["edge"] = True, edge
+    best[run] = dict(min(chosen, key=lambda r: r["eval_loss"]), eval_loss_mean=means[lr])
+  return best
+
+
+def verdicts(best: dict) -> list[tuple[str, object, str]]:
+  """(claim, True/False/None (not measured), numbers) for each ordering the papers claim."""
+  tol = TOLERANCE
+  out = []
+
+  def loss(name):
+    return best[name]["eval_loss_mean"] if name in best else None
+
+  def rel(a, b):
+    return (a - b) / b
+
+  dense, lost, low = loss("dense"), loss("lost"), loss("lowrank")
+  claim = f"LOST ≈ dense: eval loss within {tol:.0%} with about half the linear parameters (LOST paper)"
+  if dense is None or lost is None:
+    out.append((claim, None, "dense or lost not measured"))
+  else:
+    ratio = (best["lost"]["params_linear"] or 0) / max(best["dense"]["params_linear"] or 1, 1)
+    holds = rel(lost, dense) <= tol and ratio <= 0.6
+    out.append((claim, holds, f"LOST {lost:.4f} vs dense {dense:.4f} ({rel(lost, dense):+.1%}); "
+                              f"linear parameters {ratio:.2f}× dense"))
+  claim = f"low-rank clearly worse: eval loss more than {tol:.0%} above dense and LOST (GaLore, LOST papers)"
+  if low is None or dense is None:
+    out.append((claim, None, "lowrank or dense not measured"))
+  else:
+    refs = [("dense", dense)] + ([("LOST", lost)] if lost is not None else [])
+    holds = all(rel(low, v) > tol for _, v in refs)
+    out.append((claim, holds, f"low-rank {low:.4f}; " + ", ".join(f"{rel(low, v):+.1%} vs {n}" for n, v in refs)))
+  for name, label, paper in (("dense_galore", "GaLore", "GaLore paper"), ("dense_frugal", "FRUGAL ρ=0.25",
+                                                                          "FRUGAL paper")):
+    claim = f"{label} close to AdamW (eval loss within {tol:.0%}) with less optimizer state ({paper})"
+    v = loss(name)
+    if v is None or dense is None:
+      out.append((claim, None, f"{name} or dense not measured"))
+      continue
+    s, sd = best[name]["opt_state_bytes"], best["dense"]["opt_state_bytes"]
+    holds = rel(v, dense) <= tol and s is not None and sd is not None and s < sd
+    out.append((claim, holds, f"{label} {v:.4f} vs AdamW {dense:.4f} ({rel(v, dense):+.1%}); optimizer state "
+                              f"{_mib(s)} vs {_mib(sd)}"))
+  return out
+
+
+def _mib(b):
+  return "–" if b is None else f"{b / 2 ** 20:.2f} MiB"
+
+
+def _fmt(v, nd=4):
+  if v is None:
+    return "–"
+  if isinstance(v, float):
+    return f"{v:.{nd}f}" if math.isfinite(v) else str(v)
+  return str(v)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+
+
+def markdown(rows: list[dict], best: dict, verdict_list, header: str = "") -> str:
+  buf = io.StringIO()
+  if header:
+    buf.write(header.rstrip() + "\n\n")
+  buf.write("### Best learning rate per run\n\n")
+  buf.write("| run | optimizer | lr | eval loss | ppl | bpb | params total | non-emb. | linear | opt. state | "
+            "peak memory | estimate | tokens/s | wall s | status |\n")
+  buf.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+  order = []
+  for r in rows:
+    if r["run"] not in order:
+      order.append(r["run"])
+  for run in order:
+    if run in best:
+      r = best[run]
+      lr = lr_tag(r["lr"]) + (" (edge)" if r["edge"] else "")
+      status = "ok"
+    else:
+      r = next(x for x in rows if x["run"] == run)
+      lr, status = "–", "; ".join(sorted({f"{x['name']}: {x['status']}" + (f" ({x['error']})" if x["error"] else "")
+                                          for x in rows if x["run"] == run}))
+    peak = _mib(r["peak_bytes"]) + (" (device)" if r["peak_source"] == "device memory_stats" else "")
+    buf.write(f"| {run} | {r['optimizer']} | {lr} | {_fmt(r['eval_loss'])} | {_fmt(r['eval_ppl'], 2)} | "
+              f"{_fmt(r['eval_bpb'])} | {_fmt(r['params_total'])} | {_fmt(r['params_non_embedding'])} | "
+              f"{_fmt(r['params_linear'])} | {_mib(r['opt_state_bytes'])} | {peak} | {_mib(r['estimate_bytes'])} "
+              f"| {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['wall_s'], 1)} | {status} |\n")
+  buf.write("\nPeak memory: the compiled step's `memory_analysis()` (arguments + outputs + temporaries − donated "
+            "aliases), or the training process's device `peak_bytes_in_use` where marked (device); estimate: "
+            "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept.\n\n")
+  buf.write("### Verdicts\n\n")
+  for claim, holds, detail in verdict_list:
+    mark = {True: "**holds**", False: "**does not hold**", None: "not measured"}[holds]
+    buf.write(f"* {claim}: {mark} — {detail}\n")
+  buf.write("\n### All runs (learning-rate sweep)\n\n| run dir | lr | seed | status | step | eval loss | bpb | "
+            "tokens/s | wall s |\n|---|---|---|---|---|---|---|---|---|\n")
+  for r in rows:
+    st = r["status"] + (" ★" if r["best"] else "") + (f" ({r['error']})" if r["error"] else "")
+    buf.write(f"| {r['name']} | {lr_tag(r['lr'])} | {r['seed']} | {st} | {r['final_step']} | "
+              f"{_fmt(r['eval_loss'])} | {_fmt(r['eval_bpb'])} | {_fmt(r['tokens_per_s'], 0)} | "
+              f"{_fmt(r['wall_s'], 1)} |\n")
+  buf.write("\nFigures: `curves.png` (eval and train loss against tokens, best learning rate per run), `lr.png` "
+            "(final eval loss against learning rate).\n")
+  return buf.getvalue()
+
+
+def plot(rows: list[dict], best: dict, workdir: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for run, r in best.items():
+    ev, tr = r["_eval"], r["_train"]
+    label = f"{run} (lr {lr_tag(r['lr'])})"
+    line, = ax1.plot(sorted(ev), [ev[k] for k in sorted(ev)], "o-", label=label)
+    ax2.plot(sorted(tr), [tr[k] for k in sorted(tr)], color=line.get_color(), label=label)
+  for ax, title in ((ax1, "eval loss"), (ax2, "train loss")):
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(f"{title} (nats/token)")
+    ax.grid(alpha=0.3)
+  ax1.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  runs = []
+  for r in rows:
+    if r["run"] not in runs:
+      runs.append(r["run"])
+  for run in runs:
+    pts = sorted((r["lr"], r["eval_loss"]) for r in rows if r["run"] == run and _ok(r))
+    if not pts:
+      continue
+    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=run)
+    if run in best:
+      ax.plot([best[run]["lr"]], [best[run]["eval_loss_mean"]], "*", ms=14, color=line.get_color())
+  ax.set_xscale("log")
+  ax.set_xlabel("peak learning rate")
+  ax.set_ylabel("final eval loss (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "lr.png"), dpi=100)
+  plt.close(fig)
+
+
+def run_study(cfg, workdir: str, log=print) -> list[dict]:
+  """Runs (or resumes, or skips) every run of the grid, then writes results.csv, results.md and the figures."""
+  specs = expand(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "study_config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=1, default=str)
+  mems = _measure_all(specs, workdir, log)
+  rows = []
+  for i, spec in enumerate(specs):
+    rdir = os.path.join(workdir, spec["name"])
+    if is_finished(rdir, spec["config"]):
+      log(f"[{i + 1}/{len(specs)}] {spec['name']}: finished, skipped")
+      result = _read_json(os.path.join(rdir, RESULT_FILE))
+    else:
+      log(f"[{i + 1}/{len(specs)}] {spec['name']}: training")
+      result = train_run(spec, rdir)
+      log(f"[{i + 1}/{len(specs)}] {spec['name']}: {result['status']} ({result['wall_s']:.1f} s)"
+          + (f" {result['error']}" if result.get("error") else ""))
+    rows.append(collect_row(spec, rdir, result, mems[_memory_key(spec["config"])]))
+  best = pick_best(rows)
+  write_csv(rows, os.path.join(workdir, "results.csv"))
+  header = f"## Study `{cfg.grid}`: {len(rows)} runs"
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown(rows, best, verdicts(best), header))
+  plot(rows, best, workdir)
+  return rows
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  if f.measure:
+    measure_main(f.measure.split(","))
+    return 0
+  if f.config is None or not f.workdir:
+    print("error: --config=train/configs/study.py:<grid> and --workdir=DIR are required", file=sys.stderr)
+    return 2
+  try:
+    run_study(f.config, f.workdir, log=lambda s: print(s, flush=True))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {os.path.join(f.workdir, 'results.md')}")
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Study grid: train/configs/study.py:<grid>.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Study directory: one sub-directory per run, results.csv/md, figures.")
+  flags.DEFINE_string("measure", None, "Internal: comma-separated measurement job files (memory analysis).")
+  app.run(lambda argv: sys.exit(main(argv)))
