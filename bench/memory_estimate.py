@@ -3,8 +3,10 @@
     python3 bench/memory_estimate.py                       # 60M dense/LOST/FRUGAL at 8×256, 130M dense at 4×256
     python3 bench/memory_estimate.py --cases small:lost:adamw:8
 
-A case is size:method:optimizer:global_batch (seq 256, float32, the llama.py config of that size; tiny/small use
-the byte vocabulary 257). Prints one JSON line per case: the estimate's parts, the compiled step's argument /
+A case is size:method:optimizer:global_batch[:fsdp] (seq 256, float32, the llama.py config of that size; tiny/small
+use the byte vocabulary 257). With an fsdp field the step is compiled SPMD over `--devices` devices (fake CPU
+devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8) with the trainer's shardings, and the
+analysis is per device. Prints one JSON line per case: the estimate's parts, the compiled step's argument /
 output / temp / alias bytes and ratio = estimate total / compiled total (argument + output + temp − alias).
 """
 
@@ -24,27 +26,57 @@ from train.configs.llama import get_config  # noqa: E402
 DEFAULT = "60m:dense:adamw:8,60m:lost:adamw:8,60m:dense:frugal:8,130m:dense:adamw:4"
 
 
-def case_config(case: str):
-  size, method, opt, batch = case.split(":")
+def case_config(case: str, devices: int = 1):
+  size, method, opt, batch, *fsdp = case.split(":")
   cfg = get_config(f"{size},{method}")
   cfg.optim.name = opt
   cfg.train.global_batch = int(batch)
-  cfg.mesh.num_devices = 1
+  cfg.mesh.num_devices = devices if fsdp else 1
+  cfg.mesh.fsdp = int(fsdp[0]) if fsdp else 1
   if size in ("tiny", "small"):
     cfg.model.vocab_size = 257
   return cfg
 
 
+def sharded_compiled_memory(cfg) -> dict:
+  """compiled_memory of the step jitted as the trainer does it (state shardings, batch over the batch axes)."""
+  import jax
+  import jax.numpy as jnp
+  from lostjax import sharding
+  from train import state as state_lib
+  from train.step import make_train_step
+  mesh = state_lib.make_mesh(cfg)
+  run = state_lib.create_train_state(cfg, mesh=mesh)
+  b, s = cfg.train.global_batch, cfg.train.seq_len
+  axes = sharding.batch_sharding(mesh).spec[:1]
+  sh = lambda nd: jax.sharding.NamedSharding(mesh, jax.P(*axes, *([None] * (nd - 1))))
+  batch = {"tokens": jax.ShapeDtypeStruct((b, s + 1), jnp.int32, sharding=sh(2)),
+           "ids": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh(1)),
+           "mask": jax.ShapeDtypeStruct((b, s), jnp.float32, sharding=sh(2))}
+  state_sh = jax.tree.map(lambda x: x.sharding, run.state)
+  rest_sh = jax.tree.map(lambda x: x.sharding, run.rest)
+  with jax.set_mesh(mesh):
+    step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), donate_argnums=(0,),
+                   in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
+    m = step.lower(run.state, run.rest, batch).compile().memory_analysis()
+  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+         "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--cases", default=DEFAULT)
+  p.add_argument("--devices", type=int, default=8, help="devices of the mesh for cases with an fsdp field")
   p.add_argument("--dtype", default="float32", help="model.dtype (compute); parameters stay float32")
   args = p.parse_args()
   for case in args.cases.split(","):
-    cfg = case_config(case)
+    cfg = case_config(case, args.devices)
     cfg.model.dtype = args.dtype
     t0 = time.perf_counter()
-    compiled = summary.compiled_memory(cfg)
+    sharded = len(case.split(":")) == 5
+    compiled = sharded_compiled_memory(cfg) if sharded else summary.compiled_memory(cfg)
     est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
     print(json.dumps({"case": case, "dtype": args.dtype, "estimate": est, "compiled": compiled,
                       "ratio": round(est["total"] / compiled["total"], 3),
