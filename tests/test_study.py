@@ -160,6 +160,7 @@ def test_collect_row_reads_metrics(tmp_path):
 def _small_grid():
   cfg = grids.get_config("cpu")
   cfg.model.update(dict(d_model=32, d_ff=64, n_heads=2, n_layers=1, attn_rank=4, mlp_rank=4, sparsity=0.25))
+  cfg.mesh.num_devices = 1   # the subprocesses inherit the tests' 8 fake CPU devices
   cfg.data.max_bytes = 300_000
   cfg.data.eval_max_tokens = 512
   cfg.train.update(dict(steps=4, global_batch=4, seq_len=16, log_every=1, eval_every=2, ckpt_every=2))

@@ -521,7 +521,8 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
     ax.set_xlabel("tokens")
     ax.set_ylabel(f"{title} (nats/token)")
     ax.grid(alpha=0.3)
-  ax1.legend(fontsize=7)
+  if best:
+    ax1.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
   plt.close(fig)
@@ -542,7 +543,8 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   ax.set_xlabel("peak learning rate")
   ax.set_ylabel("final eval loss (nats/token)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if best:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "lr.png"), dpi=100)
   plt.close(fig)
