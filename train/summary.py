@@ -78,8 +78,10 @@ def attention_score_bytes(mc, rows: float, seq_len: int) -> float:
 
 
 def _shards(cfg, n_dev: int) -> tuple[int, int]:
-  data = cfg.mesh.data if cfg.mesh.data > 0 else max(n_dev // (cfg.mesh.fsdp * cfg.mesh.tensor), 1)
-  return cfg.mesh.fsdp * cfg.mesh.tensor, max(data * cfg.mesh.fsdp, 1)
+  """(model shards, batch shards). Expert-parallel weights (mesh.expert) are counted unsharded: an overestimate."""
+  expert = cfg.mesh.get("expert", 1)
+  data = cfg.mesh.data if cfg.mesh.data > 0 else max(n_dev // (cfg.mesh.fsdp * cfg.mesh.tensor * expert), 1)
+  return cfg.mesh.fsdp * cfg.mesh.tensor, max(data * cfg.mesh.fsdp * expert, 1)
 
 
 def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int) -> dict:
@@ -124,7 +126,7 @@ def device_memory_bytes(cfg) -> float | None:
 def _variants(cfg, n_dev: int):
   """Candidate (label, cfg) settings, single changes first, then combinations."""
   t = cfg.train
-  fsdps = [f for f in (2, 4, 8, 16, 32, 64, 128, 256) if f > cfg.mesh.fsdp and n_dev % (f * cfg.mesh.tensor) == 0]
+  fsdps = [f for f in (2, 4, 8, 16, 32, 64, 128, 256) if f > cfg.mesh.fsdp and n_dev % (f * cfg.mesh.tensor * cfg.mesh.get("expert", 1)) == 0]
   accums = [a for a in (2, 4, 8, 16, 32, 64) if a > t.grad_accum and t.global_batch % a == 0]
   remats = [True] if not cfg.model.remat else []
   singles = [{"mesh.fsdp": f} for f in fsdps] + [{"model.remat": True} for _ in remats] + \
