@@ -93,3 +93,18 @@ def test_lost_model_accumulation_and_static_indices():
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
   idx = [x for x in jax.tree.leaves(nnx.to_pure_dict(run1.rest)) if np.issubdtype(np.asarray(x).dtype, np.integer)]
   assert idx, "a LOST model keeps its channel indices outside the trained parameters"
+
+
+def test_moe_aux_loss_is_part_of_the_train_loss_and_logged():
+  c = base_config()
+  c.model = model_config("tiny", "dense")
+  c.model.update(dict(d_model=32, d_ff=64, n_heads=2, n_layers=1, max_seq_len=8, moe_experts=2, moe_top_k=1,
+                      moe_aux_weight=0.5))
+  c.mesh.num_devices = 1
+  c.optim.grad_clip = 0.0
+  c.train.update(dict(global_batch=4, seq_len=8, steps=10))
+  run = state_lib.create_train_state(c, mesh=state_lib.make_mesh(c))
+  _, metrics = _sgd_step(c, run, _batch())
+  assert "moe_aux_loss" in metrics and float(metrics["moe_aux_loss"]) > 0
+  np.testing.assert_allclose(float(metrics["loss"]), float(metrics["ce"]) + float(metrics["moe_aux_loss"]),
+                             rtol=1e-6)

@@ -48,14 +48,15 @@ def llama_config(cfg, vocab_size: int | None = None) -> LlamaConfig:
 
 
 def make_mesh(cfg):
-  """The device mesh of `cfg.mesh` (data × fsdp × tensor; data=-1 takes the remaining devices)."""
+  """The device mesh of `cfg.mesh` (data × fsdp × tensor × expert; data=-1 takes the remaining devices)."""
   if not isinstance(cfg.mesh.sharded_init, bool):
     raise ValueError(f"mesh.sharded_init must be a bool, got {cfg.mesh.sharded_init!r}")
   n = cfg.mesh.num_devices
   if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > jax.device_count():
     raise ValueError(f"mesh.num_devices={n!r} must be 0 (all) or at most the {jax.device_count()} available devices")
   devices = jax.devices()[:n] if n else None
-  return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+  return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
+                            expert=cfg.mesh.get("expert", 1))
 
 
 def check_train_config(cfg, mesh=None) -> None:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lostjax.layers import common, make_linear
-from lostjax.layers.group import grouped_call
 from lostjax.models.config import LlamaConfig
+from lostjax.models.mlp import Mlp, linear as _linear, project as _project
 from lostjax.models.moe import MoeMlp, Routing, reduce_aux
 
 
@@ -103,23 +103,6 @@ def _cached_attention(q, k, v, cache: KVCache, layer: int):
   return out, cache._replace(k=replace(cache.k, ck), v=replace(cache.v, cv))
 
 
-def _linear(cfg: LlamaConfig, group: str, d_in: int, d_out: int, axes, rngs):
-  kind = cfg.attn_kind if group == "attn" else cfg.mlp_kind
-  rank = cfg.attn_rank if group == "attn" else cfg.mlp_rank
-  return make_linear(kind, d_in, d_out, rngs=rngs, axes=axes, rank=rank, sparsity=cfg.sparsity,
-                     gamma=cfg.gamma, activation=cfg.lowrank_act, init_std=cfg.init_std,
-                     lowrank_init=cfg.lowrank_init, score=cfg.lost_score,
-                     residual_rank=cfg.lost_residual_rank or None, sparse_values=cfg.lost_sparse_values,
-                     sparse_impl=cfg.sparse_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-
-def _project(cfg: LlamaConfig, layers, x):
-  """The projections reading x: together (one GEMM / one gather for the shared work) or one by one."""
-  if cfg.fuse_projections:
-    return grouped_call(layers, x)
-  return tuple(layer(x) for layer in layers)
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -142,20 +125,6 @@ class Attention(nnx.Module):
     impl = self.cfg.attention_impl
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     return self.o(out.reshape(b, s, h * hd))
-
-
-class Mlp(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.gate = _linear(cfg, "mlp", cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
-    self.up = _linear(cfg, "mlp", cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
-    self.down = _linear(cfg, "mlp", cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
-
-  def __call__(self, x):
-    gate, up = _project(self.cfg, (self.gate, self.up), x)
-    return self.down(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):

@@ -32,9 +32,9 @@ Choices (the papers leave them open or differ between them):
   * Dropless mode (capacity_factor = 0): every assignment is computed. The layer is compiled for a few static
     capacities (1.25 and 2 times the balanced load T·k/E, and T, which holds any routing) and `lax.switch` runs the
     smallest one that holds the busiest expert's load, so the result is exactly dropless while a balanced router
-    pays about 1.25x the active compute (an expert that takes every token costs E/k times as much). A variant
-    that sorted the assignments into blocks with per-block gathered weights (no capacity at all) was 0.55x the
-    dense step's tokens/s on CPU against 0.85x for this one (BENCHMARKS.md, "Mixture of experts").
+    pays about 1.25x the active compute (an expert that takes every token costs E/k times as much). This was
+    faster on CPU than sorting the assignments into blocks with per-block gathered weights (BENCHMARKS.md,
+    "Mixture of experts").
   * The experts are `nnx.vmap`-stacked `Mlp`s, so they use any linear kind (`make_linear`: dense, low-rank, LOST,
     each expert with its own LOST channel set) and carry the logical axis `expert` in front of every parameter
     (`lostjax.sharding` maps it to the `expert` mesh axis).
@@ -52,6 +52,7 @@ from flax import nnx
 
 from lostjax.layers import make_linear
 from lostjax.models.config import LlamaConfig
+from lostjax.models.mlp import Mlp  # the expert is the dense model's SwiGLU MLP
 
 # Dropless mode: the capacities compiled, as multiples of the balanced load T·k/E; a last bucket of T never drops.
 DROPLESS_BUCKETS = (1.25, 2.0)
@@ -111,7 +112,6 @@ class MoeMlp(nnx.Module):
   """
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-    from lostjax.models.llama import Mlp  # the expert is the dense model's SwiGLU MLP (llama imports this module)
     if cfg.moe_experts < 1 or cfg.moe_top_k > cfg.moe_experts:
       raise ValueError(f"MoeMlp needs 1 <= model.moe_top_k <= model.moe_experts, got top_k={cfg.moe_top_k}, "
                        f"experts={cfg.moe_experts}")

@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objectives = default_objectives_config()
   # data=-1 takes the devices left after fsdp x tensor; num_devices=0 uses every device; sharded_init=True
   # initialises the parameters already sharded (for models that do not fit on one device; slower to compile).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0, sharded_init=False))
+  # expert: the mesh axis mixture-of-experts layers shard their experts over (model.moe_experts > 0).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0, sharded_init=False))
   c.train = ml_collections.ConfigDict(dict(
       seed=0,
       steps=1000,
