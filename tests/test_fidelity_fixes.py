@@ -3,7 +3,8 @@
 (a) optim.decay_mask: 'all' decays every leaf (the reference scripts' single weight-decay group), 'matrices' only
     the projection matrices; (b) optim.name=trp applies TRP's step-0 projection to a fresh train state;
 (c) loss-based reweighting with train.grad_accum > 1 normalises per microbatch (documented choice);
-(d) gradient_spectra reads each LOST layer's γ from the model by default; (e) the llama.py presets clip nothing.
+(d) gradient_spectra reads each LOST layer's γ from the model by default; (e) the llama.py presets clip nothing;
+and, found by the study, checkpoints of states with zero-size leaves (FRUGAL ρ = 0).
 """
 from __future__ import annotations
 
@@ -232,3 +233,26 @@ def test_llama_presets_do_not_clip(size):
 def test_other_configs_keep_clipping():
   assert quickstart.get_config().optim.grad_clip == 1.0
   assert base_config().optim.grad_clip == 1.0
+
+
+# ------------------------------------------------------------- found by the study: empty optimizer-state leaves
+
+def test_checkpoint_round_trip_with_zero_size_leaves(tmp_path):
+  """FRUGAL at rho=0 has zero-size active-block state; orbax cannot save empty arrays, the Checkpointer can."""
+  from train.checkpoint import Checkpointer
+  c = _tiny_cfg(name="frugal")
+  c.optim.frugal.rho = 0.0
+  run = state_lib.create_train_state(c, mesh=state_lib.make_mesh(c))
+  sizes = [x.size for x in jax.tree.leaves(run.state)]
+  assert 0 in sizes
+  state = jax.tree.map(lambda x: x + 1 if x.dtype != jnp.bool_ else x, run.state)
+  ck = Checkpointer(str(tmp_path))
+  ck.save(3, state, run.rest, {"pos": 7})
+  fresh = state_lib.create_train_state(c, mesh=state_lib.make_mesh(c))
+  got, _, data = ck.restore(3, fresh.state, fresh.rest)
+  ck.close()
+  assert data == {"pos": 7}
+  assert jax.tree.structure(got) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,6 +8,7 @@ of the training iterator, so a resumed run continues bit-identically.
 
 from __future__ import annotations
 
+import math
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,6 +33,16 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _drop_empty(tree):
+  """Zero-size leaves (e.g. FRUGAL's active-block state at rho=0) -> None: orbax cannot save empty arrays."""
+  return jax.tree.map(lambda x: None if math.prod(x.shape) == 0 else x, tree)
+
+
+def _put_back_empty(restored, like):
+  """The zero-size leaves dropped by `_drop_empty`, taken from the freshly built `like` (they hold no data)."""
+  return jax.tree.map(lambda r, x: x if r is None else r, restored, like, is_leaf=lambda r: r is None)
+
+
 class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3):
     if not isinstance(keep, int) or keep < 1:
@@ -49,21 +60,23 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"train": state, "static": rest}), data=ocp.args.JsonSave(data_state)))
+        state=ocp.args.StandardSave(_drop_empty({"train": state, "static": rest})),
+        data=ocp.args.JsonSave(data_state)))
     self.manager.wait_until_finished()
 
   def restore(self, step: int, state_like, rest_like):
     """Restores into the shapes/shardings of freshly initialised `state_like`/`rest_like`."""
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract({"train": state_like, "static": rest_like})),
+          state=ocp.args.StandardRestore(_drop_empty(_abstract({"train": state_like, "static": rest_like}))),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for missing/corrupt files and structure mismatches
       raise CheckpointError(
           f"cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}. The checkpoint is corrupt or was written by a different "
           f"model/optimizer; nothing was changed on disk.") from e
-    return out["state"]["train"], out["state"]["static"], out["data"]
+    restored = _put_back_empty(out["state"], {"train": state_like, "static": rest_like})
+    return restored["train"], restored["static"], out["data"]
 
   def close(self):
     self.manager.close()
