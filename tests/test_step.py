@@ -108,3 +108,22 @@ def test_moe_aux_loss_is_part_of_the_train_loss_and_logged():
   assert "moe_aux_loss" in metrics and float(metrics["moe_aux_loss"]) > 0
   np.testing.assert_allclose(float(metrics["loss"]), float(metrics["ce"]) + float(metrics["moe_aux_loss"]),
                              rtol=1e-6)
+
+
+def test_adam_moments_are_sharded_like_their_parameters_under_fsdp():
+  c = base_config()
+  c.model = model_config("tiny", "dense")
+  c.mesh.update(dict(num_devices=8, fsdp=4))
+  c.train.update(dict(global_batch=8, seq_len=8))
+  run = state_lib.create_train_state(c, mesh=state_lib.make_mesh(c))
+  params = {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(run.state["params"])[0]}
+  checked = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(run.state["opt"])[0]:
+    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    if "mu" in names or "nu" in names:
+      p = params[names[names.index("mu" if "mu" in names else "nu") + 1:]]
+      assert leaf.sharding.spec == p.sharding.spec, names
+      checked += 1
+  emb = run.state["params"]["embed"]["embedding"][...]
+  assert checked >= 2 * 4 and emb.sharding.spec == jax.P(None, "fsdp")

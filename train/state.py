@@ -117,6 +117,33 @@ def _on_mesh(x, mesh):
   return jax.device_put(x, sharding.replicated(mesh))
 
 
+def optimizer_shardings(tx, params, mesh):
+  """Shardings for `tx.init(params)`: a state leaf laid out like a parameter (Adam moments, GaLore/FRUGAL moments
+  of full-size matrices, ...) is sharded like that parameter; every other leaf (projections, counters, keys) is
+  replicated. A leaf is matched to the parameter whose path is the longest suffix of the leaf's path with the same
+  shape (optax nests the parameter tree inside its states, e.g. `.../mu/layers/0/attn/q/kernel`)."""
+  from lostjax.pytree import key_to_str
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(s for s in map(key_to_str, path) if s not in ("value", "raw_value"))
+    by_path[names] = leaf
+  replicated = sharding.replicated(mesh)
+
+  def pick(path, leaf):
+    names = tuple(s for s in map(key_to_str, path) if s not in ("value", "raw_value"))
+    for i in range(len(names)):
+      p = by_path.get(names[i:])
+      if p is not None:
+        sh = getattr(p, "sharding", None)
+        if tuple(p.shape) == tuple(leaf.shape) and isinstance(sh, jax.sharding.NamedSharding):
+          return sh
+        break
+    return replicated
+
+  abstract = jax.eval_shape(tx.init, params)
+  return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
 def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_examples: int = 0,
                        model_cfg: LlamaConfig | None = None) -> TrainState:
   """Builds the model (seed `train.seed`), the optimizer and objective state, all placed on `mesh`."""
@@ -125,7 +152,7 @@ def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_ex
   schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
   tx = optim_lib.build_optimizer(cfg.optim, schedule)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
     if cfg.optim.name == "trp":
       # TRP's step-0 projection, after tx.init (optim/trp.py); a resumed run's restored parameters replace it.
       import optim
