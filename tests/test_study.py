@@ -18,7 +18,7 @@ from train.configs import study as grids
 def test_cpu_grid_runs_and_sweeps():
   cfg = grids.get_config("cpu")
   specs = study.expand(cfg)
-  assert len(specs) == 21 and len({s["name"] for s in specs}) == 21
+  assert len(specs) == 28 and len({s["name"] for s in specs}) == 28
   runs = {s["run"] for s in specs}
   assert runs == {"dense", "lowrank", "lost", "dense_galore", "dense_frugal", "dense_frugal_rho0", "lost_frugal"}
   for s in specs:
@@ -71,7 +71,7 @@ def test_other_grids_and_bad_input():
   cfg.seeds = (0, 1)
   cfg.train.steps = 30        # a shared override reaches every run
   specs = study.expand(cfg)
-  assert len(specs) == 42 and "dense_lr0.001_s1" in {s["name"] for s in specs}
+  assert len(specs) == 56 and "dense_lr0.001_s1" in {s["name"] for s in specs}
   assert {s["config"]["train"]["steps"] for s in specs} == {30}
   assert study.parse_set("a.b=0.25 c.d=x e.f=True") == [("a.b", 0.25), ("c.d", "x"), ("e.f", True)]
   with pytest.raises(ValueError, match="'oops'"):
@@ -130,7 +130,8 @@ def test_tables_csv_and_plots(tmp_path):
   assert [r["name"] for r in got] == [r["name"] for r in rows]
   assert set(got[0]) == set(study.CSV_FIELDS) and got[1]["best"] == "True" and got[7]["status"] == "failed"
   md = study.markdown(rows, best, study.verdicts(best), "## t")
-  assert "| lowrank | adamw | 0.01 (edge) |" in md and "broken_lr0.001: failed (boom)" in md
+  assert "| lowrank | adamw | 0.01 (edge) |" in md and "| broken | adamw | – | – | – |" in md
+  assert "broken_lr0.001: failed (boom)" in md
   assert md.count("**holds**") == 3 and md.count("**does not hold**") == 1
   study.plot(rows, best, str(tmp_path))
   for name in ("curves.png", "lr.png"):
@@ -210,3 +211,14 @@ def test_study_end_to_end_resume_and_skip(tmp_path):
   assert all("skipped" in m for m in messages if "lr" in m) and len(messages) == 3
   assert {r["name"]: os.path.getmtime(os.path.join(wd, r["name"], study.LOG_FILE)) for r in rows2} == mtimes
   assert [r["eval_loss"] for r in rows2] == [r["eval_loss"] for r in rows]
+  # A finished run is only skipped with the same config (a field added to the code since counts as the same).
+  spec = study.expand(cfg)[0]
+  rdir = os.path.join(wd, spec["name"])
+  assert study.is_finished(rdir, spec["config"])
+  changed = json.loads(json.dumps(spec["config"]))
+  changed["optim"]["b2"] = 0.95
+  assert not study.is_finished(rdir, changed)
+  stored = json.load(open(os.path.join(rdir, study.RUN_CONFIG_FILE)))
+  del stored["optim"]["b2"]
+  json.dump(stored, open(os.path.join(rdir, study.RUN_CONFIG_FILE), "w"))
+  assert study.is_finished(rdir, spec["config"])

@@ -20,7 +20,8 @@ is its own (a GPU's peak memory statistics are per process). The run's full conf
 `<run dir>/study_config.json` and read back by `train/configs/study.py:run=<path>`. A run whose
 `study_result.json` says it finished all `train.steps` is skipped on a rerun; any other run is started again, and
 `train.main` resumes it from its latest checkpoint (its own resume rules: a changed model/optimizer/data config is
-refused, and reported as a failure).
+refused, and reported as a failure). A finished run whose config differs from the grid's now (fields added to the
+code since count as equal) is handed to `train.main` again as well; use a new DIR for a different study.
 
 Before training, one more subprocess (`python -m train.study --measure=...`) builds each distinct configuration
 (learning rate and seed do not change memory) with `train.state.create_train_state`, lowers and compiles the
@@ -255,9 +256,23 @@ def _read_json(path):
     return None
 
 
+def _same_config(old, new, path="") -> bool:
+  """True when `old` (a stored run config) equals `new`, reading fields added to the code since as equal."""
+  if isinstance(new, dict):
+    if not isinstance(old, dict):
+      return False
+    return all(k not in old or _same_config(old[k], v, f"{path}{k}.") for k, v in new.items()
+               if f"{path}{k}" != "train.stop_at")
+  return old == new
+
+
 def is_finished(rdir: str, config: dict) -> bool:
+  """A run is skipped when it finished all train.steps with this same config (a changed one is run again)."""
   r = _read_json(os.path.join(rdir, RESULT_FILE))
-  return bool(r) and r.get("status") == "ok" and r.get("final_step", 0) >= config["train"]["steps"]
+  stored = _read_json(os.path.join(rdir, RUN_CONFIG_FILE))
+  if not r or r.get("status") != "ok" or r.get("final_step", 0) < config["train"]["steps"] or stored is None:
+    return False
+  return _same_config(stored, json.loads(json.dumps(config)))
 
 
 def _last_json_line(text: str) -> dict:
@@ -479,7 +494,10 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "") -> st
       lr = lr_tag(r["lr"]) + (" (edge)" if r["edge"] else "")
       status = "ok"
     else:
-      r = next(x for x in rows if x["run"] == run)
+      first = next(x for x in rows if x["run"] == run)
+      r = {k: first[k] for k in ("optimizer", "params_total", "params_non_embedding", "params_linear",
+                                 "opt_state_bytes", "peak_bytes", "peak_source", "estimate_bytes")}
+      r.update(eval_loss=None, eval_ppl=None, eval_bpb=None, tokens_per_s=None, wall_s=None)
       lr, status = "–", "; ".join(sorted({f"{x['name']}: {x['status']}" + (f" ({x['error']})" if x["error"] else "")
                                           for x in rows if x["run"] == run}))
     peak = _mib(r["peak_bytes"]) + (" (device)" if r["peak_source"] == "device memory_stats" else "")

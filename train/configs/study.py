@@ -12,7 +12,7 @@ Grids:
   training on one H200 for all runs together (an estimate from the 60M throughput, not measured).
 * `paper:<size>`: the GaLore/LOST C4 protocol at that preset size (`train/configs/llama.py`), full length.
 
-Learning rates: every run sweeps at least 3 values a factor ~3 apart that contain the papers' own (dense AdamW
+Learning rates: every run sweeps at least 3 values (4 in `cpu`) a factor ~3 apart that contain the papers' own (dense AdamW
 1e-3, GaLore 1e-2; FRUGAL's scripts use 1e-3). The optimizer settings of the runs follow the papers: GaLore rank =
 the preset's rank, scale 0.25, T 200; FRUGAL blockwise ρ 0.25 (and ρ 0: sign-SGD only on the matrices), T 200.
 """
@@ -61,7 +61,7 @@ def _study_fields(c, grid: str, sweeps: dict, galore_rank: int, update_gap: int)
 def cpu_config():
   """Byte-level model (d 128, 2 layers, rank 32) on the stdlib corpus; sized to the ≤ 30 min CPU budget.
 
-  21 runs (7 × 3 learning rates) of 240 steps × 16 × 128 tokens (0.49M tokens each, the same tokens for all).
+  28 runs (7 × 4 learning rates) of 240 steps × 16 × 128 tokens (0.49M tokens each, the same tokens for all).
   """
   c = base_config()
   c.model = model_config("tiny", "dense")
@@ -89,7 +89,8 @@ def cpu_config():
   c.train.keep_ckpts = 1
   c.train.progress = False
   c.train.plot = False
-  sweeps = {"adamw": (1e-3, 3e-3, 1e-2), "galore": (3e-3, 1e-2, 3e-2)}
+  # Four values each: with three (1e-3..1e-2 and 3e-3..3e-2) dense AdamW and GaLore were best at an edge.
+  sweeps = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "galore": (3e-3, 1e-2, 3e-2, 1e-1)}
   return _study_fields(c, "cpu", sweeps, galore_rank=32, update_gap=50)
 
 
