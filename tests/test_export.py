@@ -100,6 +100,7 @@ def _workdir(tmp_path, model, tokenizer="byte", tokenizer_path=""):
   return workdir
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_cli_export_overwrite_and_import_round_trip(tmp_path, capsys):
   model = _model("dense")
   workdir = _workdir(tmp_path, model)

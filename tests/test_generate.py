@@ -101,6 +101,7 @@ def test_ring_buffer_is_a_sliding_window():
   np.testing.assert_allclose(np.stack(got), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_generation_past_max_seq_len_and_bf16():
   model = _model("lost", dtype="bfloat16", max_seq_len=16, n_layers=1)
   out = gen.generate(model, np.array([[1, 2, 3, 4]]), 30, temperature=0.7, top_k=20, seed=1)

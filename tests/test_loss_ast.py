@@ -191,6 +191,7 @@ def test_bad_inputs():
   raises_while_tracing("num_decay_epochs", lambda: L.ast_loss_scale(1, num_decay_epochs=-1))
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_digits_example_tiny():
   pytest.importorskip("sklearn")
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "ast_distill.py")

@@ -168,6 +168,7 @@ def test_pathways_on_a_trained_run(tmp_path):
   assert all(math.isfinite(r["mean_distance"]) and math.isfinite(r["consistency_mean"]) for r in res["steps"])
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_pathways_command_end_to_end(moe_run, tmp_path):
   import jax
 

@@ -85,6 +85,7 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   assert json.load(open(tmp_path / "two" / "summary.json"))["processes"] == 2
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_sigterm_to_one_process_saves_the_same_step_on_both_and_both_resume(tmp_path):
   work, cache = str(tmp_path / "run"), str(tmp_path / "cache")
   procs = _launch(work, cache, 10_000, _free_port())
