@@ -39,30 +39,9 @@ def case_config(case: str, devices: int = 1):
 
 
 def sharded_compiled_memory(cfg) -> dict:
-  """compiled_memory of the step jitted as the trainer does it (state shardings, batch over the batch axes)."""
-  import jax
-  import jax.numpy as jnp
-  from lostjax import sharding
+  """compiled_memory of the step jitted as the trainer does it, on the config's mesh."""
   from train import state as state_lib
-  from train.step import make_train_step
-  mesh = state_lib.make_mesh(cfg)
-  run = state_lib.create_train_state(cfg, mesh=mesh)
-  b, s = cfg.train.global_batch, cfg.train.seq_len
-  axes = sharding.batch_sharding(mesh).spec[:1]
-  sh = lambda nd: jax.sharding.NamedSharding(mesh, jax.P(*axes, *([None] * (nd - 1))))
-  batch = {"tokens": jax.ShapeDtypeStruct((b, s + 1), jnp.int32, sharding=sh(2)),
-           "ids": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh(1)),
-           "mask": jax.ShapeDtypeStruct((b, s), jnp.float32, sharding=sh(2))}
-  state_sh = jax.tree.map(lambda x: x.sharding, run.state)
-  rest_sh = jax.tree.map(lambda x: x.sharding, run.rest)
-  with jax.set_mesh(mesh):
-    step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), donate_argnums=(0,),
-                   in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
-    m = step.lower(run.state, run.rest, batch).compile().memory_analysis()
-  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
-         "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
+  return summary.compiled_memory(cfg, mesh=state_lib.make_mesh(cfg))
 
 
 def main():

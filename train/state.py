@@ -169,3 +169,53 @@ def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_ex
 def abstract_params(model_cfg: LlamaConfig):
   """The model's parameters as jax.ShapeDtypeStruct leaves (nothing allocated), e.g. for optimizer-state sizes."""
   return nnx.state(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def abstract_train_state(cfg, *, mesh, model_cfg: LlamaConfig, num_train_examples: int = 0) -> TrainState:
+  """`create_train_state` without allocating anything: every leaf of `state` and `rest` is a jax.ShapeDtypeStruct
+  carrying the sharding the real state gets on `mesh` (for compiling the step ahead of time, e.g. its memory)."""
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  place = lambda tree, shardings: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  params = place(params, sharding.state_shardings(params, mesh))
+  rest = place(rest, sharding.state_shardings(rest, mesh))
+  schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
+  tx = optim_lib.build_optimizer(cfg.optim, schedule)
+  opt = place(jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
+  with jax.set_mesh(mesh):
+    obj = jax.eval_shape(lambda p: objectives.init_state(
+        cfg.objectives, p, num_train_examples=num_train_examples, seq_len=cfg.train.seq_len,
+        vocab_size=model_cfg.vocab_size), params)
+  replicated = sharding.replicated(mesh)
+  obj = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), obj)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  state = {"params": params, "opt": opt, "obj": obj, "step": scalar, "bad_step": scalar}
+  return TrainState(model_cfg, mesh, graphdef, state, rest, tx, schedule)
+
+
+def compiled_memory(cfg, *, mesh=None, vocab_size: int | None = None, num_train_examples: int = 0) -> dict:
+  """XLA's memory analysis of the train step compiled exactly as the loop jits it (state shardings, donation, the
+  batch over the batch axes), from abstract inputs: nothing is allocated. Bytes per device: argument, output,
+  temp, alias and total = argument + output + temp − alias (the donated state's outputs reuse its buffers).
+  `mesh=None`: one device. Compiles the step: seconds for small models, minutes for big ones."""
+  from train.step import make_train_step
+  if mesh is None:
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  model_cfg = llama_config(cfg, vocab_size=vocab_size)
+  run = abstract_train_state(cfg, mesh=mesh, model_cfg=model_cfg, num_train_examples=num_train_examples)
+  state_sh = jax.tree.map(lambda x: x.sharding, run.state)
+  rest_sh = jax.tree.map(lambda x: x.sharding, run.rest)
+  b, s = cfg.train.global_batch, cfg.train.seq_len
+  lead = sharding.batch_sharding(mesh).spec[:1]
+  on_batch = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P(*lead, *([None] * (len(shape) - 1)))))
+  batch = {"tokens": on_batch((b, s + 1), jnp.int32), "ids": on_batch((b,), jnp.int32),
+           "mask": on_batch((b, s), jnp.float32)}
+  step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), donate_argnums=(0,),
+                 in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
+  with jax.set_mesh(mesh):
+    m = step.lower(run.state, run.rest, batch).compile().memory_analysis()
+  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+         "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out

@@ -192,31 +192,7 @@ def summarize(cfg) -> dict:
   }
 
 
-def compiled_memory(cfg, vocab_size: int | None = None) -> dict:
-  """XLA's memory analysis of the compiled train step on one device of the current backend, from abstract inputs
-  (nothing allocated): argument, output, temp and alias bytes, and total = argument + output + temp − alias (the
-  donated state's outputs reuse its argument buffers). Compiles the step: seconds for small models, minutes for big.
-  """
-  import jax.numpy as jnp
-  from train import objectives
-  from train import optimizer as optim_lib
-  from train.state import llama_config
-  from train.step import make_train_step
-
-  mc = llama_config(cfg, vocab_size=vocab_size if vocab_size is not None else _vocab(cfg))
-  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llama(mc, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
-  tx = optim_lib.build_optimizer(cfg.optim, schedule)
-  obj = jax.eval_shape(lambda p: objectives.init_state(cfg.objectives, p, num_train_examples=0,
-                                                       seq_len=cfg.train.seq_len, vocab_size=mc.vocab_size), params)
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  state = {"params": params, "opt": jax.eval_shape(tx.init, params), "obj": obj, "step": scalar, "bad_step": scalar}
-  b, s = cfg.train.global_batch, cfg.train.seq_len
-  batch = {"tokens": jax.ShapeDtypeStruct((b, s + 1), jnp.int32), "ids": jax.ShapeDtypeStruct((b,), jnp.int32),
-           "mask": jax.ShapeDtypeStruct((b, s), jnp.float32)}
-  step = jax.jit(make_train_step(graphdef, tx, schedule, cfg), donate_argnums=(0,))
-  m = step.lower(state, rest, batch).compile().memory_analysis()
-  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
-         "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
+def compiled_memory(cfg, vocab_size: int | None = None, mesh=None) -> dict:
+  """XLA's memory analysis of the compiled train step (`train.state.compiled_memory`; one device by default)."""
+  from train.state import compiled_memory as compiled
+  return compiled(cfg, mesh=mesh, vocab_size=vocab_size if vocab_size is not None else _vocab(cfg))
