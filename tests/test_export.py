@@ -138,6 +138,7 @@ def _hf_folder(tmp_path, **kw):
   return folder
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_import_from_transformers_dense_equals_hf_logits(tmp_path):
   folder = _hf_folder(tmp_path)
   tokens = np.random.RandomState(1).randint(0, 120, (2, 20))

@@ -1,4 +1,4 @@
-"""Two real processes (jax.distributed, localhost coordinator, gloo CPU collectives, 2 fake devices each) train
+"""(Slow set: `python3 -m pytest -n 2 -m slow tests`.) Two real processes (jax.distributed, localhost coordinator, gloo CPU collectives, 2 fake devices each) train
 the quickstart model's tiny variant through `python -m train.main`, against one process with 4 devices.
 
 Checked: one metrics line per event (process 0 alone writes), losses and final parameters equal to the
@@ -68,6 +68,7 @@ def _rows(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   procs = _launch(str(tmp_path / "two"), str(tmp_path / "cache2"), 4, _free_port())
   one = _one_process(tmp_path, 4)
