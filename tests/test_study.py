@@ -222,3 +222,20 @@ def test_study_end_to_end_resume_and_skip(tmp_path):
   del stored["optim"]["b2"]
   json.dump(stored, open(os.path.join(rdir, study.RUN_CONFIG_FILE), "w"))
   assert study.is_finished(rdir, spec["config"])
+
+
+def test_no_train_module_imports_the_study_command():
+  import ast
+  root = os.path.dirname(os.path.dirname(os.path.abspath(study.__file__)))
+  users = []
+  for dirpath, _, files in os.walk(os.path.join(root, "train")):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      if not f.endswith(".py") or path == os.path.abspath(study.__file__):
+        continue
+      for node in ast.walk(ast.parse(open(path).read())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+        if any(n == "train.study" or n.startswith("train.study.") for n in names):
+          users.append(os.path.relpath(path, root))
+  assert users == []
