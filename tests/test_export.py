@@ -45,7 +45,8 @@ def _assert_close(got, want):
 TOKENS = np.random.RandomState(0).randint(0, 257, (2, 24))
 
 
-@pytest.mark.parametrize("kind", ["dense", "lost", pytest.param("lowrank", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["dense", pytest.param("lost", marks=pytest.mark.slow),
+                                  pytest.param("lowrank", marks=pytest.mark.slow)])
 def test_export_matches_transformers(kind, tmp_path):
   model = _model(kind)
   out = str(tmp_path / "hf")
