@@ -161,8 +161,6 @@ def measure_one(config: dict) -> dict:
   import jax
   from train import state as state_lib
   from train import summary as summary_lib
-  from train.step import make_train_step
-  from lostjax import sharding
 
   cfg = _to_configdict(config)
   s = summary_lib.summarize(cfg)
@@ -170,29 +168,10 @@ def measure_one(config: dict) -> dict:
          "estimate_bytes": s["memory_estimate_per_device_bytes"]["total"]}
   mesh = state_lib.make_mesh(cfg)
   state_lib.validate_config(cfg, mesh, vocab_size=s["model"]["vocab_size"])
-  model_cfg = state_lib.llama_config(cfg, vocab_size=s["model"]["vocab_size"])
-  run = state_lib.create_train_state(cfg, mesh=mesh, model_cfg=model_cfg)
-  state_sh = jax.tree.map(lambda x: x.sharding, run.state)
-  rest_sh = jax.tree.map(lambda x: x.sharding, run.rest)
-  fn = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), donate_argnums=(0,),
-               in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
-  b, l = cfg.train.global_batch, cfg.train.seq_len
-  spec = sharding.batch_sharding(mesh).spec[:1]
-  sh = lambda nd: jax.sharding.NamedSharding(mesh, jax.P(*spec, *([None] * (nd - 1))))
-  import jax.numpy as jnp
-  batch = {"tokens": jax.ShapeDtypeStruct((b, l + 1), jnp.int32, sharding=sh(2)),
-           "ids": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh(1)),
-           "mask": jax.ShapeDtypeStruct((b, l), jnp.float32, sharding=sh(2))}
-  with jax.set_mesh(mesh):
-    compiled = fn.lower(run.state, run.rest, batch).compile()
-  ma = compiled.memory_analysis()
-  if ma is not None:
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
-    m = {f: int(getattr(ma, f, 0) or 0) for f in fields}
-    out["memory_analysis"] = m
-    out["compiled_peak_bytes"] = (m["argument_size_in_bytes"] + m["output_size_in_bytes"]
-                                  + m["temp_size_in_bytes"] - m["alias_size_in_bytes"])
+  m = state_lib.compiled_memory(cfg, mesh=mesh, vocab_size=s["model"]["vocab_size"])
+  out["memory_analysis"] = {"argument_size_in_bytes": m["argument"], "output_size_in_bytes": m["output"],
+                            "temp_size_in_bytes": m["temp"], "alias_size_in_bytes": m["alias"]}
+  out["compiled_peak_bytes"] = m["total"]
   out["backend"] = jax.default_backend()
   return out
 
