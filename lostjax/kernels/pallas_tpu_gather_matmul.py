@@ -112,6 +112,22 @@ def _select(x_blk, d_blk, bd, d_in, idx_row):
   return jnp.dot(x_blk, p, preferred_element_type=jnp.float32, precision=_precision(x_blk.dtype))
 
 
+def _gather_channels(first_pass, c, t, first_ref, count_ref, x_ref, idx_ref, xg_ref, acc_ref, bd, d_in):
+  """The shared first phase of both kernels: zero the accumulator on the first pass over its output block, then
+  collect the selected channels of chunk c into xg over the channel blocks t that hold any of them."""
+  @pl.when(first_pass & (t == 0))
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  @pl.when(t == 0)
+  def _():
+    xg_ref[...] = jnp.zeros_like(xg_ref)
+
+  @pl.when(t < count_ref[c])
+  def _():
+    xg_ref[...] += _select(x_ref[...], first_ref[c] + t, bd, d_in, idx_ref[...])
+
+
 def _x_block(c, t, first, count):
   # blocks past the chunk's span repeat its last block: the pipeline skips re-fetching an unchanged block
   return first[c] + jnp.minimum(t, count[c] - 1)
@@ -135,17 +151,7 @@ def gather_matmul_fwd(x, idx, w, *, blocks=None, interpret=None):
   def kernel(first_ref, count_ref, x_ref, idx_ref, w_ref, o_ref, xg_ref, acc_ref):
     c, t = pl.program_id(2), pl.program_id(3)
 
-    @pl.when((c == 0) & (t == 0))
-    def _():
-      acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(t == 0)
-    def _():
-      xg_ref[...] = jnp.zeros_like(xg_ref)
-
-    @pl.when(t < count_ref[c])
-    def _():
-      xg_ref[...] += _select(x_ref[...], first_ref[c] + t, bd, d_in, idx_ref[...])
+    _gather_channels(c == 0, c, t, first_ref, count_ref, x_ref, idx_ref, xg_ref, acc_ref, bd, d_in)
 
     @pl.when(t == nd - 1)
     def _():
@@ -189,17 +195,7 @@ def gather_matmul_dw(x, idx, dy, *, blocks=None, interpret=None):
   def kernel(first_ref, count_ref, x_ref, idx_ref, dy_ref, o_ref, xg_ref, acc_ref):
     c, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
-    @pl.when((i == 0) & (t == 0))
-    def _():
-      acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(t == 0)
-    def _():
-      xg_ref[...] = jnp.zeros_like(xg_ref)
-
-    @pl.when(t < count_ref[c])
-    def _():
-      xg_ref[...] += _select(x_ref[...], first_ref[c] + t, bd, d_in, idx_ref[...])
+    _gather_channels(i == 0, c, t, first_ref, count_ref, x_ref, idx_ref, xg_ref, acc_ref, bd, d_in)
 
     @pl.when(t == nd - 1)
     def _():
