@@ -13,6 +13,11 @@ def key_to_str(k) -> str:
   return str(k)
 
 
+def path_names(path) -> tuple[str, ...]:
+  """('layers', '0', 'attn', 'q', 'kernel') from a jax.tree_util key path (nnx Variable 'value' entries dropped)."""
+  return tuple(s for s in map(key_to_str, path) if s not in _SKIP_KEYS)
+
+
 def path_to_str(path) -> str:
   """'layers/0/attn/q/kernel' from a jax.tree_util key path (nnx Variable 'value' entries dropped)."""
-  return "/".join(s for s in map(key_to_str, path) if s not in _SKIP_KEYS)
+  return "/".join(path_names(path))

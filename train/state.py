@@ -25,6 +25,7 @@ from flax import nnx
 
 from lostjax import sharding
 from lostjax.models import Llama, LlamaConfig
+from lostjax.pytree import path_names
 from train import objectives
 from train import optimizer as optim_lib
 
@@ -117,20 +118,16 @@ def _on_mesh(x, mesh):
   return jax.device_put(x, sharding.replicated(mesh))
 
 
-def optimizer_shardings(tx, params, mesh):
-  """Shardings for `tx.init(params)`: a state leaf laid out like a parameter (Adam moments, GaLore/FRUGAL moments
+def optimizer_shardings(opt_shapes, params, mesh):
+  """Shardings for the optimizer state `opt_shapes` (`jax.eval_shape(tx.init, params)`): a state leaf laid out like a parameter (Adam moments, GaLore/FRUGAL moments
   of full-size matrices, ...) is sharded like that parameter; every other leaf (projections, counters, keys) is
   replicated. A leaf is matched to the parameter whose path is the longest suffix of the leaf's path with the same
   shape (optax nests the parameter tree inside its states, e.g. `.../mu/layers/0/attn/q/kernel`)."""
-  from lostjax.pytree import key_to_str
-  by_path = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = tuple(s for s in map(key_to_str, path) if s not in ("value", "raw_value"))
-    by_path[names] = leaf
+  by_path = {path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   replicated = sharding.replicated(mesh)
 
   def pick(path, leaf):
-    names = tuple(s for s in map(key_to_str, path) if s not in ("value", "raw_value"))
+    names = path_names(path)
     for i in range(len(names)):
       p = by_path.get(names[i:])
       if p is not None:
@@ -140,8 +137,7 @@ def optimizer_shardings(tx, params, mesh):
         break
     return replicated
 
-  abstract = jax.eval_shape(tx.init, params)
-  return jax.tree_util.tree_map_with_path(pick, abstract)
+  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
 def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_examples: int = 0,
@@ -152,7 +148,8 @@ def create_train_state(cfg, *, mesh, vocab_size: int | None = None, num_train_ex
   schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
   tx = optim_lib.build_optimizer(cfg.optim, schedule)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
+    opt_shardings = optimizer_shardings(jax.eval_shape(tx.init, params), params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     if cfg.optim.name == "trp":
       # TRP's step-0 projection, after tx.init (optim/trp.py); a resumed run's restored parameters replace it.
       import optim
@@ -181,7 +178,8 @@ def abstract_train_state(cfg, *, mesh, model_cfg: LlamaConfig, num_train_example
   rest = place(rest, sharding.state_shardings(rest, mesh))
   schedule = optim_lib.lr_schedule(cfg.optim, cfg.train.steps)
   tx = optim_lib.build_optimizer(cfg.optim, schedule)
-  opt = place(jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
+  opt_shapes = jax.eval_shape(tx.init, params)
+  opt = place(opt_shapes, optimizer_shardings(opt_shapes, params, mesh))
   with jax.set_mesh(mesh):
     obj = jax.eval_shape(lambda p: objectives.init_state(
         cfg.objectives, p, num_train_examples=num_train_examples, seq_len=cfg.train.seq_len,

@@ -44,9 +44,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg):
   with_aux = _uses_aux(cfg)
 
   def loss_fn(params, rest, obj_state, tokens, ids, mask, step):
-    def forward(p):
-      out = nnx.merge(graphdef, p, rest)(tokens[:, :-1], **({"return_aux": True} if with_aux else {}))
-      return out[0] if with_aux else out
+    def forward(p):  # the teacher's logits (no aux values needed)
+      return nnx.merge(graphdef, p, rest)(tokens[:, :-1])
     per_token, logits, *aux = next_token_losses(graphdef, params, rest, tokens, with_aux=with_aux)
     if mask is None:
       mask = jnp.ones(per_token.shape, jnp.float32)

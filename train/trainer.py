@@ -8,7 +8,7 @@ optimizer are built.
 Multi-process runs (one process per host): every process runs this same loop on its share of the batch; only
 process 0 writes config.json, summary.json, metrics.jsonl, TensorBoard events and loss.png and draws the progress
 bar; checkpoints are written by all processes together (orbax); a SIGTERM/SIGINT received by any process is
-agreed across processes, so that all of them save the same step.
+agreed across processes at the next log step, so that all of them save the same step.
 """
 
 from __future__ import annotations
@@ -197,7 +197,10 @@ def train(cfg, workdir: str) -> dict:
             pbar.write(f"step {step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}"
                        + (f" bpb {ev['eval_bpb']:.4f}" if "eval_bpb" in ev else ""))
         timer_step, timer = step, time.perf_counter()
-      if _any_process(signals.received is not None):
+      # With several processes the flag is agreed by a blocking all-gather, done at log steps only (every process
+      # checks at the same steps) so that it does not synchronise the host with the device at every step.
+      at_check = jax.process_count() == 1 or step % t.log_every == 0 or step == end
+      if at_check and _any_process(signals.received is not None):
         stop = signals.received or "a signal sent to another process"
       if (t.ckpt_every and step % t.ckpt_every == 0) or step == end or stop:
         _check_finite(state, step, t.nan_policy)

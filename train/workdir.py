@@ -123,8 +123,8 @@ def fingerprint(cfg) -> dict:
       pass
   data = out.get("data")
   if isinstance(data, dict) and "pipeline" in data and "source" in data:
-    from train.data import _pipeline   # 'auto' compared as the pipeline it selects for this source
-    data["pipeline"] = _pipeline(ml_collections.ConfigDict(data))
+    from train.data import resolve_pipeline   # 'auto' compared as the pipeline it selects for this source
+    data["pipeline"] = resolve_pipeline(ml_collections.ConfigDict(data))
   opt = out.get("optim")
   if isinstance(opt, dict):
     out["optim"] = {k: v for k, v in opt.items() if not isinstance(v, dict) or k == opt.get("name")}

@@ -108,7 +108,8 @@ def _check_config(cfg):
     raise ValueError("source='hf' needs data.hf_train_split (e.g. 'train'); got ''")
 
 
-def _pipeline(cfg):
+def resolve_pipeline(cfg) -> str:
+  """The pipeline `data.pipeline` selects for this source ('auto': stream for hf/tfds, cached otherwise)."""
   if cfg.pipeline != "auto":
     return cfg.pipeline
   return "stream" if cfg.source in ("hf", "tfds") else "cached"
@@ -224,7 +225,7 @@ def make_data(data_cfg, *, seq_len, global_batch, seed, process_index=0, process
         eval_num_bytes=0, eval_num_tokens=int(n_eval), vocab_size=int(vocab), tokenizer=tokenizer,
         info={"source": "synthetic"})
 
-  if _pipeline(cfg) == "stream":
+  if resolve_pipeline(cfg) == "stream":
     return _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs)
 
   corpus = corpus_lib.load_corpus(cfg, tokenizer)
