@@ -42,18 +42,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _put_batch(batch: dict, data_sharding, global_rows: int):
-  """A host batch -> global jax.Arrays sharded over the batch axes.
-
-  The batch holds this process's rows (global_rows / process_count of them), or all global_rows rows, of which
-  this process then feeds its contiguous share.
-  """
-  n, pid = jax.process_count(), jax.process_index()
-
+  """This process's rows of a batch (make_data gives each process its share) -> global jax.Arrays of
+  `global_rows` rows, sharded over the batch axes."""
   def one(x):
     x = np.asarray(x)
-    if n > 1 and x.shape[0] == global_rows:
-      rows = global_rows // n
-      x = x[pid * rows:(pid + 1) * rows]
     spec = jax.sharding.NamedSharding(data_sharding.mesh, jax.P(*data_sharding.spec[:1], *([None] * (x.ndim - 1))))
     return jax.make_array_from_process_local_data(spec, x, (global_rows,) + x.shape[1:])
 
