@@ -1,6 +1,6 @@
 """Train-step throughput on the current JAX backend: lostjax dense vs LOST, the PyTorch/HF peer, matmul peak.
 
-Issue 3 benchmark. In ONE process, round-robin (each timing round runs every variant once, so the ratios share
+Train-step benchmark. In ONE process, round-robin (each timing round runs every variant once, so the ratios share
 the machine's noise):
   * lostjax train steps built exactly like `train.trainer.train` builds them (`train.state.create_train_state`, the optimizer from
     `train.optimizer` (AdamW + global-norm clip 1.0, warmup-cosine schedule), `train.step.make_train_step`,

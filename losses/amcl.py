@@ -19,7 +19,7 @@ the losses, summed over heads and averaged over anchors i, are (Table 2):
   Linear(128 -> 1), one MLP per head (stack the same parameters C times for the paper's "shared" MLP),
   l = 1e-5, u = 2. beta = 0.1 (code default; the paper's value is not given).
 
-Choices where the sources are silent (pinned by tests, see docs/losses_wave2.md):
+Choices where the sources are silent (pinned by tests, see docs/losses_amcl_repmtl_tr2m_ast.md):
 * `reduction="logsumexp"` (our extension) keeps the standard log-sum-exp over negatives with per-pair
   temperatures and weights Omega of the negatives by their softmax weights (the smooth version of picking n*).
   With C = 1, beta = 0, one temperature and variant="infonce" it equals NT-Xent as in `optax.losses.ntxent`.

@@ -32,7 +32,7 @@ Deliberate deviations / choices: the reference code samples a minibatch of synth
 `ast_unroll` uses the full synthetic set every step (the typical IPC <= 10 sets fit in one batch). Weight
 perturbation and the k-means ("avg") initialisation of the reference code are not implemented (the latter
 selects int(ipc/10) = 0 images for ipc < 10 there). The ratio's denominator is clamped at 1e-12 (the reference
-divides by it unguarded; it is 0 only when an expert did not move). Notes: docs/losses_wave2.md.
+divides by it unguarded; it is 0 only when an expert did not move). Notes: docs/losses_amcl_repmtl_tr2m_ast.md.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ With Z the shared representation ([B, ..., C]: batch, positions, channels) and T
     L_csa = mean_{b,t} -log( exp(sim(z^a_b, z^t_b)/tau) / sum_{k != b} exp(sim(z^a_b, z^a_k)/tau) ).
 * total (Eq. 10): L = sum_t w_t L_t + lambda_tsr L_tsr + lambda_csa L_csa (`rep_mtl_loss`).
 
-Choices where the paper is silent (pinned by tests, see docs/losses_wave2.md):
+Choices where the paper is silent (pinned by tests, see docs/losses_amcl_repmtl_tr2m_ast.md):
 * tau = 0.1 (not stated in the paper); lambda_tsr = lambda_csa = 0.9 (the value held fixed in the paper's
   sensitivity sweep; the chosen per-dataset values are not printed).
 * The denominator excludes the positive, as printed; the B x T positives are averaged. A batch of one sample

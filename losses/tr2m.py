@@ -19,7 +19,7 @@ shapes the fused features by metric scale.
 * `tr2m_soc_loss` = coarse + fine. The paper weights L_soc by lambda_3 = 0.1 in the total loss.
 
 The exact contrastive formula, tau, |C|, t and the pixel sampling are not public (no training code is released);
-our documented defaults, pinned by tests (docs/losses_wave2.md): SupCon "L_out" form as above with the anchor's
+our documented defaults, pinned by tests (docs/losses_amcl_repmtl_tr2m_ast.md): SupCon "L_out" form as above with the anchor's
 own sample excluded from the coarse denominator; tau = 0.1 for both levels; t = 2 (each image's neighbours in
 the scale ranking are its positives); |C| = 10 classes; pixels from every image of the batch are pooled (pass
 one image at a time, e.g. with jax.vmap, for per-image contrast); ties in the scale ranking are broken by index.

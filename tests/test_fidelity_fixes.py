@@ -1,4 +1,4 @@
-"""Fidelity fixes of issue 14, each against an oracle written here from its definition.
+"""Fidelity fixes found with the reproduction study (docs/study.md), each against an oracle written here from its definition.
 
 (a) optim.decay_mask: 'all' decays every leaf (the reference scripts' single weight-decay group), 'matrices' only
     the projection matrices; (b) optim.name=trp applies TRP's step-0 projection to a fresh train state;

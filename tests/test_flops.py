@@ -48,7 +48,7 @@ def test_flops_per_token_formula_and_60m_value():
   mc = preset("60m", vocab_size=32000)
   n = _oracle_matmul_params(mc)
   assert flops.flops_per_token(mc, 256) == pytest.approx(6 * n + 12 * 8 * 512 * 256)
-  # 60M dense: 41,680,896 weights in matmuls incl. the LM head (BENCHMARKS.md, count with HF's LlamaForCausalLM)
+  # 60M dense: 41,680,896 weights in matmuls incl. the LM head (docs/benchmarks/train_step_cpu.md, count with HF's LlamaForCausalLM)
   assert flops.matmul_params(mc) == 41_680_896
   with pytest.raises(ValueError, match="seq_len"):
     flops.flops_per_token(mc, 0)

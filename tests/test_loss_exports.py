@@ -1,4 +1,4 @@
-"""The issue's table of names is exported, and every loss module cites its paper."""
+"""The table of names in docs/losses.md is exported, and every loss module cites its paper."""
 import importlib
 import pkgutil
 

@@ -203,7 +203,7 @@ def test_cli_summary_only_and_bad_override():
                       "--summary_only"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   info = json.loads(r.stdout.strip().splitlines()[-1])
-  assert abs(info["params"]["total"] - 44.0e6) / 44.0e6 < 0.003   # LOST 60M ≈ 44.0M parameters (README preset table)
+  assert abs(info["params"]["total"] - 44.0e6) / 44.0e6 < 0.003   # LOST 60M ≈ 44.0M parameters (preset table of docs/model.md)
   assert info["optimizer"]["moment_elements"] == 2 * info["params"]["total"]  # AdamW: mu and nu
   assert info["memory_estimate_per_device_bytes"]["total"] > 0
   r = subprocess.run([sys.executable, "-m", "train.main", "--config=train/configs/quickstart.py",

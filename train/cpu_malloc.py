@@ -6,7 +6,7 @@ XLA:CPU allocates the temporaries of a compiled program (one block, `compiled.me
 .temp_size_in_bytes`) with malloc at every execution. The block is larger than glibc's mmap threshold, and it is
 requested from an XLA worker thread whose malloc arena cannot hold it, so glibc maps fresh pages for it and
 unmaps them after the step: every page is zero-filled by the kernel again at every step (page faults and system
-time; measurements in BENCHMARKS.md, "host malloc").
+time; measurements in docs/benchmarks/train_step_cpu.md).
 
 `tune()` sets three glibc malloc options through `mallopt` (no environment variable, no re-exec):
   * M_ARENA_MAX = 1       every thread allocates from the main arena, which can grow with brk;

@@ -94,7 +94,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg):
     # 'stop': once a step was non-finite, no later update is applied either (the run stops at the next check).
     take = finite if skip_bad else finite & (state["bad_step"] < 0)
     # lax.cond, not a per-leaf jnp.where: a where keeps the old state alive next to the new one, so XLA copies
-    # the donated state (BENCHMARKS.md, "NaN guard").
+    # the donated state (docs/benchmarks/train_step_cpu.md, "NaN guard").
     kept_params, kept_opt, kept_obj = jax.lax.cond(
         take, lambda: (new_params, new_opt, new_obj), lambda: (params, state["opt"], state["obj"]))
     new_state = {

@@ -21,8 +21,8 @@ With model.remat=True each block keeps only its input (d per token per layer) pl
 recomputation. The coefficients (9·d, 5·d_ff, 3 T² buffers) were counted from the dataflow and checked against
 XLA's memory analysis of the compiled train step (`compiled_memory`): within ±10 % for dense, LOST and FRUGAL
 from the tiny preset to 130M on CPU at float32, one device or data parallel (tests/test_summary.py,
-bench/memory_estimate.py). With mesh.fsdp > 1 the compiled step is currently much larger than this (the optimizer
-state comes out replicated and XLA all-gathers activations instead of weights; BENCHMARKS.md, "Memory under
+bench/memory_estimate.py). With mesh.fsdp > 1 the compiled step is currently much larger than this (XLA
+all-gathers activations over the batch instead of weights over fsdp; docs/benchmarks/memory.md, "Memory under
 FSDP"): the estimate is what FSDP should cost, not what it costs today.
 
 `fits`: the total against the device memory (`system.device_memory_gib`, else the device's reported limit, else a

@@ -114,7 +114,7 @@ def _fwd(x, a, b, idx, w, gamma, cfg):
 def _bwd(cfg, res, dys):
   x, a, b, idx, w, gamma, h, xg = res
   # Everything as 2-D [tokens, features] (free reshapes): weight gradients are then single-axis contractions,
-  # which XLA:CPU runs without transposed copies (BENCHMARKS.md §1d).
+  # which XLA:CPU runs without transposed copies (docs/benchmarks/train_step_cpu.md).
   x_shape = x.shape
   x, h, xg = (v.reshape(-1, v.shape[-1]) for v in (x, h, xg))
   dys = tuple(d.reshape(-1, d.shape[-1]) for d in dys)

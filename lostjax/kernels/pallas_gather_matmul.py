@@ -8,7 +8,7 @@ of its sparse term:
 
 The gradients ``dw = x[:, idx]^T dy`` (take + GEMM) and ``dx[:, idx] = dy @ w^T`` (scatter) are left to XLA
 (see gather_matmul.py): a fused Triton weight-gradient kernel was slower than XLA's take + GEMM at every
-measured shape and was removed (BENCHMARKS.md, "Sparse-path variants removed").
+measured shape and was removed (docs/benchmarks/sparse_paths.md).
 
 Design (GPU Triton lowering of ``pl.pallas_call``):
 * ``x``, ``idx`` and the output are passed whole (``pl.no_block_spec``) and indexed explicitly,

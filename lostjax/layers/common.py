@@ -69,7 +69,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
   On CPU the weight gradient is computed as one 2-D GEMM over the flattened tokens, x[T, d_in]ᵀ·dy[T, d_out]
   (a free reshape), instead of autodiff's contraction over every leading axis: XLA:CPU lowers the latter to a
-  transposed copy plus an Eigen contraction (the measured effect is in BENCHMARKS.md §1d; values are the
+  transposed copy plus an Eigen contraction (the measured effect is in docs/benchmarks/train_step_cpu.md; values are the
   same).
   Other backends use plain autodiff (not measured there).
   """

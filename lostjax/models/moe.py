@@ -33,8 +33,7 @@ Choices (the papers leave them open or differ between them):
     capacities (1.25 and 2 times the balanced load T·k/E, and T, which holds any routing) and `lax.switch` runs the
     smallest one that holds the busiest expert's load, so the result is exactly dropless while a balanced router
     pays about 1.25x the active compute (an expert that takes every token costs E/k times as much). This was
-    faster on CPU than sorting the assignments into blocks with per-block gathered weights (BENCHMARKS.md,
-    "Mixture of experts").
+    faster on CPU than sorting the assignments into blocks with per-block gathered weights (docs/benchmarks/moe.md).
   * The experts are `nnx.vmap`-stacked `Mlp`s, so they use any linear kind (`make_linear`: dense, low-rank, LOST,
     each expert with its own LOST channel set) and carry the logical axis `expert` in front of every parameter
     (`lostjax.sharding` maps it to the `expert` mesh axis).

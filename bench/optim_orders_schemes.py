@@ -1,7 +1,7 @@
 """FRUGAL blockwise orders (descending vs mirror, 60M matrices) and TRP conv schemes (NC/VH/ND, ResNet-20 convs):
 time of one jitted optimizer update, round-robin in one process. Prints one JSON line.
 
-  python bench/optim_followup.py
+  python bench/optim_orders_schemes.py
 """
 import os
 import sys
