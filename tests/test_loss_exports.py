@@ -1,4 +1,4 @@
-"""The table of names in docs/losses.md is exported, and every loss module cites its paper."""
+"""The loss names listed in docs/losses*.md are exported, and every loss module cites its paper."""
 import importlib
 import pkgutil
 
