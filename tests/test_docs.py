@@ -22,6 +22,9 @@ FORBIDDEN = [
     r"\bfollow-?ups?\b",
     r"\brounds? of work\b",
 ]
+# The same words in other senses: a third-party tool's own "session" (cosmic-ray's session database, an HTTP or
+# TensorFlow Session object).
+ALLOWED_LINE = re.compile(r"cosmic-ray|requests\.Session|\bSession\(|tf\.(compat\.v1\.)?Session")
 TEXT_SUFFIXES = {".md", ".py", ".ipynb", ".cfg", ".sh", ".toml", ".sbatch", ".txt", ".yaml", ".yml"}
 SKIP_DIRS = {".git", "runs", "hf", "__pycache__", "node_modules", "build", "dist"}
 
@@ -75,7 +78,7 @@ def test_no_words_about_how_the_work_was_organised():
   for path in _text_files():
     for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
       m = pattern.search(line)
-      if m:
+      if m and not ALLOWED_LINE.search(line):
         hits.append(f"{path.relative_to(ROOT)}:{i}: {m.group(0)!r} in {line.strip()[:100]}")
   assert not hits, "organisational words (write about the project only):\n" + "\n".join(hits)
 
@@ -89,3 +92,8 @@ def test_forbidden_patterns_match(text):
                                   "requests are issued", "arXiv 2508.02668, §3"])
 def test_forbidden_patterns_spare_ordinary_words(text):
   assert not re.search("|".join(FORBIDDEN), text, re.IGNORECASE)
+
+
+def test_allowed_senses_are_narrow():
+  assert ALLOWED_LINE.search("cosmic-ray needs a session database")
+  assert not ALLOWED_LINE.search("measured in the second session")
