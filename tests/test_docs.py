@@ -97,3 +97,11 @@ def test_forbidden_patterns_spare_ordinary_words(text):
 def test_allowed_senses_are_narrow():
   assert ALLOWED_LINE.search("cosmic-ray needs a session database")
   assert not ALLOWED_LINE.search("measured in the second session")
+
+
+def test_readme_first_screen_has_the_ci_command():
+  """`.ci/run` runs the README's test command; it must stay verbatim in the README's first screen."""
+  command = 'python3 -m pip install -e ".[test,oracles]" && python3 -m pytest -n 2 tests'
+  first_screen = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:40]
+  assert command in first_screen
+  assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
