@@ -1,5 +1,7 @@
 """Analysis metrics: RankMe, layer-wise gradient spectra, scaling-law fits, LLM Swiss round, retrieval and
-robustness metrics, G-Rank."""
+robustness metrics, G-Rank, per-zone segmentation metrics (PI-RADS) and geographic generalization metrics."""
+from lostjax.metrics.geographic import (disparity, disparity_growth, disparity_reduction, group_accuracy,
+                                        progress_gap, progress_rate, topk_set_correct)
 from lostjax.metrics.gradient_spectra import gradient_spectra
 from lostjax.metrics.grank import GRankConfig, grank_scenario, simulate_grank
 from lostjax.metrics.rankme import rankme
@@ -8,6 +10,7 @@ from lostjax.metrics.retrieval import (average_precision, exact_knn, hit_rate, l
 from lostjax.metrics.robustness import (attack_success_rate, ood_drop_rate, per_query_variance,
                                         perturbation_percentage, rank_boost, topk_boost_rate, worst_k_mean)
 from lostjax.metrics.scaling_law import fit_scaling_law
+from lostjax.metrics.segmentation import aggregate_cases, hd95, masd, ravd, surface_distances, zone_metrics
 from lostjax.metrics.swiss_round import swiss_round
 from lostjax.metrics.pathways import (levenshtein, mean_pathway_distance, pathway_consistency,
                                       pathway_distances, router_embeddings, sample_pathways)
@@ -20,4 +23,7 @@ __all__ = ["rankme", "gradient_spectra", "fit_scaling_law", "swiss_round",
            "topk_boost_rate", "perturbation_percentage",
            "simulate_grank", "GRankConfig", "grank_scenario",
            "sample_pathways", "levenshtein", "pathway_distances", "mean_pathway_distance",
-           "pathway_consistency", "router_embeddings"]
+           "pathway_consistency", "router_embeddings",
+           "masd", "hd95", "ravd", "surface_distances", "zone_metrics", "aggregate_cases",
+           "topk_set_correct", "group_accuracy", "disparity", "progress_rate", "progress_gap", "disparity_growth",
+           "disparity_reduction"]
