@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -16,6 +15,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from train import cli
 
 
 def _read_samples(path: str, max_samples: int) -> list:
@@ -31,7 +32,7 @@ def _read_samples(path: str, max_samples: int) -> list:
 
 def spectra(argv) -> int:
   """`spectra`: per-layer gradient spectra of a trained run on the samples of a text file."""
-  parser = argparse.ArgumentParser(prog="python -m train.analyze spectra", description=spectra.__doc__)
+  parser = cli.ArgumentParser(prog="python -m train.analyze spectra", description=spectra.__doc__)
   parser.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
   parser.add_argument("--text", required=True, help="text file; samples are paragraphs (or lines)")
   parser.add_argument("--out", help="write the per-layer table here (default: print only)")
@@ -87,7 +88,7 @@ def scaling(argv) -> int:
   """`scaling`: fit L(N, D) = E + A/N^α + B/D^β over several run directories (lostjax.metrics.scaling_law)."""
   from lostjax.metrics.scaling_law import fit_runs, load_run, plot_fit
 
-  parser = argparse.ArgumentParser(prog="python -m train.analyze scaling", description=scaling.__doc__)
+  parser = cli.ArgumentParser(prog="python -m train.analyze scaling", description=scaling.__doc__)
   parser.add_argument("--runs", required=True, help="comma-separated run directories (metrics.jsonl + summary.json)")
   parser.add_argument("--out", help="write the fit as JSON here")
   parser.add_argument("--plot", help="save a loss-vs-tokens plot with the fitted curves here")

@@ -314,7 +314,7 @@ def import_hf(hf_dir: str, workdir: str, *, method: str = "dense", rank: int = 0
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
-def _flags():
+def _flags(argv=None):
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()  # own FlagValues: main(argv) can run in-process beside other CLIs
@@ -331,15 +331,15 @@ def _flags():
   flags.DEFINE_float("gamma", 0.5, "LOST gamma.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "train.seed of the imported run.", flag_values=fv)
   config_flags.DEFINE_config_file("config", None, "Training setup for the imported run (model section replaced).",
-                                  flag_values=fv, lock_config=False)
+                                  flag_values=fv, lock_config=False, sys_argv=argv)
   return fv
 
 
 def main(argv) -> int:
   from absl import logging
 
-  from train.sample import parse
-  f = _flags()
+  from train.cli import parse
+  f = _flags(argv)
   status = parse(f, argv, __doc__)
   if status is not None:
     return status

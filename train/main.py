@@ -65,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from train.cli import absl_flags_parser
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=absl_flags_parser)

@@ -40,6 +40,7 @@ import optax
 
 import optim
 import optim.projection
+from train.cli import did_you_mean
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 
@@ -165,7 +166,8 @@ def _number(name, v, *, lo=None, hi=None, lo_open=False, hi_open=False):
 def check_optim_config(c) -> None:
   """Raises ValueError naming the first bad field of the shared optimizer fields (the transforms check their own)."""
   if c.name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer optim.name={c.name!r}; known: {KNOWN_OPTIMIZERS}")
+    raise ValueError(f"unknown optimizer optim.name={c.name!r} (known: {', '.join(KNOWN_OPTIMIZERS)})"
+                     f"{did_you_mean(c.name, KNOWN_OPTIMIZERS)}")
   _number("lr", c.lr, lo=0.0, lo_open=True)
   _number("b1", c.b1, lo=0.0, hi=1.0, hi_open=True)
   _number("b2", c.b2, lo=0.0, hi=1.0, hi_open=True)

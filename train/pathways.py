@@ -11,13 +11,14 @@ are `lostjax.metrics.pathways` (definitions and choices in docs/moe_pathways.md)
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import sys
 
 import numpy as np
+
+from train import cli
 
 
 def _steps(workdir: str) -> list[int]:
@@ -121,7 +122,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.pathways", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m train.pathways", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints/)")
   parser.add_argument("--steps", default="", help="comma-separated checkpoint steps (default: all)")
   parser.add_argument("--tokens_npy", default="", help="[samples, seq+1] int .npy of samples: inputs = all but the "

@@ -56,21 +56,8 @@ def sample_texts(workdir: str, prompt: str, *, max_new_tokens: int, temperature:
   return texts
 
 
-def parse(flag_values, argv, doc) -> int | None:
-  """Parses argv into flag_values; returns an exit status (help: 0, bad flag: 2) or None to go on."""
-  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-    print(doc + "\n" + flag_values.get_help())
-    return 0
-  flag_values.unparse_flags()  # back to the defaults (main may run several times in one process)
-  try:
-    flag_values(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return None
-
-
 def main(argv) -> int:
+  from train.cli import parse
   status = parse(FLAGS, argv, __doc__)
   if status is not None:
     return status

@@ -50,6 +50,8 @@ import subprocess
 import sys
 import time
 
+from train.cli import did_you_mean
+
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study.py")
 STUDY_FIELDS = ("grid", "only", "seeds", "runs")
 RESULT_FILE = "study_result.json"
@@ -85,12 +87,13 @@ def parse_set(text: str) -> list[tuple[str, object]]:
 def _assign(d: dict, key: str, value, where: str) -> None:
   parts = key.split(".")
   node = d
-  for p in parts[:-1]:
-    if not isinstance(node.get(p), dict):
-      raise ValueError(f"{where}: unknown config field {key!r}")
-    node = node[p]
-  if parts[-1] not in node:
-    raise ValueError(f"{where}: unknown config field {key!r}")
+  for i, p in enumerate(parts):
+    if not isinstance(node, dict) or p not in node or (i < len(parts) - 1 and not isinstance(node[p], dict)):
+      prefix = ".".join(parts[:i])
+      hint = did_you_mean(p, node, prefix=f"{prefix}." if prefix else "") if isinstance(node, dict) else ""
+      raise ValueError(f"{where}: unknown config field {key!r}{hint}")
+    if i < len(parts) - 1:
+      node = node[p]
   node[parts[-1]] = value
 
 
@@ -110,7 +113,8 @@ def expand(cfg) -> list[dict]:
   only = [s.strip() for s in str(d["only"] or "").split(",") if s.strip()]
   unknown = [n for n in only if n not in runs]
   if unknown:
-    raise ValueError(f"only={d['only']!r}: unknown run(s) {unknown}; known: {_run_names(runs)}")
+    raise ValueError(f"only={d['only']!r}: unknown run {unknown[0]!r} (runs: {', '.join(_run_names(runs))})"
+                     f"{did_you_mean(unknown[0], runs.keys())}")
   seeds = list(d["seeds"])
   if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
     raise ValueError(f"seeds={d['seeds']!r} must be a non-empty list of ints")
@@ -600,4 +604,5 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Study grid: train/configs/study.py:<grid>.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Study directory: one sub-directory per run, results.csv/md, figures.")
   flags.DEFINE_string("measure", None, "Internal: comma-separated measurement job files (memory analysis).")
-  app.run(lambda argv: sys.exit(main(argv)))
+  from train.cli import absl_flags_parser
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=absl_flags_parser)

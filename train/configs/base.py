@@ -10,6 +10,7 @@ import dataclasses
 import ml_collections
 
 from lostjax.models import preset
+from train.cli import did_you_mean
 from train.data import default_data_config
 from train.objectives import default_objectives_config
 from train.optimizer import default_optim_config
@@ -20,7 +21,7 @@ METHODS = ("dense", "lowrank", "lost")
 def model_config(size: str, method: str = "dense") -> ml_collections.ConfigDict:
   """All LlamaConfig fields for a preset size, with the projections of the chosen method."""
   if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)}){did_you_mean(method, METHODS)}")
   cfg = preset(size, attn_kind=method, mlp_kind=method)
   c = ml_collections.ConfigDict(dataclasses.asdict(cfg))
   c.preset = size

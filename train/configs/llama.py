@@ -20,7 +20,8 @@ The learning rates are the GaLore/LOST scripts' (1e-3 for 60M–350M dense AdamW
 well); they are starting points, not tuned values.
 """
 
-from train.configs.base import base_config, model_config
+from train.cli import did_you_mean
+from train.configs.base import METHODS, base_config, model_config
 
 STEPS = {"tiny": 2000, "small": 5000, "20m": 5000, "60m": 10_000, "130m": 20_000, "350m": 60_000,
          "1b": 100_000, "7b": 150_000}
@@ -30,8 +31,14 @@ def get_config(arg: str = "60m,lost"):
   parts = [p.strip() for p in (arg or "60m,lost").split(",")]
   size = parts[0]
   method = parts[1] if len(parts) > 1 else "lost"
+  if len(parts) > 2:
+    raise ValueError(f"llama.py:{arg}: expected <size>,<method>, got {len(parts)} comma-separated parts")
   if size not in STEPS:
-    raise ValueError(f"unknown preset size {size!r} in --config=...:{arg}; expected one of {sorted(STEPS)}")
+    raise ValueError(f"unknown preset size {size!r} in llama.py:{arg} (sizes: {', '.join(STEPS)})"
+                     f"{did_you_mean(size, STEPS)}")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r} in llama.py:{arg} (methods: {', '.join(METHODS)})"
+                     f"{did_you_mean(method, METHODS)}")
   c = base_config()
   c.model = model_config(size, method)
   if size not in ("tiny", "small"):

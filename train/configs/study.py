@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from train.cli import did_you_mean
 from train.configs import llama
 from train.configs.base import base_config, model_config
 
@@ -141,6 +142,8 @@ def get_config(arg: str = "cpu"):
   if grid.startswith("paper:"):
     size = grid.split(":", 1)[1]
     if size not in llama.STEPS:
-      raise ValueError(f"unknown preset size {size!r} in paper:{size}; expected one of {sorted(llama.STEPS)}")
+      raise ValueError(f"unknown preset size {size!r} in study.py:paper:{size} (sizes: {', '.join(llama.STEPS)})"
+                       f"{did_you_mean(size, llama.STEPS, prefix='paper:')}")
     return paper_config(size)
-  raise ValueError(f"unknown study grid {grid!r}; expected one of cpu, gpu60m, paper:<size>")
+  names = ["cpu", "gpu60m"] + [f"paper:{s}" for s in llama.STEPS]
+  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, gpu60m, paper:<size>){did_you_mean(grid, names)}")
