@@ -52,6 +52,8 @@ def test_export_matches_transformers(kind, tmp_path):
   out = str(tmp_path / "hf")
   info = export.write_hf(model, out)
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  mode = lambda name: os.stat(os.path.join(out, name)).st_mode & 0o777
+  assert mode("model.safetensors") == mode("config.json")   # not owner-only
   assert info["params"] == sum(v.size for v in export.hf_state_dict(model).values())
   want = np.asarray(jax.jit(lambda t: model(t))(jnp.asarray(TOKENS)))
   _assert_close(_hf_logits(out, TOKENS), want)

@@ -212,3 +212,15 @@ def test_cli_summary_only_and_bad_override():
   # a config typo is exactly one stderr line (no traceback), exit status 2
   assert r.returncode == 2 and r.stderr.splitlines() == [
       "error: unknown config field 'train.stepz'; did you mean 'train.steps'?"], r.stderr
+
+
+def test_start_line_says_what_and_where():
+  line = trainer.describe_run(quickstart.get_config(), "runs/quick", 1)
+  assert line == ("training small LLaMA (lost layers, d_model 256, 4 layers) with adamw on the Python standard "
+                  "library's source (byte tokenizer): 240 steps of 16×128 tokens on 1 device(s); outputs in "
+                  "runs/quick: config.json, metrics.jsonl, checkpoints/, loss.png"), line
+  c = llama_cfg.get_config("60m,dense")
+  c.model.mlp_kind = "lost"
+  c.train.plot = False
+  line = trainer.describe_run(c, "runs/x", 8)
+  assert "(dense attention, lost MLP," in line and "on allenai/c4 (hf tokenizer)" in line and line.endswith("checkpoints/")

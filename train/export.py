@@ -143,6 +143,8 @@ def write_hf(model, out: str, data_cfg=None, *, overwrite: bool = False) -> dict
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf_config(model.cfg, eos, bos), f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  # safetensors creates the file owner-only (0600); give it config.json's permissions (the umask's, e.g. 0644)
+  shutil.copymode(os.path.join(out, "config.json"), os.path.join(out, "model.safetensors"))
   note = (write_tokenizer(data_cfg, out, model.cfg.max_seq_len) if data_cfg is not None
           else "no tokenizer files written: no tokenizer given")
   return {"out": out, "tensors": len(tensors), "params": int(sum(v.size for v in tensors.values())),

@@ -97,12 +97,30 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
+def describe_run(cfg, workdir: str, n_devices: int) -> str:
+  """One line printed as a run starts: what it trains, on what, and where the outputs go."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  kinds = {m.attn_kind, m.mlp_kind}
+  layers = (f"{m.attn_kind} layers" if len(kinds) == 1 else f"{m.attn_kind} attention, {m.mlp_kind} MLP")
+  if m.get("moe_experts", 0):
+    layers += f", {m.moe_experts} experts top-{m.moe_top_k}"
+  preset = m.get("preset", "")
+  source = {"stdlib": "the Python standard library's source", "hf": d.hf_name or "a Hugging Face dataset",
+            "tfds": f"TFDS {d.tfds_name}", "files": d.paths or "local files"}.get(d.source, f"{d.source} data")
+  return (f"training {preset + ' ' if preset else ''}LLaMA ({layers}, d_model {m.d_model}, {m.n_layers} layers) with "
+          f"{cfg.optim.name} on {source} ({d.tokenizer} tokenizer): {t.steps} steps of {t.global_batch}×{t.seq_len} "
+          f"tokens on {n_devices} device(s); outputs in {workdir}: config.json, metrics.jsonl, checkpoints/"
+          + (", loss.png" if t.get("plot", True) else ""))
+
+
 def train(cfg, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics (and the final train state under 'state')."""
   t = cfg.train
   lead = jax.process_index() == 0
   mesh = state_lib.make_mesh(cfg)
   state_lib.validate_config(cfg, mesh)
+  if lead:
+    print(describe_run(cfg, workdir, mesh.size), flush=True)
   bundle = make_data(cfg.data, seq_len=t.seq_len, global_batch=t.global_batch, seed=t.seed,
                      process_index=jax.process_index(), process_count=jax.process_count())
   model_cfg = state_lib.llama_config(cfg, vocab_size=bundle.vocab_size)
