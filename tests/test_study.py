@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from train import study
+from train import stats, study
 from train.configs import study as grids
 
 
@@ -78,9 +78,11 @@ def test_other_grids_and_bad_input():
     study.parse_set("oops")
 
 
-def _row(run, lr, loss, method="dense", optimizer="adamw", linear=1000, state=800, status="ok"):
-  return {"name": f"{run}_lr{lr:g}", "run": run, "method": method, "optimizer": optimizer, "lr": lr, "seed": 0,
-          "status": status, "best": False, "edge": False, "final_step": 10, "tokens": 100, "eval_loss": loss,
+def _row(run, lr, loss, method="dense", optimizer="adamw", linear=1000, state=800, status="ok", seed=0,
+         phase="sweep"):
+  return {"name": f"{run}_lr{lr:g}" + (f"_s{seed}" if seed else ""), "run": run, "method": method,
+          "optimizer": optimizer, "lr": lr, "seed": seed, "phase": phase, "status": status, "best": False,
+          "edge": False, "final_step": 10, "tokens": 100, "eval_loss": loss,
           "eval_ppl": None if loss is None else math.exp(loss), "eval_bpb": None, "train_loss": loss,
           "params_total": 2 * linear, "params_non_embedding": linear + 5, "params_linear": linear,
           "opt_state_bytes": state, "peak_bytes": 2 ** 20, "peak_source": "compiled memory_analysis",
@@ -102,6 +104,19 @@ def _rows(lost_loss=2.03, galore_loss=2.01, low_loss=2.5):
   ]
 
 
+def _confirm(rows, seeds=(1, 2), jitter=0.002):
+  """Confirmation rows at each run's best learning rate: a seed effect shared by all runs plus a small jitter."""
+  best = study.pick_best(rows)
+  out = []
+  for i, (run, b) in enumerate(best.items()):
+    for k, seed in enumerate(seeds):
+      r = _row(run, b["lr"], b["eval_loss"] + 0.03 * (-1) ** seed + jitter * ((i + k) % 3 - 1),
+               method=b["method"], optimizer=b["optimizer"], linear=b["params_linear"], state=b["opt_state_bytes"],
+               seed=seed, phase="confirm")
+      out.append(r)
+  return rows + out
+
+
 def test_best_edge_and_verdicts():
   rows = _rows()
   best = study.pick_best(rows)
@@ -110,29 +125,69 @@ def test_best_edge_and_verdicts():
   assert best["lowrank"]["lr"] == 1e-2 and best["lowrank"]["edge"]
   assert best["lost"]["lr"] == 1e-3 and best["lost"]["edge"]      # the failed 3e-3 still counts as swept
   assert [r["best"] for r in rows[:3]] == [False, True, False]
-  v = study.verdicts(best)   # LOST ≈ dense, low-rank worse, GaLore ≈ AdamW, FRUGAL ≈ AdamW
-  assert [h for _, h, _ in v] == [True, True, True, False]
-  assert "0.55× dense" in v[0][2] and "within 2%" in v[0][0] and "GaLore" in v[2][0] and "FRUGAL" in v[3][0]
+  v = study.verdicts(best)   # one seed: no interval, nothing can be concluded
+  assert [h for _, h, _ in v] == [stats.INCONCLUSIVE] * 4
+  # Confirmation seeds: the best learning rate stays the sweep's; LOST ≈ dense, low-rank worse, GaLore ≈ AdamW hold,
+  # FRUGAL (+10 % on every seed) does not.
+  rows = _confirm(_rows())
+  best = study.pick_best(rows)
+  assert best["dense"]["lr"] == 3e-3 and sorted(best["dense"]["losses"]) == [0, 1, 2]
+  assert best["dense"]["interval"]["n"] == 3 and best["dense"]["eval_loss_mean"] == pytest.approx(
+      (2.00 + 1.97 + 2.03) / 3, abs=0.003)
+  v = study.verdicts(best)
+  assert [h for _, h, _ in v] == [stats.HOLDS, stats.HOLDS, stats.HOLDS, stats.FAILS]
+  # Only the sweep chooses the learning rate: bad confirmation seeds do not move it (their mean is reported).
+  bad = [_row("dense", 3e-3, 3.0, seed=k, phase="confirm") for k in (1, 2)]
+  b2 = study.pick_best(_rows() + bad)
+  assert b2["dense"]["lr"] == 3e-3 and b2["dense"]["eval_loss_mean"] == pytest.approx(8.0 / 3)
+  assert "0.55× dense" in v[0][2] and "no more than 2%" in v[0][0] and "GaLore" in v[2][0] and "FRUGAL" in v[3][0]
   assert "0.39 MiB" not in v[2][2] and "vs 0.00 MiB" in v[2][2]
-  # 2 % boundaries: LOST 2.1 % above dense does not hold; low-rank only 1 % above dense is not "clearly worse".
-  best = study.pick_best(_rows(lost_loss=2.042, low_loss=2.02))
-  assert [h for _, h, _ in study.verdicts(best)][:2] == [False, False]
+  # 2 % boundaries: LOST 2.1 % above dense on every seed does not hold; low-rank only 1 % above dense is not
+  # "clearly worse".
+  best = study.pick_best(_confirm(_rows(lost_loss=2.042, low_loss=2.02), jitter=0.0))
+  assert [h for _, h, _ in study.verdicts(best)][:2] == [stats.FAILS, stats.FAILS]
   best = study.pick_best([_row("dense", 1e-3, 2.0)])
-  assert [h for _, h, _ in study.verdicts(best)] == [None, None, None, None]
+  assert [h for _, h, _ in study.verdicts(best)] == [stats.NOT_MEASURED] * 4
+
+
+def test_confirmation_specs():
+  cfg = grids.get_config("cpu")
+  assert cfg.confirm_seeds == 2 and cfg.min_steps == cfg.train.steps
+  cfg.only = "dense,lost"
+  cfg.seeds = (0, 5)
+  assert study.confirm_seeds(cfg) == [6, 7]
+  best = study.pick_best(_rows())
+  specs = study.expand_confirm(cfg, best)
+  assert [(s["name"], s["phase"]) for s in specs] == [("dense_lr0.003_s6", "confirm"), ("dense_lr0.003_s7", "confirm"),
+                                                      ("lost_lr0.001_s6", "confirm"), ("lost_lr0.001_s7", "confirm")]
+  assert specs[0]["config"]["train"]["seed"] == 6 and specs[0]["config"]["optim"]["lr"] == 3e-3
+  assert "confirm_seeds" not in specs[0]["config"] and "min_steps" not in specs[0]["config"]
+  cfg.confirm_seeds = -1
+  with pytest.raises(ValueError, match="confirm_seeds=-1"):
+    study.confirm_seeds(cfg)
+  with pytest.raises(ValueError, match="jobs=0"):
+    study.run_study(grids.get_config("cpu"), "/nonexistent/never", jobs=0)
 
 
 def test_tables_csv_and_plots(tmp_path):
-  rows = _rows()
+  rows = _confirm(_rows())
   best = study.pick_best(rows)
   study.write_csv(rows, str(tmp_path / "results.csv"))
   with open(tmp_path / "results.csv") as f:
     got = list(csv.DictReader(f))
   assert [r["name"] for r in got] == [r["name"] for r in rows]
   assert set(got[0]) == set(study.CSV_FIELDS) and got[1]["best"] == "True" and got[7]["status"] == "failed"
+  assert got[-1]["phase"] == "confirm" and got[0]["phase"] == "sweep"
   md = study.markdown(rows, best, study.verdicts(best), "## t")
   assert "| lowrank | adamw | 0.01 (edge) |" in md and "| broken | adamw | – | – | – |" in md
   assert "broken_lr0.001: failed (boom)" in md
-  assert md.count("**holds**") == 3 and md.count("**does not hold**") == 1
+  assert md.count("**holds**") == 3 and md.count("**does not hold**") == 1 and "too short" not in md
+  assert ("| dense | 0.003 | 3 | 1.9993 ± 0.0310 | [1.9223, 2.0764] | 0: 2.0000, 1: 1.9680, 2: 2.0300 | reference |"
+          in md)
+  assert "| lost | 0.001 | 3 | 2.0300 ± 0.0280 | [1.9604, 2.0996] |" in md and "+0.0307 (+1.5%) |" in md
+  assert "| dense_frugal_lr0.001_s2 | 0.001 | 2 | confirm | ok ★ |" in md
+  short = study.markdown(rows, best, study.verdicts(best, steps=30, min_steps=240), "## t")
+  assert "too short to conclude anything" in short and short.count("**inconclusive**") == 4
   study.plot(rows, best, str(tmp_path))
   for name in ("curves.png", "lr.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -174,7 +229,8 @@ def _small_grid():
 
 @pytest.mark.slow
 def test_study_end_to_end_resume_and_skip(tmp_path):
-  """A 2-run grid (dense at 2 lrs, LOST) plus a failing run, in subprocesses: interrupted, resumed, skipped."""
+  """A 2-run grid (dense at 2 lrs, LOST) plus a failing run, in subprocesses: interrupted, resumed, confirmed on a
+  second seed (two runs at once), skipped."""
   wd = str(tmp_path / "study")
   cfg = _small_grid()
   cfg.only = "dense,lost,broken"
@@ -187,28 +243,35 @@ def test_study_end_to_end_resume_and_skip(tmp_path):
   assert "rank" in broken["error"]
   cfg = _small_grid()
   cfg.only = "dense,lost"
-  rows = study.run_study(cfg, wd, log=lambda s: None)
+  cfg.confirm_seeds = 1                       # sweep on seed 0, then seed 1 at each run's best learning rate
+  rows = study.run_study(cfg, wd, log=lambda s: None, jobs=2)
   assert all(r["status"] == "ok" and r["final_step"] == 4 for r in rows)
+  assert [(r["name"], r["phase"]) for r in rows][-2:] == [(f"dense_lr{rows[-2]['lr']:g}_s1", "confirm"),
+                                                          ("lost_lr0.003_s1", "confirm")]
   for r in rows:
     log = open(os.path.join(wd, r["name"], study.LOG_FILE)).read()
-    assert "resumed from" in log and np.isfinite(r["eval_loss"]) and r["tokens"] == 4 * 4 * 16
+    assert np.isfinite(r["eval_loss"]) and r["tokens"] == 4 * 4 * 16
+    assert ("resumed from" in log) == (r["phase"] == "sweep")
     assert r["peak_bytes"] > 0 and r["params_linear"] > 0 and r["opt_state_bytes"] > 0
   lost = next(r for r in rows if r["run"] == "lost")
   dense = next(r for r in rows if r["run"] == "dense")
   assert lost["params_linear"] < dense["params_linear"]
+  s0, s1 = (next(r for r in rows if r["run"] == "lost" and r["seed"] == k) for k in (0, 1))
+  assert s0["eval_loss"] != s1["eval_loss"]   # another seed: another initialisation and data order
   with open(os.path.join(wd, "results.csv")) as f:
     got = list(csv.DictReader(f))
-  assert [g["name"] for g in got] == ["dense_lr0.001", "dense_lr0.003", "lost_lr0.003"]
-  assert sum(g["best"] == "True" for g in got) == 2
+  assert [g["name"] for g in got][:3] == ["dense_lr0.001", "dense_lr0.003", "lost_lr0.003"] and len(got) == 5
+  assert sum(g["best"] == "True" for g in got) == 4
   md = open(os.path.join(wd, "results.md")).read()
-  assert "| dense | adamw |" in md and "| lost | adamw | 0.003 |" in md
+  assert "| dense | adamw |" in md and "| lost | adamw | 0.003 |" in md and "| lost | 0.003 | 2 |" in md
+  assert "too short to conclude (4 steps < min_steps 240)" in md and "--jobs=2" in md
   for name in ("curves.png", "lr.png"):
     assert open(os.path.join(wd, name), "rb").read(4) == b"\x89PNG"
   # Rerun: everything finished, nothing is trained again.
   mtimes = {r["name"]: os.path.getmtime(os.path.join(wd, r["name"], study.LOG_FILE)) for r in rows}
   messages = []
   rows2 = study.run_study(cfg, wd, log=messages.append)
-  assert all("skipped" in m for m in messages if "lr" in m) and len(messages) == 3
+  assert all("skipped" in m for m in messages if "lr" in m) and sum("skipped" in m for m in messages) == 5
   assert {r["name"]: os.path.getmtime(os.path.join(wd, r["name"], study.LOG_FILE)) for r in rows2} == mtimes
   assert [r["eval_loss"] for r in rows2] == [r["eval_loss"] for r in rows]
   # A finished run is only skipped with the same config (a field added to the code since counts as the same).

@@ -13,6 +13,17 @@ Claims checked (verdicts in results.md):
 * FRUGAL (Zmushko et al., "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable
   Training", arXiv 2411.07837): FRUGAL (ρ = 0.25) stays close to AdamW (within 2 %) with less optimizer state.
 
+Protocol: sweep, then confirm. The learning rates of every run are swept with the grid's `seeds` (usually one);
+the best learning rate of each run is the lowest final eval loss (mean over those seeds). Then the run is trained
+`confirm_seeds` more times at that learning rate, with seeds max(seeds)+1, max(seeds)+2, ... — the same seeds for
+every run, and a seed fixes both the initialisation and the data order, so runs are compared seed by seed. The
+results report the mean ± std and a 95 % Student-t interval of each run's final eval loss over all its seeds at the
+best learning rate, and the paired difference to dense with its interval (`train/stats.py`). A verdict holds only
+when the whole interval of the paired difference lies on the claim's side of the margin, does not hold when it
+lies wholly on the other side, and is inconclusive otherwise (always with one seed). Runs shorter than the grid's
+`min_steps` get no verdict: "too short to conclude". The seed at which the learning rate was chosen is part of
+the statistics; its value is the minimum over the sweep, a small bias that is the same for every run.
+
 How it runs. A grid (train/configs/study.py) expands into one ordinary `train.main` run per (run, lr, seed) in
 `DIR/<run>_lr<lr>[_s<seed>]`, each started as a subprocess (`python -m train.main`): a crash, an out-of-memory
 kill or a ValueError of one run is recorded as that run's failure and the study goes on; each run's device memory
@@ -50,16 +61,20 @@ import subprocess
 import sys
 import time
 
+from train import stats
 from train.cli import did_you_mean
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study.py")
-STUDY_FIELDS = ("grid", "only", "seeds", "runs")
+STUDY_FIELDS = ("grid", "only", "seeds", "runs")   # required; the optional ones have defaults below
+OPTIONAL_FIELDS = {"confirm_seeds": 0, "min_steps": 0}
+METHODS = ("dense", "lowrank", "lost")
 RESULT_FILE = "study_result.json"
 RUN_CONFIG_FILE = "study_config.json"
 LOG_FILE = "study.log"
 TOLERANCE = 0.02  # "close to" / "within": relative eval-loss difference
 
-CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "seed", "status", "best", "edge", "final_step", "tokens",
+CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "seed", "phase", "status", "best", "edge", "final_step",
+              "tokens",
               "eval_loss", "eval_ppl", "eval_bpb", "train_loss", "params_total", "params_non_embedding",
               "params_linear", "opt_state_bytes", "peak_bytes", "peak_source", "estimate_bytes", "tokens_per_s",
               "wall_s", "error")
@@ -108,7 +123,7 @@ def expand(cfg) -> list[dict]:
   for f in STUDY_FIELDS:
     if f not in d:
       raise ValueError(f"not a study config: field {f!r} missing (use --config=train/configs/study.py:<grid>)")
-  shared = {k: v for k, v in d.items() if k not in STUDY_FIELDS}
+  shared = {k: v for k, v in d.items() if k not in STUDY_FIELDS and k not in OPTIONAL_FIELDS}
   runs = d["runs"]
   only = [s.strip() for s in str(d["only"] or "").split(",") if s.strip()]
   unknown = [n for n in only if n not in runs]
@@ -126,22 +141,55 @@ def expand(cfg) -> list[dict]:
     lrs = list(r.get("lrs", ()))
     if not lrs or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in lrs):
       raise ValueError(f"runs.{name}.lrs={r.get('lrs')!r} must be a non-empty list of positive numbers")
-    if r.get("method") not in ("dense", "lowrank", "lost"):
-      raise ValueError(f"runs.{name}.method={r.get('method')!r}: expected dense, lowrank or lost")
+    if r.get("method") not in METHODS:
+      raise ValueError(f"runs.{name}.method={r.get('method')!r}: expected one of {', '.join(METHODS)}")
     for lr in lrs:
       for seed in seeds:
-        c = copy.deepcopy(shared)
-        c["model"]["attn_kind"] = c["model"]["mlp_kind"] = r["method"]
-        c["optim"]["name"] = r["optimizer"]
-        for key, value in parse_set(r.get("set", "")):
-          _assign(c, key, value, f"runs.{name}.set")
-        c["optim"]["lr"] = float(lr)
-        c["train"]["seed"] = int(seed)
-        run_name = f"{name}_lr{lr_tag(lr)}" + (f"_s{seed}" if seed != 0 else "")
-        out.append({"name": run_name, "run": name, "method": r["method"], "optimizer": c["optim"]["name"],
-                    "lr": float(lr), "seed": int(seed), "config": c})
+        out.append(_spec(shared, name, r, lr, seed, "sweep"))
   if not out:
     raise ValueError("the study selects no runs")
+  return out
+
+
+def _spec(shared: dict, name: str, r: dict, lr: float, seed: int, phase: str) -> dict:
+  c = copy.deepcopy(shared)
+  c["model"]["attn_kind"] = c["model"]["mlp_kind"] = r["method"]
+  c["optim"]["name"] = r["optimizer"]
+  for key, value in parse_set(r.get("set", "")):
+    _assign(c, key, value, f"runs.{name}.set")
+  c["optim"]["lr"] = float(lr)
+  c["train"]["seed"] = int(seed)
+  run_name = f"{name}_lr{lr_tag(lr)}" + (f"_s{seed}" if seed != 0 else "")
+  return {"name": run_name, "run": name, "method": r["method"], "optimizer": c["optim"]["name"], "lr": float(lr),
+          "seed": int(seed), "phase": phase, "config": c}
+
+
+def study_option(cfg, field: str) -> int:
+  """An optional study field (`confirm_seeds`, `min_steps`): a non-negative int, its default when absent."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  v = d.get(field, OPTIONAL_FIELDS[field])
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ValueError(f"{field}={v!r} must be a non-negative int")
+  return v
+
+
+def confirm_seeds(cfg) -> list[int]:
+  """The seeds of the confirmation phase: max(seeds)+1 ... max(seeds)+confirm_seeds."""
+  n = study_option(cfg, "confirm_seeds")
+  top = max(int(s) for s in cfg.to_dict()["seeds"])
+  return list(range(top + 1, top + 1 + n))
+
+
+def expand_confirm(cfg, best: dict) -> list[dict]:
+  """The confirmation runs: every run that has a best learning rate, once per confirm seed at that rate."""
+  d = cfg.to_dict()
+  shared = {k: v for k, v in d.items() if k not in STUDY_FIELDS and k not in OPTIONAL_FIELDS}
+  seeds = confirm_seeds(cfg)
+  only = [x.strip() for x in str(d["only"] or "").split(",") if x.strip()]
+  out = []
+  for name in _run_names(d["runs"]):
+    if name in best and (not only or name in only):
+      out += [_spec(shared, name, d["runs"][name], best[name]["lr"], seed, "confirm") for seed in seeds]
   return out
 
 
@@ -349,7 +397,8 @@ def collect_row(spec: dict, rdir: str, result: dict, mem: dict) -> dict:
   status = result.get("status", "not run")
   return {
       "name": spec["name"], "run": spec["run"], "method": spec["method"], "optimizer": spec["optimizer"],
-      "lr": spec["lr"], "seed": spec["seed"], "status": status, "best": False, "edge": False,
+      "lr": spec["lr"], "seed": spec["seed"], "phase": spec.get("phase", "sweep"), "status": status, "best": False,
+      "edge": False,
       "final_step": result.get("final_step", max(train) // _tokens_per_step(spec) if train else 0),
       "tokens": max(train) if train else 0,
       "eval_loss": last_eval.get("eval_loss"), "eval_ppl": last_eval.get("eval_ppl"),
@@ -375,16 +424,22 @@ def _ok(row) -> bool:
 
 
 def pick_best(rows: list[dict]) -> dict:
-  """run -> its best row (lowest eval loss averaged over seeds); marks best and edge in place."""
+  """run -> its best row; marks best and edge in place.
+
+  The best learning rate is the lowest final eval loss averaged over the sweep seeds (rows of phase "sweep");
+  confirmation rows at that rate join its statistics: `losses` (seed -> final eval loss, every seed at the best
+  rate), `eval_loss_mean` and `interval` (`train.stats.t_interval` of those losses).
+  """
   best = {}
   by_run: dict = {}
   for r in rows:
     by_run.setdefault(r["run"], []).append(r)
   for run, rs in by_run.items():
-    lrs = sorted({r["lr"] for r in rs})
+    sweep = [r for r in rs if r.get("phase", "sweep") == "sweep"]
+    lrs = sorted({r["lr"] for r in sweep})
     means = {}
     for lr in lrs:
-      ok = [r["eval_loss"] for r in rs if r["lr"] == lr and _ok(r)]
+      ok = [r["eval_loss"] for r in sweep if r["lr"] == lr and _ok(r)]
       if ok:
         means[lr] = sum(ok) / len(ok)
     if not means:
@@ -394,49 +449,90 @@ def pick_best(rows: list[dict]) -> dict:
     chosen = [r for r in rs if r["lr"] == lr and _ok(r)]
     for r in chosen:
       r["best"], r["edge"] = True, edge
-    best[run] = dict(min(chosen, key=lambda r: r["eval_loss"]), eval_loss_mean=means[lr])
+    losses = {r["seed"]: r["eval_loss"] for r in chosen}
+    iv = stats.t_interval(list(losses.values()))
+    best[run] = dict(min(chosen, key=lambda r: r["eval_loss"]), eval_loss_mean=iv["mean"], losses=losses,
+                     interval=iv, sweep_mean=means[lr])
   return best
 
 
-def verdicts(best: dict) -> list[tuple[str, object, str]]:
-  """(claim, True/False/None (not measured), numbers) for each ordering the papers claim."""
+def _losses(b: dict) -> dict:
+  return b.get("losses") or {b.get("seed", 0): b["eval_loss_mean"]}
+
+
+def _margin(iv) -> float:
+  return TOLERANCE * iv["ref_mean"] if iv else 0.0
+
+
+def _diff_text(name: str, ref: str, iv: dict | None) -> str:
+  if iv is None:
+    return f"{name} and {ref} share no seed"
+  rel = iv["mean"] / iv["ref_mean"]
+  word = "lower" if iv["mean"] < 0 else "higher"
+  text = f"{name} {abs(rel):.1%} {word} than {ref} ({iv['mean']:+.4f} nats"
+  if iv["lo"] is None:
+    return text + f", n = {iv['n']} seed: no interval)"
+  return text + (f", 95 % CI [{iv['lo'] / iv['ref_mean']:+.1%}, {iv['hi'] / iv['ref_mean']:+.1%}], "
+                 f"n = {iv['n']} seeds)")
+
+
+def verdicts(best: dict, steps: int | None = None, min_steps: int = 0) -> list[tuple[str, str, str]]:
+  """(claim, verdict, numbers) for each ordering the papers claim; verdict is one of `train.stats`' HOLDS, FAILS,
+  INCONCLUSIVE, NOT_MEASURED.
+
+  Each claim compares paired differences over shared seeds (`train.stats.paired`) with a margin of TOLERANCE
+  times the reference's mean loss: "A at most 2 % worse than B" holds when the whole 95 % interval of A − B lies
+  at or below the margin, fails when it lies wholly above; "A more than 2 % worse than B" the other way round.
+  Runs of fewer than `min_steps` steps get INCONCLUSIVE with "too short to conclude".
+  """
   tol = TOLERANCE
   out = []
+  short = steps is not None and steps < min_steps
 
-  def loss(name):
-    return best[name]["eval_loss_mean"] if name in best else None
+  def finish(claim, verdict, detail):
+    if short and verdict != stats.NOT_MEASURED:
+      verdict, detail = stats.INCONCLUSIVE, f"too short to conclude ({steps} steps < min_steps {min_steps}); {detail}"
+    out.append((claim, verdict, detail))
 
-  def rel(a, b):
-    return (a - b) / b
+  def pair(a, b):
+    return stats.paired(_losses(best[a]), _losses(best[b]))
 
-  dense, lost, low = loss("dense"), loss("lost"), loss("lowrank")
-  claim = f"LOST ≈ dense: eval loss within {tol:.0%} with about half the linear parameters (LOST paper)"
-  if dense is None or lost is None:
-    out.append((claim, None, "dense or lost not measured"))
+  claim = (f"LOST no more than {tol:.0%} worse than dense (final eval loss) with at most 0.6× its linear "
+           f"parameters (LOST paper)")
+  if "dense" not in best or "lost" not in best:
+    finish(claim, stats.NOT_MEASURED, "dense or lost not measured")
   else:
+    iv = pair("lost", "dense")
     ratio = (best["lost"]["params_linear"] or 0) / max(best["dense"]["params_linear"] or 1, 1)
-    holds = rel(lost, dense) <= tol and ratio <= 0.6
-    out.append((claim, holds, f"LOST {lost:.4f} vs dense {dense:.4f} ({rel(lost, dense):+.1%}); "
-                              f"linear parameters {ratio:.2f}× dense"))
-  claim = f"low-rank clearly worse: eval loss more than {tol:.0%} above dense and LOST (GaLore, LOST papers)"
-  if low is None or dense is None:
-    out.append((claim, None, "lowrank or dense not measured"))
+    v = stats.all_of([stats.at_most(iv, _margin(iv)), stats.HOLDS if ratio <= 0.6 else stats.FAILS])
+    finish(claim, v, _diff_text("LOST", "dense", iv) + f"; linear parameters {ratio:.2f}× dense")
+  claim = f"low-rank clearly worse: more than {tol:.0%} higher eval loss than dense and than LOST (GaLore, LOST papers)"
+  if "lowrank" not in best or "dense" not in best:
+    finish(claim, stats.NOT_MEASURED, "lowrank or dense not measured")
   else:
-    refs = [("dense", dense)] + ([("LOST", lost)] if lost is not None else [])
-    holds = all(rel(low, v) > tol for _, v in refs)
-    out.append((claim, holds, f"low-rank {low:.4f}; " + ", ".join(f"{rel(low, v):+.1%} vs {n}" for n, v in refs)))
+    refs = [(n, label) for n, label in (("dense", "dense"), ("lost", "LOST")) if n in best]
+    ivs = [(label, pair("lowrank", n)) for n, label in refs]
+    v = stats.all_of(stats.above(iv, _margin(iv)) for _, iv in ivs)
+    finish(claim, v, "; ".join(_diff_text("low-rank", label, iv) for label, iv in ivs))
   for name, label, paper in (("dense_galore", "GaLore", "GaLore paper"), ("dense_frugal", "FRUGAL ρ=0.25",
                                                                           "FRUGAL paper")):
-    claim = f"{label} close to AdamW (eval loss within {tol:.0%}) with less optimizer state ({paper})"
-    v = loss(name)
-    if v is None or dense is None:
-      out.append((claim, None, f"{name} or dense not measured"))
+    claim = f"{label} no more than {tol:.0%} worse than AdamW (final eval loss) with less optimizer state ({paper})"
+    if name not in best or "dense" not in best:
+      finish(claim, stats.NOT_MEASURED, f"{name} or dense not measured")
       continue
+    iv = pair(name, "dense")
     s, sd = best[name]["opt_state_bytes"], best["dense"]["opt_state_bytes"]
-    holds = rel(v, dense) <= tol and s is not None and sd is not None and s < sd
-    out.append((claim, holds, f"{label} {v:.4f} vs AdamW {dense:.4f} ({rel(v, dense):+.1%}); optimizer state "
-                              f"{_mib(s)} vs {_mib(sd)}"))
+    less = stats.HOLDS if s is not None and sd is not None and s < sd else stats.FAILS
+    v = stats.all_of([stats.at_most(iv, _margin(iv)), less])
+    finish(claim, v, _diff_text(label, "AdamW", iv) + f"; optimizer state {_mib(s)} vs {_mib(sd)}")
   return out
+
+
+def differences(best: dict, ref: str = "dense") -> list[tuple[str, dict]]:
+  """(run, paired interval of run − ref over shared seeds) for every other run with a best learning rate."""
+  if ref not in best:
+    return []
+  return [(run, stats.paired(_losses(b), _losses(best[ref]))) for run, b in best.items() if run != ref]
 
 
 def _mib(b):
@@ -491,15 +587,43 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "") -> st
   buf.write("\nPeak memory: the compiled step's `memory_analysis()` (arguments + outputs + temporaries − donated "
             "aliases), or the training process's device `peak_bytes_in_use` where marked (device); estimate: "
             "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept.\n\n")
-  buf.write("### Verdicts\n\n")
-  for claim, holds, detail in verdict_list:
-    mark = {True: "**holds**", False: "**does not hold**", None: "not measured"}[holds]
+  buf.write("### Final eval loss over seeds at the best learning rate\n\n")
+  buf.write("| run | lr | seeds | mean ± std | 95 % interval | per seed | vs dense (paired, same seeds) | "
+            "95 % interval of the difference |\n|---|---|---|---|---|---|---|---|\n")
+  diffs = dict(differences(best))
+  for run in order:
+    if run not in best:
+      continue
+    b = best[run]
+    iv = b.get("interval") or stats.t_interval([b["eval_loss_mean"]])
+    ms = f"{iv['mean']:.4f}" + (f" ± {iv['std']:.4f}" if iv["std"] is not None else "")
+    ci = f"[{iv['lo']:.4f}, {iv['hi']:.4f}]" if iv["lo"] is not None else "– (one seed)"
+    per = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in sorted(_losses(b).items()))
+    d = diffs.get(run)
+    if run == "dense" or d is None:
+      dtxt, dci = ("–", "–") if run != "dense" or d is not None else ("reference", "–")
+    else:
+      dtxt = f"{d['mean']:+.4f} ({d['mean'] / d['ref_mean']:+.1%})"
+      dci = ("– (one seed)" if d["lo"] is None else
+             f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ([{d['lo'] / d['ref_mean']:+.1%}, {d['hi'] / d['ref_mean']:+.1%}])")
+    buf.write(f"| {run} | {lr_tag(b['lr'])} | {iv['n']} | {ms} | {ci} | {per} | {dtxt} | {dci} |\n")
+  buf.write("\nStudent-t intervals (`train/stats.py`): mean ± t·s/√n over the seeds at the best learning rate; the "
+            "difference to dense is taken seed by seed (same seed: same initialisation stream and data order).\n\n")
+  buf.write(f"### Verdicts\n\nMargin {TOLERANCE:.0%} of the reference's mean loss; a claim holds only when the "
+            "whole 95 % interval of the paired difference is on its side of the margin, does not hold when the whole "
+            "interval is on the other side, and is inconclusive otherwise (always with a single seed).\n\n")
+  if any(d.startswith("too short to conclude") for _, _, d in verdict_list):
+    buf.write("**Warning: these runs are too short to conclude anything; every verdict is inconclusive.**\n\n")
+  for claim, verdict, detail in verdict_list:
+    mark = {stats.HOLDS: "**holds**", stats.FAILS: "**does not hold**", stats.INCONCLUSIVE: "**inconclusive**",
+            stats.NOT_MEASURED: "not measured"}[verdict]
     buf.write(f"* {claim}: {mark} — {detail}\n")
-  buf.write("\n### All runs (learning-rate sweep)\n\n| run dir | lr | seed | status | step | eval loss | bpb | "
-            "tokens/s | wall s |\n|---|---|---|---|---|---|---|---|---|\n")
+  buf.write("\n### All runs (learning-rate sweep, then confirmation seeds)\n\n| run dir | lr | seed | phase | status "
+            "| step | eval loss | bpb | tokens/s | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
   for r in rows:
     st = r["status"] + (" ★" if r["best"] else "") + (f" ({r['error']})" if r["error"] else "")
-    buf.write(f"| {r['name']} | {lr_tag(r['lr'])} | {r['seed']} | {st} | {r['final_step']} | "
+    buf.write(f"| {r['name']} | {lr_tag(r['lr'])} | {r['seed']} | {r.get('phase', 'sweep')} | {st} | "
+              f"{r['final_step']} | "
               f"{_fmt(r['eval_loss'])} | {_fmt(r['eval_bpb'])} | {_fmt(r['tokens_per_s'], 0)} | "
               f"{_fmt(r['wall_s'], 1)} |\n")
   buf.write("\nFigures: `curves.png` (eval and train loss against tokens, best learning rate per run), `lr.png` "
@@ -551,31 +675,73 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   plt.close(fig)
 
 
-def run_study(cfg, workdir: str, log=print) -> list[dict]:
-  """Runs (or resumes, or skips) every run of the grid, then writes results.csv, results.md and the figures."""
+def _train_all(specs: list[dict], workdir: str, jobs: int, log, done: int, total: int) -> list[dict]:
+  """Trains (or skips) `specs`, `jobs` subprocesses at a time; returns their results in the order of `specs`."""
+  import concurrent.futures
+
+  def one(i_spec):
+    i, spec = i_spec
+    rdir = os.path.join(workdir, spec["name"])
+    tag = f"[{done + i + 1}/{total}] {spec['name']}"
+    if is_finished(rdir, spec["config"]):
+      log(f"{tag}: finished, skipped")
+      return _read_json(os.path.join(rdir, RESULT_FILE))
+    log(f"{tag}: training")
+    result = train_run(spec, rdir)
+    err = f" {result['error']}" if result.get("error") else ""
+    log(f"{tag}: {result['status']} ({result['wall_s']:.1f} s){err}")
+    return result
+
+  if jobs <= 1:
+    return [one(x) for x in enumerate(specs)]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    return list(pool.map(one, enumerate(specs)))
+
+
+def _load() -> str:
+  try:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+  except OSError:
+    return "load average unknown"
+
+
+def run_study(cfg, workdir: str, log=print, jobs: int = 1) -> list[dict]:
+  """Sweep, then confirm: trains (or resumes, or skips) every run of the grid's sweep, then the confirmation seeds
+  at each run's best learning rate; writes results.csv, results.md and the figures. `jobs` runs train at once."""
+  if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    raise ValueError(f"jobs={jobs!r} must be a positive int")
   specs = expand(cfg)
+  n_confirm = len(confirm_seeds(cfg))
+  min_steps = study_option(cfg, "min_steps")
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "study_config.json"), "w") as f:
     json.dump(cfg.to_dict(), f, indent=1, default=str)
+  t0, load0 = time.time(), _load()
   mems = _measure_all(specs, workdir, log)
-  rows = []
-  for i, spec in enumerate(specs):
-    rdir = os.path.join(workdir, spec["name"])
-    if is_finished(rdir, spec["config"]):
-      log(f"[{i + 1}/{len(specs)}] {spec['name']}: finished, skipped")
-      result = _read_json(os.path.join(rdir, RESULT_FILE))
-    else:
-      log(f"[{i + 1}/{len(specs)}] {spec['name']}: training")
-      result = train_run(spec, rdir)
-      log(f"[{i + 1}/{len(specs)}] {spec['name']}: {result['status']} ({result['wall_s']:.1f} s)"
-          + (f" {result['error']}" if result.get("error") else ""))
-    rows.append(collect_row(spec, rdir, result, mems[_memory_key(spec["config"])]))
+  n_runs = len({s["run"] for s in specs})
+  total = len(specs) + n_runs * n_confirm
+  results = _train_all(specs, workdir, jobs, log, 0, total)
+  rows = [collect_row(s, os.path.join(workdir, s["name"]), r, mems[_memory_key(s["config"])])
+          for s, r in zip(specs, results)]
+  if n_confirm:
+    confirm = expand_confirm(cfg, pick_best(rows))
+    results = _train_all(confirm, workdir, jobs, log, len(specs), len(specs) + len(confirm))
+    rows += [collect_row(s, os.path.join(workdir, s["name"]), r, mems.get(_memory_key(s["config"]), {}))
+             for s, r in zip(confirm, results)]
+  for r in rows:
+    r["best"] = r["edge"] = False
   best = pick_best(rows)
   write_csv(rows, os.path.join(workdir, "results.csv"))
-  header = f"## Study `{cfg.grid}`: {len(rows)} runs"
+  wall = time.time() - t0
+  steps = cfg.to_dict()["train"]["steps"]
+  header = (f"## Study `{cfg.grid}`: {len(rows)} runs ({len(specs)} in the sweep, {len(rows) - len(specs)} "
+            f"confirmation runs), {steps} steps each\n\nThis invocation: {wall / 60:.1f} min wall time with "
+            f"--jobs={jobs} (runs skipped as finished take no time); {_load()} at the end ({load0} at the start) on "
+            f"{os.cpu_count()} cores.")
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown(rows, best, verdicts(best), header))
+    f.write(markdown(rows, best, verdicts(best, steps=steps, min_steps=min_steps), header))
   plot(rows, best, workdir)
+  log(f"study wall time {wall:.1f} s ({_load()})")
   return rows
 
 
@@ -590,7 +756,7 @@ def main(argv):
     print("error: --config=train/configs/study.py:<grid> and --workdir=DIR are required", file=sys.stderr)
     return 2
   try:
-    run_study(f.config, f.workdir, log=lambda s: print(s, flush=True))
+    run_study(f.config, f.workdir, log=lambda s: print(s, flush=True), jobs=f.jobs)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -603,6 +769,7 @@ if __name__ == "__main__":
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Study grid: train/configs/study.py:<grid>.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Study directory: one sub-directory per run, results.csv/md, figures.")
+  flags.DEFINE_integer("jobs", 1, "Runs trained at once (subprocesses); see docs/study.md for measured speed-ups.")
   flags.DEFINE_string("measure", None, "Internal: comma-separated measurement job files (memory analysis).")
   from train.cli import absl_flags_parser
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=absl_flags_parser)

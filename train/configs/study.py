@@ -3,7 +3,9 @@
 A grid is the shared training config of all its runs (every field overridable for all runs at once, e.g.
 `--config.train.steps=30`) plus `runs`: one entry per model method × optimizer, each with its learning-rate sweep
 (`lrs`) and the config fields it changes (`set`: 'section.field=value' pairs separated by spaces, values read as
-Python literals). `seeds` repeats every run per seed; `only='dense,lost'` keeps the runs of those names.
+Python literals). `seeds` are the seeds of the learning-rate sweep; `confirm_seeds` more seeds then train each run
+at its best learning rate (the intervals and verdicts are over all seeds at that rate); `min_steps` (default: the
+grid's own length) is the shortest run that gets verdicts; `only='dense,lost'` keeps the runs of those names.
 Each (run, lr, seed) trains in `DIR/<run>_lr<lr>[_s<seed>]`. Notes: docs/study.md.
 
 Grids:
@@ -51,10 +53,12 @@ def _runs(sweeps: dict, galore_rank: int, update_gap: int) -> ml_collections.Con
   return runs
 
 
-def _study_fields(c, grid: str, sweeps: dict, galore_rank: int, update_gap: int):
+def _study_fields(c, grid: str, sweeps: dict, galore_rank: int, update_gap: int, confirm_seeds: int = 2):
   c.grid = grid
   c.only = ""          # comma-separated run names to keep ('' = all)
-  c.seeds = (0,)
+  c.seeds = (0,)       # the learning-rate sweep's seeds
+  c.confirm_seeds = confirm_seeds  # more seeds at each run's best learning rate (the intervals need >= 1)
+  c.min_steps = c.train.steps      # shorter runs (e.g. --config.train.steps=30) get no verdict: too short
   c.runs = _runs(sweeps, galore_rank, update_gap)
   return c
 
@@ -121,7 +125,7 @@ def paper_config(size: str):
   c.train.plot = False
   sweeps = {"adamw": (3e-4, 1e-3, 3e-3), "galore": (3e-3, 1e-2, 3e-2)}
   rank = c.model.attn_rank
-  return _study_fields(c, f"paper:{size}", sweeps, galore_rank=rank, update_gap=200)
+  return _study_fields(c, f"paper:{size}", sweeps, galore_rank=rank, update_gap=200, confirm_seeds=0)
 
 
 def run_config(path: str):
