@@ -16,6 +16,7 @@ from losses.dhkd import (binary_kl_loss, binary_kl_norm_loss, dual_head_kd_loss,
 from losses.e2rank import e2rank_infonce_loss, e2rank_loss, e2rank_ranknet_loss
 from losses.fedld import fedld_margin_loss, principal_gradient_aggregate
 from losses.groco import diffsort_permutation, groco_loss, groco_sorting_loss, soft_sort
+from losses.healthivert import healthivert_generator_loss
 from losses.icnn import icnn_loss, icnn_score, proto_triplet_loss
 from losses.lol import lol_reformulation_loss, lol_regularizer
 from losses.multi_similarity import multi_similarity_loss, multi_similarity_miner
@@ -38,7 +39,8 @@ __all__ = [
     "curriculum_weights", "deqa_score", "deqa_soft_labels", "deqa_softkl_loss", "diffsort_permutation",
     "dpo_loss", "dual_head_kd_loss", "e2rank_infonce_loss", "e2rank_loss", "e2rank_ranknet_loss",
     "fedld_margin_loss", "fidelity_loss", "gradient_alignment", "groco_loss", "groco_sorting_loss",
-    "grpo_advantages", "icnn_loss", "icnn_score", "idealized_ranking_accuracy", "kd_loss",
+    "grpo_advantages", "healthivert_generator_loss", "icnn_loss", "icnn_score", "idealized_ranking_accuracy",
+    "kd_loss",
     "kde_difficulty", "lol_reformulation_loss", "lol_regularizer", "multi_similarity_loss",
     "multi_similarity_miner", "mw_loss", "normscore_difficulty", "pld_loss", "principal_gradient_aggregate",
     "proto_triplet_loss", "ranking_accuracy", "reciprank_difficulty", "rep_mtl_csa_loss", "rep_mtl_loss",

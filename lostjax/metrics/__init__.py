@@ -1,9 +1,12 @@
 """Analysis metrics: RankMe, layer-wise gradient spectra, scaling-law fits, LLM Swiss round, retrieval and
-robustness metrics, G-Rank, per-zone segmentation metrics (PI-RADS) and geographic generalization metrics."""
+robustness metrics, G-Rank, per-zone segmentation metrics (PI-RADS), geographic generalization metrics,
+HealthiVert-GAN's RHLV and generation metrics, Grad-CAM++."""
 from lostjax.metrics.geographic import (disparity, disparity_growth, disparity_reduction, group_accuracy,
                                         progress_gap, progress_rate, topk_set_correct)
+from lostjax.metrics.grad_cam import grad_cam_plus_plus
 from lostjax.metrics.gradient_spectra import gradient_spectra
 from lostjax.metrics.grank import GRankConfig, grank_scenario, simulate_grank
+from lostjax.metrics.healthivert import rhlv
 from lostjax.metrics.rankme import rankme
 from lostjax.metrics.retrieval import (average_precision, exact_knn, hit_rate, label_recall,
                                        majority_vote_accuracy, mrr, ndcg, popularity_score, synthetic_recall)
@@ -26,4 +29,4 @@ __all__ = ["rankme", "gradient_spectra", "fit_scaling_law", "swiss_round",
            "pathway_consistency", "router_embeddings",
            "masd", "hd95", "ravd", "surface_distances", "zone_metrics", "aggregate_cases",
            "topk_set_correct", "group_accuracy", "disparity", "progress_rate", "progress_gap", "disparity_growth",
-           "disparity_reduction"]
+           "disparity_reduction", "rhlv", "grad_cam_plus_plus"]
