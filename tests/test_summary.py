@@ -62,7 +62,8 @@ def test_fits_when_memory_is_ample():
   c = _cfg()
   c.system.device_memory_gib = 16.0
   fit = summary.summarize(c)["memory_fit"]
-  assert fit == {"device_memory_bytes": 16 * 2**30, "fits": True, "suggestions": []}
+  assert fit == {"device_memory_bytes": 16 * 2**30, "fits": True, "suggestions": [],
+                 "device_memory_source": "system.device_memory_gib=16"}
 
 
 def test_does_not_fit_suggests_settings_that_fit():
@@ -100,7 +101,9 @@ def test_flops_per_token_reported():
 
 def test_unknown_device_memory_on_cpu_and_bad_value():
   fit = summary.summarize(_cfg())["memory_fit"]
-  assert fit == {"device_memory_bytes": None, "fits": None, "suggestions": []}
+  assert fit == {"device_memory_bytes": None, "fits": None, "suggestions": [], "device_memory_source": (
+      "unknown: the cpu device (cpu) reports no memory limit; pass --device=<name> (v5e, v5p, h100, h200, ...: "
+      "train/flops.py DEVICES) or --config.system.device_memory_gib=<GiB per device>")}
   c = _cfg()
   c.system.device_memory_gib = -1.0
   with pytest.raises(ValueError, match="-1"):

@@ -200,7 +200,7 @@ def test_config_files():
 def test_cli_summary_only_and_bad_override():
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   r = subprocess.run([sys.executable, "-m", "train.main", "--config=train/configs/llama.py:60m,lost",
-                      "--summary_only"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+                      "--summary_only", "--json"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   info = json.loads(r.stdout.strip().splitlines()[-1])
   assert abs(info["params"]["total"] - 44.0e6) / 44.0e6 < 0.003   # LOST 60M ≈ 44.0M parameters (preset table of docs/model.md)

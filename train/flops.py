@@ -47,6 +47,37 @@ DEVICE_MEMORY = {
 }
 
 
+# `--device=<name>` of --summary_only: memory per device (one TPU chip, one GPU) in GiB, the HBM capacity on the
+# vendors' spec sheets (Google Cloud TPU system architecture pages; NVIDIA A100/H100/H200/B200/L4/T4 and AMD MI300X
+# data sheets). NVIDIA's "80 GB" HBM stacks hold 80 GiB; the runtime keeps a little for itself, which the fit
+# check's 10 % headroom (train/summary.py FIT_FRACTION) covers. A device's own memory_stats() is exact.
+DEVICES = {
+    "v4": (32, "TPU v4, 32 GiB HBM2 per chip"),
+    "v5e": (16, "TPU v5e, 16 GiB HBM2 per chip"),
+    "v5p": (95, "TPU v5p, 95 GiB HBM2e per chip"),
+    "v6e": (32, "TPU v6e (Trillium), 32 GiB HBM per chip"),
+    "a100-40": (40, "NVIDIA A100 40GB, HBM2"),
+    "a100-80": (80, "NVIDIA A100 80GB, HBM2e"),
+    "h100": (80, "NVIDIA H100 SXM/PCIe, 80 GB HBM3"),
+    "h100-nvl": (94, "NVIDIA H100 NVL, 94 GB HBM3"),
+    "h200": (141, "NVIDIA H200, 141 GB HBM3e"),
+    "b200": (180, "NVIDIA B200 (HGX), 180 GB HBM3e"),
+    "l4": (24, "NVIDIA L4, 24 GB GDDR6"),
+    "t4": (16, "NVIDIA T4, 16 GB GDDR6"),
+    "mi300x": (192, "AMD Instinct MI300X, 192 GB HBM3"),
+}
+
+
+def named_device_memory(name: str) -> tuple[float, str]:
+  """(bytes, description) of a `--device` name; ValueError naming the closest known name."""
+  from train.cli import did_you_mean
+  key = (name or "").strip().lower()
+  if key not in DEVICES:
+    raise ValueError(f"unknown --device={name!r} (known: {', '.join(DEVICES)}){did_you_mean(key, DEVICES)}")
+  gib, what = DEVICES[key]
+  return gib * 2.0 ** 30, what
+
+
 def _lookup(table: dict, device_kind: str):
   kind = (device_kind or "").lower()
   for key in sorted(table, key=len, reverse=True):

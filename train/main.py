@@ -2,7 +2,8 @@
 
 Flags: --config (an ml_collections config file, `path.py:arg` passes `arg` to get_config; override any field
 with --config.section.field=value), --workdir (outputs; rerunning with the same workdir resumes), --summary_only
-(print parameter counts, optimizer-state size and a memory estimate as one JSON line, then exit).
+(print parameter counts, optimizer-state size, a memory estimate and whether it fits as a table, then exit;
+--json prints it as one JSON line, --device=h100|v5e|... plans against that accelerator's memory).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, loss.png, config.json.")
-flags.DEFINE_bool("summary_only", False, "Print one JSON line of counts and a memory estimate, then exit.")
+flags.DEFINE_bool("summary_only", False, "Print parameter counts, optimizer state, a memory estimate and whether it "
+                  "fits the device (a table; --json for one JSON line), then exit.")
+flags.DEFINE_bool("json", False, "With --summary_only: print the summary as one JSON line (for scripts).")
+flags.DEFINE_string("device", None, "With --summary_only: plan against this accelerator's memory per device "
+                    "(v4, v5e, v5p, v6e, a100-40, a100-80, h100, h100-nvl, h200, b200, l4, t4, mi300x; "
+                    "train/flops.py DEVICES) instead of the local device's.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU; run the "
                   "same command on every host). Implied by --coordinator_address/--num_processes/--process_id; "
                   "without them the cluster is auto-detected (TPU pods, SLURM, Open MPI, Kubernetes).")
@@ -50,8 +56,11 @@ def main(argv):
   try:
     if FLAGS.summary_only:
       from train import summary
-      print(json.dumps(summary.summarize(cfg)))
+      info = summary.summarize(cfg, device=FLAGS.device)
+      print(json.dumps(info) if FLAGS.json else summary.format_summary(info))
       return 0
+    if FLAGS.json or FLAGS.device:
+      raise ValueError("--json and --device apply to --summary_only")
     if not FLAGS.workdir:
       raise ValueError("--workdir is required for training")
     out = trainer.train(cfg, FLAGS.workdir)

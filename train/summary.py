@@ -104,14 +104,26 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int) -> di
   return mem
 
 
-def device_memory_bytes(cfg) -> float | None:
-  """The per-device memory to plan against: system.device_memory_gib, the device's limit, or the table; else None."""
+UNKNOWN_HINT = ("pass --device=<name> (v5e, v5p, h100, h200, ...: train/flops.py DEVICES) or "
+               "--config.system.device_memory_gib=<GiB per device>")
+
+
+def device_memory(cfg, device: str | None = None) -> tuple[float | None, str]:
+  """(bytes per device to plan against, where that figure comes from), in this order: `--device=<name>` (the table
+  train/flops.py DEVICES), system.device_memory_gib, the device's own memory_stats(), its device kind in
+  train/flops.py DEVICE_MEMORY. When none applies: (None, why it is unknown and which flag supplies it)."""
   from train import flops
   gib = float(cfg.get("system", {}).get("device_memory_gib", 0.0) or 0.0)
   if gib < 0:
     raise ValueError(f"system.device_memory_gib must be >= 0 (0 = ask the device), got {gib!r}")
+  if device:
+    if gib:
+      raise ValueError(f"--device={device} and system.device_memory_gib={gib:g} both set the device memory; "
+                       "give one")
+    limit, what = flops.named_device_memory(device)
+    return limit, f"--device={device.strip().lower()}: {what}"
   if gib:
-    return gib * GIB
+    return gib * GIB, f"system.device_memory_gib={gib:g}"
   dev = jax.devices()[0]
   stats = None
   try:
@@ -119,8 +131,16 @@ def device_memory_bytes(cfg) -> float | None:
   except Exception:  # CPU and some backends do not report
     stats = None
   if stats and stats.get("bytes_limit"):
-    return float(stats["bytes_limit"])
-  return flops.device_memory(dev.device_kind)
+    return float(stats["bytes_limit"]), f"detected by memory_stats() of {dev.platform}:{dev.id} ({dev.device_kind})"
+  table = flops.device_memory(dev.device_kind)
+  if table is not None:
+    return table, f"table entry for device kind {dev.device_kind!r} (train/flops.py DEVICE_MEMORY)"
+  return None, f"unknown: the {dev.platform} device ({dev.device_kind}) reports no memory limit; {UNKNOWN_HINT}"
+
+
+def device_memory_bytes(cfg, device: str | None = None) -> float | None:
+  """The per-device memory to plan against (`device_memory`), or None when unknown."""
+  return device_memory(cfg, device)[0]
 
 
 def _variants(cfg, n_dev: int):
@@ -148,7 +168,9 @@ def _variants(cfg, n_dev: int):
     yield change, c
 
 
-def summarize(cfg) -> dict:
+def summarize(cfg, device: str | None = None) -> dict:
+  """The `--summary_only` report as a dict (`--json` prints it; `format_summary` renders it for people).
+  `device`: a `--device` name whose memory the fit check plans against (train/flops.py DEVICES)."""
   import optim
   from train import flops
   from train import optimizer as optim_lib
@@ -164,8 +186,9 @@ def summarize(cfg) -> dict:
   t = cfg.train
   pbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
   mem = memory_estimate(cfg, mc, pbytes, size.bytes, n_dev)
-  limit = device_memory_bytes(cfg)
-  fit = {"device_memory_bytes": None if limit is None else int(limit), "fits": None, "suggestions": []}
+  limit, source = device_memory(cfg, device)
+  fit = {"device_memory_bytes": None if limit is None else int(limit), "fits": None, "suggestions": [],
+         "device_memory_source": source}
   if limit is not None:
     budget = FIT_FRACTION * limit
     fit["fits"] = bool(mem["total"] <= budget)
@@ -196,3 +219,58 @@ def compiled_memory(cfg, vocab_size: int | None = None, mesh=None) -> dict:
   """XLA's memory analysis of the compiled train step (`train.state.compiled_memory`; one device by default)."""
   from train.state import compiled_memory as compiled
   return compiled(cfg, mesh=mesh, vocab_size=vocab_size if vocab_size is not None else _vocab(cfg))
+
+
+# ----------------------------------------------------------------------------------------- report for people
+
+
+def _count(n: float) -> str:
+  for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= div:
+      return f"{n / div:.2f}{unit}"
+  return f"{n:g}"
+
+
+def _gib(b: float) -> str:
+  return f"{b / GIB:.2f} GiB"
+
+
+def format_summary(s: dict) -> str:
+  """`--summary_only`'s default output: the `summarize` dict as an aligned table (`--json` prints the dict)."""
+  m, p, o, b = s["model"], s["params"], s["optimizer"], s["batch"]
+  kinds = m["attn_kind"] if m["attn_kind"] == m["mlp_kind"] else f"{m['attn_kind']} attention, {m['mlp_kind']} MLP"
+  rows = [
+      ("model", f"{m['preset'] or 'custom'} LLaMA, {kinds}: d_model {m['d_model']}, {m['n_layers']} layers, "
+                f"vocab {m['vocab_size']}"),
+      ("parameters", f"{_count(p['total'])} total, {_count(p['non_embedding'])} non-embedding"
+                     + (f", {_count(p['active'])} active per token" if p.get("expert") else "")
+                     + (f" (dense equivalent {_count(p['dense_equivalent'])})"
+                        if p.get("dense_equivalent", p["total"]) != p["total"] else "")),
+      ("optimizer", f"{o['name']}: state {_count(o['state_elements'])} values, {_gib(o['state_bytes'])}"),
+      ("batch", f"{b['global_batch']} × {b['seq_len']} = {b['tokens_per_step']:,} tokens per step, "
+                f"grad_accum {b['grad_accum']}, {s['devices']} device(s)"),
+      ("FLOPs/token", f"{s['flops_per_token']:.3g} (forward + backward)"),
+  ]
+  mem = s["memory_estimate_per_device_bytes"]
+  rows.append(("memory/device", "estimate: " + ", ".join(f"{k} {_gib(mem[k])}" for k in mem if k != "total")))
+  rows.append(("", f"total {_gib(mem['total'])}"))
+  fit = s["memory_fit"]
+  limit = fit["device_memory_bytes"]
+  source = fit.get("device_memory_source", "")
+  if limit is None:
+    rows.append(("device memory", source))
+    rows.append(("fits", "unknown (no device memory to compare with)"))
+  else:
+    rows.append(("device memory", f"{_gib(limit)} ({source})"))
+    budget = FIT_FRACTION * limit
+    if fit["fits"]:
+      rows.append(("fits", f"yes: {_gib(mem['total'])} ≤ {_gib(budget)} ({FIT_FRACTION:.0%} of the device)"))
+    else:
+      rows.append(("fits", f"no: {_gib(mem['total'])} > {_gib(budget)} ({FIT_FRACTION:.0%} of the device)"))
+      if not fit["suggestions"]:
+        rows.append(("", "no setting of mesh.fsdp, model.remat, train.grad_accum tried fits"))
+      for i, sug in enumerate(fit["suggestions"]):
+        flags = " ".join(f"--config.{k}={v}" for k, v in sug.items() if k != "total_gib")
+        rows.append(("would fit" if i == 0 else "", f"{flags}  ({sug['total_gib']:.2f} GiB)"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
