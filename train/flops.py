@@ -107,6 +107,8 @@ def _proj(kind: str, d_in: int, d_out: int, rank: int, sparsity: float) -> int:
     return rank * (d_in + d_out)
   if kind == "lost":
     return rank * (d_in + d_out) + num_sparse_channels(d_in, sparsity) * d_out
+  if kind == "sltrain":   # the forward multiplies by the dense W = A·B + S
+    return d_in * d_out
   raise ValueError(f"unknown linear kind {kind!r} for the FLOP count")
 
 

@@ -7,8 +7,9 @@ from flax import nnx
 from lostjax.layers.dense import Dense
 from lostjax.layers.lost import Lost, SparseIndex, decompose
 from lostjax.layers.lowrank import LowRank
+from lostjax.layers.sltrain import SLTrain
 
-KINDS = ("dense", "lowrank", "lost")
+KINDS = ("dense", "lowrank", "lost", "sltrain")
 
 
 def make_linear(kind: str, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes=(None, None), rank: int = 0,
@@ -26,7 +27,10 @@ def make_linear(kind: str, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes=(None,
     return Lost(d_in, d_out, rank=rank, sparsity=sparsity, gamma=gamma, rngs=rngs, axes=axes,
                 init_std=init_std, activation=activation, score=score, residual_rank=residual_rank,
                 sparse_values=sparse_values, sparse_impl=sparse_impl, dtype=dtype, param_dtype=param_dtype)
+  if kind == "sltrain":
+    return SLTrain(d_in, d_out, rank=rank, density=sparsity, rngs=rngs, axes=axes, init_std=init_std, dtype=dtype,
+                   param_dtype=param_dtype)
   raise ValueError(f"unknown linear kind {kind!r}; expected one of {KINDS}")
 
 
-__all__ = ["Dense", "LowRank", "Lost", "SparseIndex", "decompose", "make_linear", "KINDS"]
+__all__ = ["Dense", "LowRank", "Lost", "SLTrain", "SparseIndex", "decompose", "make_linear", "KINDS"]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from flax import nnx
 
-from lostjax.layers import Dense, Lost, LowRank, SparseIndex
+from lostjax.layers import Dense, Lost, LowRank, SLTrain, SparseIndex
 from lostjax.layers.lost import num_sparse_channels
 from lostjax.models.moe import MoeMlp
 
@@ -29,11 +29,11 @@ def count_params(model: nnx.Module) -> dict[str, int]:
 
   Keys:
     total / trainable: all `nnx.Param` elements (every Param is trainable; LOST indices are not Params).
-    linear: parameters of the attention/MLP projections (every Dense/LowRank/Lost except the LM head).
+    linear: parameters of the attention/MLP projections (every Dense/LowRank/Lost/SLTrain except the LM head).
     lm_head, embedding: the dense LM head and the token embedding.
     non_embedding: total − embedding (the N of Kaplan/Chinchilla-style scaling fits).
     dense_equivalent: total with every projection counted as a dense d_in×d_out matrix.
-    index_count / index_bytes: the non-trainable LOST channel indices (int32).
+    index_count / index_bytes: the non-trainable LOST channel indices and SLTrain support positions (int32).
     expert: parameters of the stacked mixture-of-experts MLPs (all experts; 0 for a dense MLP; routers excluded).
     active / active_non_embedding: parameters used per token: total (resp. non_embedding) with each MoE layer's
       experts counted top_k times instead of E times (equal to total for dense models; routers count fully).
@@ -43,7 +43,7 @@ def count_params(model: nnx.Module) -> dict[str, int]:
   total = sum(_size(x) for x in _leaves(params))
   linear = dense_eq_linear = 0
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, (Dense, LowRank, Lost)) and "lm_head" not in path:
+    if isinstance(node, (Dense, LowRank, Lost, SLTrain)) and "lm_head" not in path:
       leaves = _leaves(nnx.state(node, nnx.Param))
       linear += sum(_size(x) for x in leaves)
       dense_eq_linear += node.d_in * node.d_out * int(math.prod(leaves[0].shape[:-2]))   # × stacked experts

@@ -15,15 +15,25 @@ from train.data import default_data_config
 from train.objectives import default_objectives_config
 from train.optimizer import default_optim_config
 
-METHODS = ("dense", "lowrank", "lost")
+# A method is a linear kind of lostjax.layers, or a named preset of one: the model fields it sets.
+PRESET_METHODS = {
+    # CoLA ("CoLA: Compute-Efficient Pre-Training of LLMs via Low-Rank Activation", arXiv 2502.10940): low-rank
+    # factors with SiLU between them, h = B σ(A x), trained from independent random factors.
+    "cola": ("lowrank", {"lowrank_act": "silu", "lowrank_init": "normal"}),
+    # SLTrain (arXiv 2406.02214): low-rank plus a fixed random support of density δ = 0.03 (its paper's value).
+    "sltrain": ("sltrain", {"sparsity": 0.03}),
+}
+METHODS = ("dense", "lowrank", "lost") + tuple(PRESET_METHODS)
 
 
 def model_config(size: str, method: str = "dense") -> ml_collections.ConfigDict:
   """All LlamaConfig fields for a preset size, with the projections of the chosen method."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)}){did_you_mean(method, METHODS)}")
-  cfg = preset(size, attn_kind=method, mlp_kind=method)
+  kind, fields = PRESET_METHODS.get(method, (method, {}))
+  cfg = preset(size, attn_kind=kind, mlp_kind=kind)
   c = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  c.update(fields)
   c.preset = size
   return c
 

@@ -1,6 +1,7 @@
 """LLaMA presets on the GaLore/LOST C4 protocol: `--config=train/configs/llama.py:<size>,<method>`.
 
-size: tiny | small | 20m | 60m | 130m | 350m | 1b | 7b; method: dense | lowrank | lost (default lost).
+size: tiny | small | 20m | 60m | 130m | 350m | 1b | 7b; method: dense | lowrank | lost (default lost) | cola | sltrain
+(the baselines, presets of train/configs/base.py: PRESET_METHODS).
 Protocol (GaLore scripts/benchmark_c4, LOST §4): seq 256, 512×256 tokens per step, warmup 10 % then cosine to
 10 %, AdamW, 10K/20K/60K/100K steps for 60M/130M/350M/1B, C4 (`allenai/c4`, config `en`) streamed with Hugging
 Face `datasets` (`pip install -e .[hf]`) and T5's tokenizer (`google-t5/t5-base` tokenizer.json: 32,100 ids, of
