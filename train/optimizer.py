@@ -22,6 +22,16 @@ weight_decay 0 and a decoupled decay −lr(t)·wd·W (same schedule, same unscal
 masked leaves afterwards; for AdamW, FRUGAL and GaLore that is exactly their own decay restricted to the mask
 (LIFT decays only its selected entries internally; with 'matrices' its whole matrices are decayed instead).
 
+Learning-rate multipliers per parameter group (`optim.lr_mult.embed`, `.head`, `.norm`; the projection matrices —
+kernels, low-rank factors, LOST and SLTrain sparse values — always 1): the update of every leaf of a group is
+multiplied by its multiplier after the optimizer (`scale_by_group`), which is the same as running that group at
+lr × multiplier for AdamW, the Adam-handled leaves of FRUGAL and GaLore, and any transform whose update is linear in
+its learning rate (the decoupled weight decay of a group is scaled with it, as torch's per-group lr does). A
+multiplier of 0 freezes the group. Groups by path: 'lm_head' → head, 'embed' → embed, 'norm' → norm. With every
+multiplier 1 (the default) nothing is added to the chain, so older runs and their checkpoints are unchanged.
+Why: methods whose matrix learning rate is far from AdamW's (GaLore's scripts use 1e-2) would otherwise also run
+the embedding, head and norms at that rate, and a comparison would measure that as well.
+
 Defaults: betas (0.9, 0.999) and eps 1e-8 as in the FRUGAL/GaLore C4 pre-training scripts (LOST's development
 code uses b2 = 0.95: `--config.optim.b2=0.95`). FRUGAL defaults to the paper's runs (blockwise, descending, ρ 0.25,
 T 200); GaLore to rank 128, scale 0.25 and its own eps 1e-6 (its scripts use lr 0.01). LIFT and TRP need `params`
@@ -40,6 +50,7 @@ import optax
 
 import optim
 import optim.projection
+from lostjax.pytree import path_to_str
 from train.cli import did_you_mean
 
 ScalarOrSchedule = Union[float, optax.Schedule]
@@ -148,6 +159,8 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.warmup_frac = 0.1
   c.min_lr_ratio = 0.1
   c.seed = 0  # PRNG seed of random projections / random block order
+  # Learning-rate multipliers of the non-matrix parameter groups (matrices: 1); see the module docstring.
+  c.lr_mult = ml_collections.ConfigDict(dict(embed=1.0, head=1.0, norm=1.0))
   for name, entry in OPTIMIZERS.items():
     if entry.config is not None:
       c[name] = entry.config()
@@ -178,11 +191,49 @@ def check_optim_config(c) -> None:
   _number("min_lr_ratio", c.min_lr_ratio, lo=0.0, hi=1.0)
   if isinstance(c.seed, bool) or not isinstance(c.seed, int):
     raise ValueError(f"optim.seed={c.seed!r} must be an int")
+  for group, m in lr_multipliers(c).items():
+    _number(f"lr_mult.{group}", m, lo=0.0)
   if c.get("decay_mask", "all") not in DECAY_MASKS:
     raise ValueError(f"optim.decay_mask={c.decay_mask!r}; expected one of {DECAY_MASKS}")
 
 
 DECAY_MASKS = ("all", "matrices")
+LR_GROUPS = ("embed", "head", "norm")
+
+
+def lr_multipliers(c) -> dict:
+  """{'embed': m, 'head': m, 'norm': m} from optim.lr_mult (all 1 when a config predates the field)."""
+  mult = c.get("lr_mult", None)
+  d = mult.to_dict() if mult is not None else {}
+  unknown = sorted(set(d) - set(LR_GROUPS))
+  if unknown:
+    raise ValueError(f"optim.lr_mult: unknown group(s) {unknown}; expected {LR_GROUPS}")
+  return {g: d.get(g, 1.0) for g in LR_GROUPS}
+
+
+def param_group(path: str) -> str:
+  """The learning-rate group of a parameter path: 'head', 'embed', 'norm' or 'matrix' (everything else)."""
+  p = path.lower()
+  if "lm_head" in p:
+    return "head"
+  if "embed" in p:
+    return "embed"
+  if "norm" in p:
+    return "norm"
+  return "matrix"
+
+
+def scale_by_group(multipliers: dict) -> optax.GradientTransformation:
+  """Multiplies the update of every leaf by `multipliers[param_group(path)]` (1 for matrices and missing groups)."""
+  mult = dict(multipliers)
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: (u * mult.get(param_group(path_to_str(path)), 1.0)).astype(u.dtype), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def masked_weight_decay(learning_rate: ScalarOrSchedule, weight_decay: float,
@@ -248,6 +299,9 @@ def build_optimizer(optim_cfg, learning_rate: ScalarOrSchedule,
     raise ValueError(f"bad optim.{name} config: {e}") from None
   if decay_matrices:
     tx = optax.chain(tx, masked_weight_decay(learning_rate, optim_cfg.weight_decay, _matrix_mask(label_fn)))
+  mult = lr_multipliers(optim_cfg)
+  if any(m != 1.0 for m in mult.values()):
+    tx = optax.chain(tx, scale_by_group(mult))
   if optim_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
   return tx
