@@ -18,12 +18,16 @@ from train.configs import study as grids
 def test_cpu_grid_runs_and_sweeps():
   cfg = grids.get_config("cpu")
   specs = study.expand(cfg)
-  assert len(specs) == 28 and len({s["name"] for s in specs}) == 28
+  assert len(specs) == 40 and len({s["name"] for s in specs}) == 40
   runs = {s["run"] for s in specs}
-  assert runs == {"dense", "lowrank", "lost", "dense_galore", "dense_frugal", "dense_frugal_rho0", "lost_frugal"}
+  assert runs == {"dense", "lowrank", "lost", "dense_galore", "dense_frugal", "dense_frugal_rho0", "lost_frugal",
+                  "cola", "sltrain", "dense_galore_mult"}
   for s in specs:
     c = s["config"]
     assert c["model"]["attn_kind"] == c["model"]["mlp_kind"] == s["method"]
+    assert c["model"]["lowrank_act"] == ("silu" if s["run"] == "cola" else "identity")
+    assert c["model"]["sparsity"] == (0.03 if s["run"] == "sltrain" else 0.05)
+    assert c["optim"]["lr_mult"]["norm"] == (0.1 if s["run"] == "dense_galore_mult" else 1.0)
     assert c["optim"]["name"] == s["optimizer"] and c["optim"]["lr"] == s["lr"]
     assert "grid" not in c and "runs" not in c and "only" not in c
     assert c["data"]["source"] == "stdlib" and c["data"]["tokenizer"] == "byte"
@@ -31,6 +35,7 @@ def test_cpu_grid_runs_and_sweeps():
   assert by[("dense_frugal", 1e-3)]["optim"]["frugal"]["rho"] == 0.25
   assert by[("dense_frugal_rho0", 1e-3)]["optim"]["frugal"]["rho"] == 0.0
   assert by[("dense_galore", 1e-2)]["optim"]["galore"]["rank"] == 32
+  assert by[("dense_galore_mult", 1e-2)]["optim"]["galore"]["rank"] == 32
   # Every run sweeps >= 3 values a factor ~3 apart, including the papers' own learning rates.
   for name, r in cfg.runs.items():
     lrs = sorted(r.lrs)
@@ -48,7 +53,7 @@ def test_other_grids_and_bad_input():
   assert p.train.steps == 20_000 and p.train.global_batch == 512 and p.runs.dense_galore.set.startswith(
       "optim.galore.rank=256")
   assert 1e-3 in p.runs.dense.lrs and 1e-2 in p.runs.dense_galore.lrs
-  assert len(study.expand(p)) == 21
+  assert len(study.expand(p)) == 30
   with pytest.raises(ValueError, match="paper:9b"):
     grids.get_config("paper:9b")
   with pytest.raises(ValueError, match="'gpu'"):
@@ -71,7 +76,7 @@ def test_other_grids_and_bad_input():
   cfg.seeds = (0, 1)
   cfg.train.steps = 30        # a shared override reaches every run
   specs = study.expand(cfg)
-  assert len(specs) == 56 and "dense_lr0.001_s1" in {s["name"] for s in specs}
+  assert len(specs) == 80 and "dense_lr0.001_s1" in {s["name"] for s in specs}
   assert {s["config"]["train"]["steps"] for s in specs} == {30}
   assert study.parse_set("a.b=0.25 c.d=x e.f=True") == [("a.b", 0.25), ("c.d", "x"), ("e.f", True)]
   with pytest.raises(ValueError, match="'oops'"):
@@ -302,3 +307,30 @@ def test_no_train_module_imports_the_study_command():
         if any(n == "train.study" or n.startswith("train.study.") for n in names):
           users.append(os.path.relpath(path, root))
   assert users == []
+
+
+def test_baseline_presets_and_ablation_grids():
+  from train.configs import base, llama
+  cola, sl = llama.get_config("60m,cola").model, llama.get_config("60m,sltrain").model
+  assert (cola.attn_kind, cola.mlp_kind, cola.lowrank_act, cola.lowrank_init) == ("lowrank", "lowrank", "silu",
+                                                                                  "normal")
+  assert (sl.attn_kind, sl.sparsity) == ("sltrain", 0.03) and base.model_config("tiny", "lost").sparsity == 0.05
+  cfg = grids.get_config("ablate")
+  specs = study.expand(cfg)
+  assert len(specs) == 14 * 3 and {s["lr"] for s in specs} == {grids.ABLATE_LR} and study.confirm_seeds(cfg) == []
+  by = {(s["run"], s["seed"]): s["config"]["model"] for s in specs}
+  assert by[("lost_gamma90", 2)]["gamma"] == 0.9 and by[("lost_s01", 0)]["sparsity"] == 0.01
+  assert by[("lost_r16_s25", 1)]["attn_rank"] == 16 == by[("lost_r16_s25", 1)]["mlp_rank"]
+  assert by[("lost_score_random", 0)]["lost_score"] == "random" and by[("lost_silu", 0)]["lowrank_act"] == "silu"
+  assert by[("lost_values_residual", 0)]["lost_sparse_values"] == "residual"
+  assert study.study_option(cfg, "reference") == "lost"
+  g = grids.get_config("ablate:gamma")
+  assert {s["run"] for s in study.expand(g)} == {"lost", "lost_gamma25", "lost_gamma75", "lost_gamma90"}
+  with pytest.raises(ValueError, match="'gama'.*did you mean 'gamma'"):
+    grids.get_config("ablate:gama")
+  cap = grids.get_config("capacity")
+  assert cap.model.attn_rank == cap.model.d_model // 4 and cap.min_steps == cap.train.steps == 2048
+  assert len(study.expand(cap)) == 9 and study.confirm_seeds(cap) == [1, 2]
+  cap.reference = "cola"
+  with pytest.raises(ValueError, match="reference='cola'"):
+    study.study_option(cap, "reference")

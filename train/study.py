@@ -66,8 +66,8 @@ from train.cli import did_you_mean
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "study.py")
 STUDY_FIELDS = ("grid", "only", "seeds", "runs")   # required; the optional ones have defaults below
-OPTIONAL_FIELDS = {"confirm_seeds": 0, "min_steps": 0}
-METHODS = ("dense", "lowrank", "lost")
+OPTIONAL_FIELDS = {"confirm_seeds": 0, "min_steps": 0, "reference": "dense"}
+METHODS = ("dense", "lowrank", "lost", "sltrain")   # linear kinds (CoLA: lowrank with model.lowrank_act=silu)
 RESULT_FILE = "study_result.json"
 RUN_CONFIG_FILE = "study_config.json"
 LOG_FILE = "study.log"
@@ -168,6 +168,10 @@ def study_option(cfg, field: str) -> int:
   """An optional study field (`confirm_seeds`, `min_steps`): a non-negative int, its default when absent."""
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   v = d.get(field, OPTIONAL_FIELDS[field])
+  if field == "reference":
+    if v not in d["runs"]:
+      raise ValueError(f"reference={v!r} is not a run of the grid; runs: {_run_names(d['runs'])}")
+    return v
   if isinstance(v, bool) or not isinstance(v, int) or v < 0:
     raise ValueError(f"{field}={v!r} must be a non-negative int")
   return v
@@ -555,7 +559,7 @@ def write_csv(rows: list[dict], path: str) -> None:
       w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
 
 
-def markdown(rows: list[dict], best: dict, verdict_list, header: str = "") -> str:
+def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", reference: str = "dense") -> str:
   buf = io.StringIO()
   if header:
     buf.write(header.rstrip() + "\n\n")
@@ -588,9 +592,9 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "") -> st
             "aliases), or the training process's device `peak_bytes_in_use` where marked (device); estimate: "
             "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept.\n\n")
   buf.write("### Final eval loss over seeds at the best learning rate\n\n")
-  buf.write("| run | lr | seeds | mean ± std | 95 % interval | per seed | vs dense (paired, same seeds) | "
+  buf.write(f"| run | lr | seeds | mean ± std | 95 % interval | per seed | vs {reference} (paired, same seeds) | "
             "95 % interval of the difference |\n|---|---|---|---|---|---|---|---|\n")
-  diffs = dict(differences(best))
+  diffs = dict(differences(best, reference))
   for run in order:
     if run not in best:
       continue
@@ -600,15 +604,15 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "") -> st
     ci = f"[{iv['lo']:.4f}, {iv['hi']:.4f}]" if iv["lo"] is not None else "– (one seed)"
     per = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in sorted(_losses(b).items()))
     d = diffs.get(run)
-    if run == "dense" or d is None:
-      dtxt, dci = ("–", "–") if run != "dense" or d is not None else ("reference", "–")
+    if run == reference or d is None:
+      dtxt, dci = ("reference", "–") if run == reference else ("–", "–")
     else:
       dtxt = f"{d['mean']:+.4f} ({d['mean'] / d['ref_mean']:+.1%})"
       dci = ("– (one seed)" if d["lo"] is None else
              f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ([{d['lo'] / d['ref_mean']:+.1%}, {d['hi'] / d['ref_mean']:+.1%}])")
     buf.write(f"| {run} | {lr_tag(b['lr'])} | {iv['n']} | {ms} | {ci} | {per} | {dtxt} | {dci} |\n")
   buf.write("\nStudent-t intervals (`train/stats.py`): mean ± t·s/√n over the seeds at the best learning rate; the "
-            "difference to dense is taken seed by seed (same seed: same initialisation stream and data order).\n\n")
+            f"difference to {reference} is taken seed by seed (same seed: same initialisation stream and data order).\n\n")
   buf.write(f"### Verdicts\n\nMargin {TOLERANCE:.0%} of the reference's mean loss; a claim holds only when the "
             "whole 95 % interval of the paired difference is on its side of the margin, does not hold when the whole "
             "interval is on the other side, and is inconclusive otherwise (always with a single seed).\n\n")
@@ -739,7 +743,8 @@ def run_study(cfg, workdir: str, log=print, jobs: int = 1) -> list[dict]:
             f"--jobs={jobs} (runs skipped as finished take no time); {_load()} at the end ({load0} at the start) on "
             f"{os.cpu_count()} cores.")
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown(rows, best, verdicts(best, steps=steps, min_steps=min_steps), header))
+    f.write(markdown(rows, best, verdicts(best, steps=steps, min_steps=min_steps), header,
+                     reference=study_option(cfg, "reference")))
   plot(rows, best, workdir)
   log(f"study wall time {wall:.1f} s ({_load()})")
   return rows

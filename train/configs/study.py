@@ -27,7 +27,22 @@ from train.cli import did_you_mean
 from train.configs import llama
 from train.configs.base import base_config, model_config
 
-GRIDS = ("cpu", "gpu60m", "paper")
+GRIDS = ("cpu", "ablate", "capacity", "gpu60m", "paper")
+
+# LOST's ablations (LOST paper §5 ablation tables), each a variant of the `cpu` grid's LOST run (γ 0.5, s 0.05,
+# rank 32, L2 channel score on the residual, sparse values from W0, σ = identity): name -> 'set' fields. Names
+# carry percentages: lost_gamma25 is γ = 0.25, lost_s03 is s = 0.03, lost_r16_s25 is rank 16 with s = 0.25.
+# The rank-vs-sparsity variants keep the linear parameter count within 1 % of rank 32 / s 0.05 (87,456).
+ABLATIONS = {
+    "gamma": {f"lost_gamma{round(100 * g)}": f"model.gamma={g}" for g in (0.25, 0.75, 0.9)},
+    "sparsity": {f"lost_s{round(100 * s):02d}": f"model.sparsity={s}" for s in (0.01, 0.03, 0.1)},
+    "budget": {f"lost_r{r}_s{round(100 * s)}": f"model.attn_rank={r} model.mlp_rank={r} model.sparsity={s}"
+               for r, s in ((24, 0.15), (16, 0.25), (8, 0.34))},
+    "score": {f"lost_score_{k}": f"model.lost_score={k}" for k in ("l1", "random")},
+    "values": {"lost_values_residual": "model.lost_sparse_values=residual"},
+    "act": {"lost_silu": "model.lowrank_act=silu"},
+}
+ABLATE_LR = 3e-3   # LOST's best learning rate in the `cpu` grid's sweep (4 values, 1 seed)
 
 # name -> (method, optimizer, lr kind, extra 'set' fields). The lr kind picks the sweep of the grid.
 RUNS = {
@@ -38,6 +53,12 @@ RUNS = {
     "dense_frugal": ("dense", "frugal", "adamw", "optim.frugal.rho=0.25"),
     "dense_frugal_rho0": ("dense", "frugal", "adamw", "optim.frugal.rho=0.0"),
     "lost_frugal": ("lost", "frugal", "adamw", "optim.frugal.rho=0.25"),
+    # Baselines of LOST's comparison table (presets of train/configs/base.py: PRESET_METHODS).
+    "cola": ("lowrank", "adamw", "adamw", "model.lowrank_act=silu model.lowrank_init=normal"),
+    "sltrain": ("sltrain", "adamw", "adamw", "model.sparsity=0.03"),
+    # GaLore with the embedding, head and norms at a tenth of its matrix learning rate (AdamW's range).
+    "dense_galore_mult": ("dense", "galore", "galore", "optim.lr_mult.embed=0.1 optim.lr_mult.head=0.1 "
+                                                      "optim.lr_mult.norm=0.1"),
 }
 
 
@@ -46,7 +67,7 @@ def _runs(sweeps: dict, galore_rank: int, update_gap: int) -> ml_collections.Con
   for name, (method, opt, kind, extra) in RUNS.items():
     s = extra
     if opt == "galore":
-      s = f"optim.galore.rank={galore_rank} optim.galore.update_gap={update_gap}"
+      s = f"optim.galore.rank={galore_rank} optim.galore.update_gap={update_gap} {extra}".strip()
     if opt == "frugal":
       s = f"{s} optim.frugal.update_gap={update_gap}".strip()
     runs[name] = ml_collections.ConfigDict(dict(method=method, optimizer=opt, lrs=tuple(sweeps[kind]), set=s))
@@ -55,6 +76,7 @@ def _runs(sweeps: dict, galore_rank: int, update_gap: int) -> ml_collections.Con
 
 def _study_fields(c, grid: str, sweeps: dict, galore_rank: int, update_gap: int, confirm_seeds: int = 2):
   c.grid = grid
+  c.reference = "dense"  # the run every other run is compared with (paired differences)
   c.only = ""          # comma-separated run names to keep ('' = all)
   c.seeds = (0,)       # the learning-rate sweep's seeds
   c.confirm_seeds = confirm_seeds  # more seeds at each run's best learning rate (the intervals need >= 1)
@@ -66,7 +88,8 @@ def _study_fields(c, grid: str, sweeps: dict, galore_rank: int, update_gap: int,
 def cpu_config():
   """Byte-level model (d 128, 2 layers, rank 32) on the stdlib corpus; sized to the ≤ 30 min CPU budget.
 
-  28 runs (7 × 4 learning rates) of 240 steps × 16 × 128 tokens (0.49M tokens each, the same tokens for all).
+  40 sweep runs (10 × 4 learning rates) and 20 confirmation runs (2 seeds × 10) of 240 steps × 16 × 128 tokens
+  (0.49M tokens each, the same tokens for all runs of one seed).
   """
   c = base_config()
   c.model = model_config("tiny", "dense")
@@ -97,6 +120,55 @@ def cpu_config():
   # Four values each: with three (1e-3..1e-2 and 3e-3..3e-2) dense AdamW and GaLore were best at an edge.
   sweeps = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "galore": (3e-3, 1e-2, 3e-2, 1e-1)}
   return _study_fields(c, "cpu", sweeps, galore_rank=32, update_gap=50)
+
+
+def ablate_config(question: str = ""):
+  """LOST's ablations on the `cpu` grid's model and tokens: the LOST run and its variants (ABLATIONS), each at the
+  `cpu` grid's best LOST learning rate (ABLATE_LR) with three seeds (0, 1, 2), compared with the LOST run seed by
+  seed. `ablate:<question>` keeps the LOST run and that question's variants (gamma, sparsity, budget, score,
+  values, act)."""
+  if question and question not in ABLATIONS:
+    raise ValueError(f"unknown ablation {question!r} in ablate:{question}; expected one of {', '.join(ABLATIONS)}"
+                     f"{did_you_mean(question, ABLATIONS)}")
+  c = cpu_config()
+  c.grid = "ablate" + (f":{question}" if question else "")
+  c.seeds = (0, 1, 2)
+  c.confirm_seeds = 0
+  c.reference = "lost"
+  runs = ml_collections.ConfigDict()
+  runs.lost = ml_collections.ConfigDict(dict(method="lost", optimizer="adamw", lrs=(ABLATE_LR,), set=""))
+  for q, variants in ABLATIONS.items():
+    for name, s in variants.items():
+      runs[name] = ml_collections.ConfigDict(dict(method="lost", optimizer="adamw", lrs=(ABLATE_LR,), set=s))
+  c.runs = runs
+  c.only = ",".join(["lost", *ABLATIONS[question]]) if question else ""
+  return c
+
+
+def capacity_config():
+  """A capacity-bound CPU grid: a small model (d 64, 2 layers, d_ff 172, rank 16 = d/4) trained on 4.2M tokens
+  (2,048 steps × 16 × 128), about 47 tokens per non-embedding parameter of the dense model, so that the dense
+  eval loss flattens before the end and the low-rank model at rank d/4 can fall behind. Runs: dense, lowrank,
+  lost, each at three learning rates, then 2 confirmation seeds (15 runs)."""
+  c = cpu_config()
+  c.grid = "capacity"
+  c.model.d_model = 64
+  c.model.d_ff = 172
+  c.model.n_heads = 2
+  c.model.attn_rank = 16
+  c.model.mlp_rank = 16
+  c.train.steps = 2048
+  c.train.eval_every = 256
+  c.train.ckpt_every = 1024
+  c.train.log_every = 64
+  c.min_steps = c.train.steps
+  keep = ("dense", "lowrank", "lost")
+  runs = ml_collections.ConfigDict()
+  for name in keep:
+    runs[name] = c.runs[name]
+    runs[name].lrs = (1e-3, 3e-3, 1e-2)
+  c.runs = runs
+  return c
 
 
 def gpu60m_config():
@@ -141,6 +213,10 @@ def get_config(arg: str = "cpu"):
     return run_config(grid[len("run="):])
   if grid == "cpu":
     return cpu_config()
+  if grid == "capacity":
+    return capacity_config()
+  if grid == "ablate" or grid.startswith("ablate:"):
+    return ablate_config(grid.partition(":")[2])
   if grid == "gpu60m":
     return gpu60m_config()
   if grid.startswith("paper:"):
@@ -149,5 +225,6 @@ def get_config(arg: str = "cpu"):
       raise ValueError(f"unknown preset size {size!r} in study.py:paper:{size} (sizes: {', '.join(llama.STEPS)})"
                        f"{did_you_mean(size, llama.STEPS, prefix='paper:')}")
     return paper_config(size)
-  names = ["cpu", "gpu60m"] + [f"paper:{s}" for s in llama.STEPS]
-  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, gpu60m, paper:<size>){did_you_mean(grid, names)}")
+  names = ["cpu", "capacity", "ablate", "gpu60m"] + [f"paper:{s}" for s in llama.STEPS]
+  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, capacity, ablate[:<question>], gpu60m, paper:<size>)"
+                   f"{did_you_mean(grid, names)}")
