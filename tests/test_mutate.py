@@ -68,6 +68,7 @@ def test_tests_are_found_by_import():
   assert "tests/test_generate.py" in mutate.tests_for("lostjax/generate.py")
   assert "tests/test_metrics_robustness.py" in mutate.tests_for("lostjax/metrics/robustness.py")
   assert "tests/test_data_pipeline.py" in mutate.tests_for("train/data/pipeline.py")
+  assert mutate.tests_for("losses/pld.py") == ["tests/test_loss_pld.py"]     # by name: it imports `losses` only
 
 
 def test_run_counts_outcomes_and_restores_the_file(tmp_path, monkeypatch):
@@ -91,3 +92,30 @@ def test_run_counts_outcomes_and_restores_the_file(tmp_path, monkeypatch):
   assert by["True → False"]["outcome"] == "survived" and by["True → False"]["line"] == 6
   s = rec["summary"]["pkg/m.py"]
   assert (s["mutants"], s["killed"], s["survived"], s["timeout"], s["survival"]) == (2, 1, 1, 0, 0.5)
+
+
+def test_rerun_runs_only_the_survivors(tmp_path, monkeypatch):
+  """--rerun takes an earlier --json output (or its printed lines) and runs again only the survivors it lists."""
+  import json
+  (tmp_path / "pkg").mkdir()
+  (tmp_path / "tests").mkdir()
+  src = "def add(a, b):\n  return a + b\n\n\ndef flag():\n  return True\n"
+  (tmp_path / "pkg" / "__init__.py").write_text("")
+  (tmp_path / "pkg" / "m.py").write_text(src)
+  (tmp_path / "tests" / "test_m.py").write_text(
+      "from pkg import m\n\n\ndef test_add():\n  assert m.add(2, 3) == 5\n\n\n"
+      "def test_flag():\n  assert m.flag() is True\n")                 # the test added after the first run
+  monkeypatch.setattr(mutate, "ROOT", tmp_path)
+  earlier = [{"file": "pkg/m.py", "line": 2, "col": 11, "mutation": "+ → -", "outcome": "killed",
+              "code": "return a + b"},
+             {"file": "pkg/m.py", "line": 6, "col": 9, "mutation": "True → False", "outcome": "survived",
+              "code": "return True"}]
+  first, second, log = tmp_path / "first.json", tmp_path / "second.json", tmp_path / "log"
+  first.write_text(json.dumps({"summary": {}, "mutants": earlier}))
+  mutate.main(["pkg/m.py", "--rerun", str(first), "--json", str(second)])
+  rec = json.loads(second.read_text())
+  assert [(r["mutation"], r["line"], r["col"], r["outcome"]) for r in rec["mutants"]] == [
+      ("True → False", 6, 9, "killed")]
+  assert (tmp_path / "pkg" / "m.py").read_text() == src
+  log.write_text("not json\n" + "\n".join(json.dumps({k: v for k, v in r.items() if k != "col"}) for r in earlier))
+  assert mutate.load_survivors(str(log)) == {("pkg/m.py", 6, None, "True → False", "return True")}

@@ -4,6 +4,7 @@
     python tools/mutate.py optim/ losses/pld.py --sample 30    # 30 mutants per file, chosen with --seed
     python tools/mutate.py train/study.py --list                # print the mutants, run nothing
     python tools/mutate.py train/study.py --json out.json       # also write every outcome as JSON
+    python tools/mutate.py losses/ --rerun out.json             # only the mutants that survived in out.json
 
 Each mutant is a one-token change of the source, made on the text so that everything else stays byte-identical:
 an arithmetic operator swapped (``+``/``-``, ``*``/``/``, ``**``→``*``), a comparison weakened or negated
@@ -14,11 +15,14 @@ replaced by ``x``. Docstrings, strings, ``__name__ == "__main__"`` blocks and li
 are left alone.
 
 For each source file the tool finds its tests: ``tests/test_*.py`` files that import the module (by dotted name or
-``from package import name``), plus the explicit entries of ``EXTRA_TESTS``; ``--tests`` overrides both. The tests
+``from package import name``) or are named after it (``tests/test_loss_pld.py`` for ``losses/pld.py``, whose
+tests import the functions from the package), plus the explicit entries of ``EXTRA_TESTS``; ``--tests`` overrides
+all of them. The tests
 run once on the unmutated code (they must pass; their time sets the per-mutant timeout), then once per mutant with
 ``pytest -x`` and the default markers (slow tests excluded), in a subprocess sharing one persistent JAX compilation
 cache. A mutant is *killed* when the tests fail or time out, *survived* when they pass. The file is restored after
-every mutant, also on Ctrl-C.
+every mutant, also on Ctrl-C. ``--rerun`` takes the JSON (or the JSON lines printed) of an earlier run and runs only
+its survivors again, matched by file, line, column, mutation and source line: the check after adding tests.
 
 Why a script of our own rather than mutmut or cosmic-ray: mutmut 3 first runs the whole suite under its
 trampolines to map functions to tests (over ten minutes on two cores, with jit-traced functions wrapped in its
@@ -259,8 +263,8 @@ def tests_for(path: str) -> list[str]:
       for g in globs:
         found.update(str(t.relative_to(ROOT)) for t in ROOT.glob(g))
   for t in sorted((ROOT / "tests").glob("test_*.py")):
-    text = t.read_text()
-    if any(p.search(text) for p in pats):
+    named = leaf and not leaf.startswith("_") and (t.stem == f"test_{leaf}" or t.stem.endswith(f"_{leaf}"))
+    if named or any(p.search(t.read_text()) for p in pats):
       found.add(str(t.relative_to(ROOT)))
   return sorted(found)
 
@@ -277,6 +281,22 @@ def run_tests(tests: list[str], timeout: float, cache_dir: str) -> tuple[str, fl
   except subprocess.TimeoutExpired:
     status = "timeout"
   return status, time.monotonic() - t0
+
+
+def load_survivors(path: str) -> set[tuple]:
+  """(file, line, col, mutation, code) of every survived mutant in a --json file or the printed JSON lines."""
+  text = Path(path).read_text()
+  try:
+    recs = json.loads(text)["mutants"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    recs = [json.loads(l) for l in text.splitlines() if l.strip().startswith("{")]
+  return {(r["file"], r["line"], r.get("col"), r["mutation"], r["code"]) for r in recs
+          if r.get("outcome") == "survived"}
+
+
+def _key(m: Mutant, original: bytes) -> tuple:
+  col = m.start - _line_offsets(original)[m.line - 1]
+  return m.path, m.line, col, m.description, original.splitlines()[m.line - 1].decode().strip()
 
 
 def expand(paths: list[str]) -> list[str]:
@@ -300,8 +320,10 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--list", action="store_true", help="print the mutants and exit")
   ap.add_argument("--json", help="write every outcome to this file")
+  ap.add_argument("--rerun", help="run only the mutants that survived in this earlier --json output (or log)")
   ap.add_argument("--timeout_factor", type=float, default=3.0)
   args = ap.parse_args(argv)
+  keep = load_survivors(args.rerun) if args.rerun else None
 
   cache_dir = os.environ.get("LOSTJAX_TEST_JAX_CACHE") or os.path.join(tempfile.gettempdir(), "lostjax-mutate-cache")
   results, summary = [], {}
@@ -311,6 +333,11 @@ def main(argv=None):
     if args.sample and len(mutants) > args.sample:
       mutants = sorted(random.Random(f"{args.seed}:{path}").sample(mutants, args.sample),
                        key=lambda m: m.start)
+    if keep is not None:
+      src = (ROOT / path).read_bytes()
+      mutants = [m for m in mutants if _key(m, src) in keep or _key(m, src)[:2] + (None,) + _key(m, src)[3:] in keep]
+    if not mutants:
+      continue   # nothing to mutate (a package's __init__ that only re-exports): no test run
     if args.list:
       for m in mutants:
         print(f"{path}:{m.line}: {m.description}")
@@ -342,8 +369,9 @@ def main(argv=None):
           (ROOT / path).write_bytes(original)
         outcome = {"passed": "survived", "failed": "killed", "timeout": "timeout"}[status]
         counts[outcome] += 1
-        rec = {"file": path, "line": m.line, "mutation": m.description, "outcome": outcome, "seconds": round(dt, 1),
-               "code": original.splitlines()[m.line - 1].decode().strip()}
+        _, line, col, desc, code = _key(m, original)
+        rec = {"file": path, "line": line, "col": col, "mutation": desc, "outcome": outcome,
+               "seconds": round(dt, 1), "code": code}
         results.append(rec)
         print(json.dumps(rec, ensure_ascii=False), flush=True)
     finally:
