@@ -37,7 +37,8 @@ def np_amcl(a, p, n, tp, tn, beta=0.1, dim=None, variant="ntxent", reduction="ma
   for i in range(b_):
     for c in range(c_):
       pos = _cos(a[c, i], p[c, i]) / tp[c, i]
-      cands = [(_cos(a[c, i], n[c, i, k]) / tn[c, i, k], tn[c, i, k]) for k in range(n_) if mask[i, k]]
+      keep = mask[c, i] if mask.ndim == 3 else mask[i]
+      cands = [(_cos(a[c, i], n[c, i, k]) / tn[c, i, k], tn[c, i, k]) for k in range(n_) if keep[k]]
       if variant == "infonce":
         cands.append((pos, tp[c, i]))
       term = -pos + beta * _omega(tp[c, i], dim)
@@ -150,6 +151,9 @@ def test_masks_empty_negatives_vmap_jit():
         got = amcl_loss(ANC, POS, NEG, TP, TN, neg_where=mask, variant=variant, reduction=red)
         np.testing.assert_allclose(float(got), np_amcl(ANC, POS, NEG, TP, TN, variant=variant, reduction=red,
                                                        mask=mask), rtol=1e-10)
+    per_head = np.stack([mask, ~mask])          # [C, B, N]: each head its own negatives
+    got = amcl_loss(ANC, POS, NEG, TP, TN, neg_where=per_head)
+    np.testing.assert_allclose(float(got), np_amcl(ANC, POS, NEG, TP, TN, mask=per_head), rtol=1e-10)
   full = np.zeros((B, N), bool)
   g = jax.jit(jax.grad(lambda a: A.amcl_loss(a, *args[1:], neg_where=full, reduction="logsumexp")))(args[0])
   assert np.all(np.isfinite(g))

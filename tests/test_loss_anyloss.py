@@ -25,6 +25,10 @@ P = RNG.uniform(0.3, 0.7, N)
 METRICS = ["accuracy", "f_beta", "gmean", "balanced_accuracy"]
 
 
+def _div(a, b):
+  return a / b if b > 0 else 0.   # the documented guard: a ratio with a zero denominator is 0
+
+
 def np_any(p, y, metric, L=73., beta=1., eps=0., gsqrt=True):
   yh = 1 / (1 + np.exp(-L * (p - 0.5)))
   n, y1 = len(y), y.sum()
@@ -33,14 +37,14 @@ def np_any(p, y, metric, L=73., beta=1., eps=0., gsqrt=True):
   fn, fp = y1 - tp, yh.sum() - tp
   tn = n - y1 - yh.sum() + tp
   if metric == "accuracy":
-    m = (tp + tn) / (n + eps)
+    m = _div(tp + tn, n + eps)
   elif metric == "f_beta":
-    m = (1 + beta ** 2) * tp / ((1 + beta ** 2) * tp + beta ** 2 * fn + fp + eps)
+    m = _div((1 + beta ** 2) * tp, (1 + beta ** 2) * tp + beta ** 2 * fn + fp + eps)
   elif metric == "gmean":
-    m = (tp / (y1 + eps)) * (tn / (y0 + eps))
+    m = _div(tp, y1 + eps) * _div(tn, y0 + eps)
     m = np.sqrt(m + 1e-12) if gsqrt else m
   else:
-    m = 0.5 * (tp / (y1 + eps) + tn / (y0 + eps))
+    m = 0.5 * (_div(tp, y1 + eps) + _div(tn, y0 + eps))
   return 1 - m
 
 
@@ -82,6 +86,7 @@ def test_edges(metric):
   f = lambda a, lab: anyloss(a, lab, metric=metric)
   for lab in (jnp.zeros(N, int), jnp.ones(N, int)):   # one-class batch: finite (guarded denominators)
     assert np.isfinite(float(f(p, lab))) and np.all(np.isfinite(jax.grad(f)(p, lab)))
+    np.testing.assert_allclose(float(f(p, lab)), np_any(P, np.asarray(lab), metric), rtol=1e-5)
   assert np.isfinite(float(f(p[:1], y[:1])))          # single sample
   for x in (jnp.full(N, 0.5), jnp.zeros(N), jnp.ones(N), p.astype(jnp.bfloat16)):   # ties, saturation, bf16
     assert np.all(np.isfinite(jax.grad(f)(x, y).astype(jnp.float32)))

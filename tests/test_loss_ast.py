@@ -56,6 +56,9 @@ def test_loss_scale_and_balance_factor_vs_formula():
     ref = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95][e] if e < 10 else 1.0
     np.testing.assert_allclose(got[e], ref, rtol=1e-6)
   np.testing.assert_allclose(off, 1.0)
+  # the default of 10 decay epochs also holds when start/step do not reach 1 by then
+  np.testing.assert_allclose([L.ast_loss_scale(9, start=0.2), L.ast_loss_scale(10, start=0.2)], [0.65, 1.0],
+                             rtol=1e-6)
   for s in (0, 1, 20, 30):
     # traced start epoch, as in a jitted distillation step
     fac = np.asarray(jax.jit(lambda e: L.ast_balance_factor(e, s))(np.arange(s + 1)))
@@ -72,6 +75,8 @@ def test_gradient_penalty_and_expert_loss_vs_numpy():
     np.testing.assert_allclose(float(gp(p, X)), np_gp(W1, V1, X), rtol=1e-10)
     gp1 = jax.jit(lambda p, x: L.ast_gradient_penalty(lambda z: net(p, z), x, channel_axis=1, weight=0.5))
     np.testing.assert_allclose(float(gp1(p, X)), np_gp(W1, V1, X, 0.5, channel_axis=1), rtol=1e-10)
+    flat = X.reshape(B, -1)                                 # [B, D] inputs: one norm per sample
+    np.testing.assert_allclose(float(gp(p, flat)), np_gp(W1, V1, flat), rtol=1e-10)
     xa = X + 0.3
     expert = jax.jit(lambda p, e: L.ast_expert_loss(lambda z: net(p, z), X, Y, e, x_aug=xa))
     for epoch in (0, 4, 12):
@@ -153,6 +158,7 @@ def test_unroll_vs_numpy_and_grad_through_it():
                                    1 / math.log(smax // 2 - e + 8, 5))
       np.testing.assert_allclose(np.asarray(got), np_unroll(w0, x, y, 0.3, steps, m, 0.9, fac), rtol=1e-10)
     assert L.ast_record_steps(7, 3) == [2, 4, 7]
+    assert L.ast_record_steps(3, 3) == [1, 2, 3]
     # the distillation gradient (images and lr) through the unroll and the matching loss vs finite differences
     experts = RNG.normal(size=(2, 4, 3)) * 0.1
 
@@ -184,6 +190,7 @@ def test_bad_inputs():
   raises_while_tracing("structure", lambda: L.ast_matching_loss(one, {"b": np.ones(3)}, one))
   raises_while_tracing("leading axis", lambda: L.ast_matching_loss(one, three, {"a": np.ones((3, 3))}))
   raises_while_tracing("num_steps", lambda: L.ast_record_steps(2, 3))
+  raises_while_tracing("num_expert_epochs", lambda: L.ast_middle_weights(0))
   lin = (np.ones((4, 3), np.float32), np.ones((6, 4), np.float32))
   raises_while_tracing("together", lambda: L.ast_unroll(_linear_ce, *lin, np.zeros(6, int), 0.1, num_steps=2,
                                            num_expert_epochs=1, start_epoch=1))

@@ -53,6 +53,11 @@ def test_numpy_loops(clamp):
     np.testing.assert_allclose(float(binary_kl_loss(J(S2), J(T), clamp_eps=clamp)), np_bkl(S2, T, 2., clamp), rtol=1e-10)
     np.testing.assert_allclose(float(binary_kl_norm_loss(J(S2), J(T), clamp_eps=clamp)),
                                np_bkl(S2, T, 2., clamp, norm=True), rtol=1e-10)
+    for temp in (0.5, 3.):   # the T^2 factor (T = 2 cannot tell T^2 from 2T)
+      np.testing.assert_allclose(float(binary_kl_loss(J(S2), J(T), temperature=temp, clamp_eps=clamp)),
+                                 np_bkl(S2, T, temp, clamp), rtol=1e-10)
+      np.testing.assert_allclose(float(binary_kl_norm_loss(J(S2), J(T), temperature=temp, clamp_eps=clamp)),
+                                 np_bkl(S2, T, temp, clamp, norm=True), rtol=1e-10)
     ce = np.mean([-np.log(np.exp(S1[b, Y[b]]) / np.exp(S1[b]).sum()) for b in range(5)])
     for g, a in ((1., 1.), (0.5, 0.1)):
       got = dual_head_kd_loss(J(S1), J(S2), J(T), J(Y), gamma=g, alpha=a, clamp_eps=clamp)

@@ -30,7 +30,8 @@ def test_dpo_numpy_and_grads():
   for beta in (0.1, 1.0):
     want = np.mean([np.log1p(np.exp(-beta * ((PC[i] - RC[i]) - (PR[i] - RR[i])))) for i in range(N)])
     with jax.enable_x64(True):
-      got = dpo_loss(*(jnp.asarray(x) for x in (PC, PR, RC, RR)), beta=beta)
+      kw = {} if beta == 0.1 else {"beta": beta}         # beta = 0.1 is the default
+      got = dpo_loss(*(jnp.asarray(x) for x in (PC, PR, RC, RR)), **kw)
       np.testing.assert_allclose(float(got), want, rtol=1e-10)
       jtu.check_grads(lambda a, b: dpo_loss(a, b, jnp.asarray(RC), jnp.asarray(RR), beta=beta),
                       (jnp.asarray(PC), jnp.asarray(PR)), order=1, modes=["rev"])
@@ -55,6 +56,11 @@ def test_ranking_accuracy_numpy_opa_ties_lengths():
   got_n = ranking_accuracy(jnp.asarray(PC), jnp.asarray(PR), chosen_lengths=jnp.asarray(LC),
                            rejected_lengths=jnp.asarray(LR))
   np.testing.assert_allclose(float(got_n), want_n, rtol=1e-6)
+  # lengths 1 and 0 (an empty response counts as length 1)
+  c, r, lc, lr = np.array([-3., -3., -4.]), np.array([-2., -5., -4.5]), np.array([1, 0, 1]), np.array([1, 2, 0])
+  want = np.mean(c / np.maximum(lc, 1) >= r / np.maximum(lr, 1))
+  got = ranking_accuracy(jnp.asarray(c), jnp.asarray(r), chosen_lengths=jnp.asarray(lc), rejected_lengths=jnp.asarray(lr))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
   # equal log-likelihoods count as correct (>=); ties (rater fraction 1/2) judged with a tolerance
   assert float(ranking_accuracy(jnp.zeros(3), jnp.zeros(3))) == 1.0
   ties = jnp.array([True, True, False])
@@ -79,6 +85,9 @@ def test_idealized_ranking_accuracy():
   assert float(idealized_ranking_accuracy(jnp.asarray(RC), jnp.asarray(RR), jnp.ones(N), beta=1e-3)) == 1.0
   with pytest.raises(ValueError, match="beta"):
     _L.idealized_ranking_accuracy(jnp.zeros(2), jnp.zeros(2), jnp.ones(2), beta=0.)
+  for eps in (0., 0.5):   # eps = 0 gives an infinite margin for unanimous raters; 0.5 clips every fraction to 1/2
+    with pytest.raises(ValueError, match="eps"):
+      _L.idealized_ranking_accuracy(jnp.zeros(2), jnp.zeros(2), jnp.ones(2), beta=1., eps=eps)
   with pytest.raises(ValueError, match="rater_fraction"):
     idealized_ranking_accuracy(jnp.zeros(2), jnp.zeros(2), jnp.ones(3), beta=1.)
   with pytest.raises(ValueError, match="policy_rejected_logps"):

@@ -140,6 +140,7 @@ def test_bad_inputs():
   raises_while_tracing("keys", lambda: T.tr2m_fine_loss(q, k[:, :2], y))
   raises_while_tracing("labels", lambda: T.tr2m_fine_loss(q, k, y.astype(np.float32)))
   raises_while_tracing("d_max", lambda: L.tr2m_depth_classes(np.ones(3), 2.0, 1.0))
+  raises_while_tracing("d_max", lambda: L.tr2m_depth_classes(np.ones(3), 2.0, 2.0))   # an empty depth range
   raises_while_tracing("num_classes", lambda: L.tr2m_depth_classes(np.ones(3), 1.0, 2.0, num_classes=0))
   raises_while_tracing("target", lambda: L.tr2m_pseudo_scale(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32)))
   raises_while_tracing("momentum", lambda: L.tr2m_ema({"w": np.ones(2)}, {"w": np.ones(2)}, momentum=1.5))

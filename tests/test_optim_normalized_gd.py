@@ -78,3 +78,20 @@ def test_bad_inputs():
     tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
   with pytest.raises(ValueError, match="1-D"):
     tx.update(jnp.ones(2), tx.init(jnp.ones(2)), margins=jnp.ones((2, 2)))
+
+
+def test_schedule_count_single_sample_and_clamp():
+  """γ_t follows the schedule's count 0, 1, 2; one sample is a valid batch; β is clamped to 1/finfo.tiny."""
+  m1 = np.array([0.7], np.float32)
+  beta1 = 1.0 + np.exp(0.7)                       # n = 1: β = 1 / σ(−m) = 1 + e^m
+  tx = normalized_gd(lambda count: 1.0 + count)
+  state, g = tx.init(jnp.zeros(2)), jnp.array([1.0, -2.0])
+  for t in range(3):
+    u, state = tx.update(g, state, margins=jnp.asarray(m1))
+    np.testing.assert_allclose(u, -(1.0 + t) * beta1 * np.array([1.0, -2.0]), rtol=1e-5)
+  with pytest.raises(ValueError, match="non-empty"):
+    tx.update(g, state, margins=jnp.zeros((0,)))
+  from optim.normalized_gd import normalization
+  # σ(−80) ≈ 1.8e-35 is above float32's tiny: exact in log space; σ(−200) underflows: the clamp
+  np.testing.assert_allclose(normalization(jnp.array([80.0, 80.0])), 1.0 + np.exp(80.0), rtol=1e-5)
+  np.testing.assert_allclose(normalization(jnp.full((4,), 200.0)), 1.0 / np.finfo(np.float32).tiny, rtol=1e-6)
