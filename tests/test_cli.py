@@ -144,3 +144,11 @@ def test_analyze_argparse_one_line(capsys):
   with pytest.raises(SystemExit):
     analyze.main(["scaling", "--runs=a", "--method=hubr"])
   _one_error_line(capsys, "invalid choice: 'hubr'")
+
+
+def test_export_config_overrides_apply_in_process():
+  from train import export
+  argv = ["export", "--from_hf=x", "--workdir=y", QUICK, "--config.train.steps=3"]
+  fv = export._flags(argv)
+  cli.parse_flags(fv, argv)
+  assert fv.config.train.steps == 3
