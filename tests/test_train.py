@@ -218,7 +218,7 @@ def test_start_line_says_what_and_where():
   line = trainer.describe_run(quickstart.get_config(), "runs/quick", 1)
   assert line == ("training small LLaMA (lost layers, d_model 256, 4 layers) with adamw on the Python standard "
                   "library's source (byte tokenizer): 240 steps of 16×128 tokens on 1 device(s); outputs in "
-                  "runs/quick: config.json, metrics.jsonl, checkpoints/, loss.png"), line
+                  "runs/quick: config.json, summary.json, metrics.jsonl, checkpoints/, loss.png"), line
   c = llama_cfg.get_config("60m,dense")
   c.model.mlp_kind = "lost"
   c.train.plot = False

@@ -109,7 +109,7 @@ def describe_run(cfg, workdir: str, n_devices: int) -> str:
             "tfds": f"TFDS {d.tfds_name}", "files": d.paths or "local files"}.get(d.source, f"{d.source} data")
   return (f"training {preset + ' ' if preset else ''}LLaMA ({layers}, d_model {m.d_model}, {m.n_layers} layers) with "
           f"{cfg.optim.name} on {source} ({d.tokenizer} tokenizer): {t.steps} steps of {t.global_batch}×{t.seq_len} "
-          f"tokens on {n_devices} device(s); outputs in {workdir}: config.json, metrics.jsonl, checkpoints/"
+          f"tokens on {n_devices} device(s); outputs in {workdir}: config.json, summary.json, metrics.jsonl, checkpoints/"
           + (", loss.png" if t.get("plot", True) else ""))
 
 
