@@ -178,7 +178,9 @@ def test_import_errors(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     export.import_hf(str(tmp_path), str(tmp_path / "run"))
   gqa = _hf_folder(tmp_path, num_key_value_heads=2)
-  with pytest.raises(ValueError, match="grouped-query"):
+  cfg_path = os.path.join(gqa, "config.json")
+  json.dump({**json.load(open(cfg_path)), "attention_bias": True}, open(cfg_path, "w"))
+  with pytest.raises(ValueError, match="attention_bias=true"):
     export.import_hf(gqa, str(tmp_path / "run"))
   os.makedirs(tmp_path / "busy")
   (tmp_path / "busy" / "x").write_text("x")

@@ -1,4 +1,5 @@
-"""Export a run to a Hugging Face `LlamaForCausalLM` folder, or import one as a lostjax run directory.
+"""Export a run to a Hugging Face `LlamaForCausalLM` (or, for a mixture of experts, `MixtralForCausalLM`) folder,
+or import one as a lostjax run directory.
 
     python -m train.export --workdir=runs/quick --out=hf/quick [--overwrite] [--step=N]
     python -m train.export --from_hf=hf/quick --workdir=runs/imported [--method=dense|lost --rank=64
@@ -21,8 +22,21 @@ function). The run directory gets config.json (the `--config` training setup, de
 the model section from HF) and a step-0 checkpoint holding the full train state, so `train.checkpoint.load_model`
 loads it and `python -m train.main --config=train/configs/workdir.py:NEW_DIR --workdir=NEW_DIR` continues training
 from it. A SentencePiece `tokenizer.model` in the HF folder is copied and becomes the run's tokenizer.
-Grouped-query attention, biases, rope scaling and tied embeddings other than a plain copy are refused with a
-clear error.
+
+The options of later checkpoints map one to one (SmolLM, TinyLlama, Llama-3.x): `num_key_value_heads` ↔
+`model.n_kv_heads` (grouped-query attention), `tie_word_embeddings` ↔ `model.tie_embeddings` (no lm_head.weight
+is written; transformers ties it on load), `rope_type: llama3` with factor / low_freq_factor / high_freq_factor /
+original_max_position_embeddings ↔ `model.rope_scaling` (read from transformers >= 5 `rope_parameters` or the older
+`rope_scaling` + `rope_theta`; both are written). Attention/MLP biases, sliding windows, other RoPE types, a
+head_dim other than hidden_size / heads and activations other than SiLU are refused with one line naming the key.
+
+Mixture of experts ("Mixtral of Experts", arXiv 2401.04088): Mixtral's block computes p = softmax(x W_r) in
+float32, takes the top-k of p and renormalises them to sum to one, then Σ g_e · SwiGLU_e(x) over every chosen
+expert: exactly `lostjax.models.moe` in dropless mode (moe_capacity_factor = 0). Export writes the per-expert
+layout of the released checkpoints (block_sparse_moe.gate, experts.{e}.w1 = gate, w2 = down, w3 = up), which
+transformers >= 5 fuses on load; import reads it or transformers' fused experts.gate_up_proj / down_proj. A run in
+capacity mode is refused: its dropped assignments have no Mixtral equivalent. The load-balancing weight
+(router_aux_loss_coef ↔ model.moe_aux_weight) is a training setting and does not change the function.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import numpy as np
 
 ATTN = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"))
 MLP = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+MIXTRAL_MLP = (("gate", "w1"), ("down", "w2"), ("up", "w3"))   # Mixtral's per-expert names of the SwiGLU
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -62,37 +77,87 @@ def dense_weight(layer, name: str = "layer") -> np.ndarray:
   return w.astype(np.float32)
 
 
+def _expert_weights(experts, name: str) -> np.ndarray:
+  """[E, d_in, d_out] float32: the dense matrix of each expert's copy of a stacked (nnx.vmap) linear layer."""
+  import jax
+  from flax import nnx
+  graphdef, state = nnx.split(experts)
+  n = jax.tree.leaves(state)[0].shape[0]
+  out = []
+  for e in range(n):
+    one = nnx.merge(graphdef, jax.tree.map(lambda x: x[e], state))
+    out.append(dense_weight(getattr(one, name), f"expert {e} {name}"))
+  return np.stack(out)
+
+
 def hf_state_dict(model) -> dict[str, np.ndarray]:
-  """HF LlamaForCausalLM tensor names -> float32 numpy arrays ([out, in] for linear weights)."""
+  """HF tensor names -> float32 numpy arrays ([out, in] for linear weights): `LlamaForCausalLM` for a dense-MLP
+  model, `MixtralForCausalLM` (the per-expert w1/w2/w3 layout of the released Mixtral checkpoints) for a dropless
+  mixture of experts. A tied model has no lm_head.weight (transformers ties it to the embedding on load)."""
+  from lostjax.models.moe import MoeMlp
+  cfg = model.cfg
+  if cfg.moe_experts and cfg.moe_capacity_factor > 0:
+    raise ValueError(f"model.moe_capacity_factor={cfg.moe_capacity_factor}: capacity mode drops the assignments "
+                     f"beyond an expert's capacity, and a Mixtral model computes every assignment (it has no "
+                     f"equivalent of dropped tokens); only dropless MoE runs (moe_capacity_factor=0) export")
   out = {"model.embed_tokens.weight": np.asarray(model.embed.embedding[...], np.float32)}
   for i, block in enumerate(model.layers):
     pre = f"model.layers.{i}."
     for ours, theirs in ATTN:
       out[f"{pre}self_attn.{theirs}.weight"] = dense_weight(getattr(block.attn, ours), f"layers.{i}.attn.{ours}").T
-    if not all(hasattr(block.mlp, ours) for ours, _ in MLP):
+    if isinstance(block.mlp, MoeMlp):
+      moe = f"{pre}block_sparse_moe."
+      out[moe + "gate.weight"] = np.asarray(block.mlp.router.kernel[...], np.float32).T
+      stacked = {ours: _expert_weights(block.mlp.experts, ours) for ours, _ in MLP}
+      for e in range(block.mlp.num_experts):
+        for ours, theirs in MIXTRAL_MLP:
+          out[f"{moe}experts.{e}.{theirs}.weight"] = stacked[ours][e].T
+    elif all(hasattr(block.mlp, ours) for ours, _ in MLP):
+      for ours, theirs in MLP:
+        out[f"{pre}mlp.{theirs}.weight"] = dense_weight(getattr(block.mlp, ours), f"layers.{i}.mlp.{ours}").T
+    else:
       raise ValueError(f"layer {i} has an MLP of type {type(block.mlp).__name__}, not the dense SwiGLU "
                        f"(gate/up/down) of a Hugging Face Llama")
-    for ours, theirs in MLP:
-      out[f"{pre}mlp.{theirs}.weight"] = dense_weight(getattr(block.mlp, ours), f"layers.{i}.mlp.{ours}").T
     out[f"{pre}input_layernorm.weight"] = np.asarray(block.attn_norm.scale[...], np.float32)
     out[f"{pre}post_attention_layernorm.weight"] = np.asarray(block.mlp_norm.scale[...], np.float32)
   out["model.norm.weight"] = np.asarray(model.final_norm.scale[...], np.float32)
-  out["lm_head.weight"] = np.asarray(model.lm_head.kernel[...], np.float32).T
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = np.asarray(model.lm_head.kernel[...], np.float32).T
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def hf_rope(mcfg) -> tuple[dict, dict | None]:
+  """(rope_parameters, rope_scaling) entries of config.json: the transformers >= 5 key and the older one."""
+  rs = mcfg.rope_scaling
+  if rs.rope_type == "default":
+    return {"rope_type": "default", "rope_theta": mcfg.rope_theta}, None
+  scaling = {"rope_type": rs.rope_type, "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+             "high_freq_factor": rs.high_freq_factor,
+             "original_max_position_embeddings": rs.original_max_position_embeddings}
+  return {**scaling, "rope_theta": mcfg.rope_theta}, scaling
+
+
 def hf_config(mcfg, eos_id: int | None = None, bos_id: int | None = None) -> dict:
-  return {
+  """config.json of the HF model equal to a lostjax model: LlamaForCausalLM, or MixtralForCausalLM for MoE."""
+  rope_parameters, rope_scaling = hf_rope(mcfg)
+  out = {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "vocab_size": mcfg.vocab_size, "hidden_size": mcfg.d_model, "intermediate_size": mcfg.d_ff,
       "num_hidden_layers": mcfg.n_layers, "num_attention_heads": mcfg.n_heads,
-      "num_key_value_heads": mcfg.n_heads, "head_dim": mcfg.head_dim,
+      "num_key_value_heads": mcfg.kv_heads, "head_dim": mcfg.head_dim,
       "max_position_embeddings": mcfg.max_seq_len, "rms_norm_eps": mcfg.norm_eps,
-      "rope_theta": mcfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": mcfg.rope_theta},
-      "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-      "tie_word_embeddings": False, "initializer_range": mcfg.init_std, "torch_dtype": "float32",
+      "rope_theta": mcfg.rope_theta, "rope_parameters": rope_parameters,
+      "rope_scaling": rope_scaling, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+      "tie_word_embeddings": bool(mcfg.tie_embeddings), "initializer_range": mcfg.init_std, "torch_dtype": "float32",
       "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
   }
+  if mcfg.moe_experts:
+    del out["mlp_bias"]
+    out.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "num_local_experts": mcfg.moe_experts, "num_experts_per_tok": mcfg.moe_top_k,
+                "router_aux_loss_coef": mcfg.moe_aux_weight, "output_router_logits": False,
+                "router_jitter_noise": 0.0, "sliding_window": None, "attention_dropout": 0.0})
+  return out
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -186,45 +251,198 @@ def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   return hf, tensors
 
 
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def hf_rope_settings(hf: dict) -> tuple[float, dict]:
+  """(rope_theta, model.rope_scaling dict) of an HF config (transformers >= 5 `rope_parameters`, or the older
+  `rope_theta` + `rope_scaling`); refuses RoPE variants other than the default and 'llama3'."""
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope = scaling or params
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", "llama3"):
+    raise ValueError(f"rope_type={rope_type!r} is not supported (plain RoPE and 'llama3' scaling only)")
+  if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ValueError(f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported (full-width RoPE only)")
+  if rope_type == "default":
+    return theta, {"rope_type": "default"}
+  missing = [k for k in ROPE_KEYS if k not in rope]
+  if missing:
+    raise ValueError(f"rope_type='llama3' without {missing[0]} in its rope settings")
+  return theta, {"rope_type": "llama3", **{k: (int if k.startswith("original") else float)(rope[k]) for k in ROPE_KEYS}}
+
+
 def _check_hf(hf: dict) -> None:
-  if hf.get("model_type") != "llama":
-    raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; only 'llama' can be imported")
+  """One-line refusal, naming the key, of every HF setting lostjax's Llama does not compute."""
+  if hf.get("model_type") not in ("llama", "mixtral"):
+    raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; only 'llama' and 'mixtral' can be "
+                     f"imported")
   heads = hf["num_attention_heads"]
-  if hf.get("num_key_value_heads", heads) != heads:
-    raise ValueError(f"grouped-query attention (num_key_value_heads={hf['num_key_value_heads']} != "
-                     f"num_attention_heads={heads}) is not supported by lostjax's Llama")
-  if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+  kv = hf.get("num_key_value_heads") or heads
+  if heads % kv:
+    raise ValueError(f"num_key_value_heads={kv} does not divide num_attention_heads={heads}")
+  if (hf.get("head_dim") or hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
     raise ValueError(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads is not supported")
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
       raise ValueError(f"{key}=true is not supported (lostjax linears have no bias)")
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (lostjax's MLP is SwiGLU with SiLU)")
-  rope = hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else (
-      (hf.get("rope_parameters") or {}).get("rope_type", "default"))
-  if rope_type != "default":
-    raise ValueError(f"rope scaling {rope_type!r} is not supported (plain RoPE only)")
+  if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
+    raise ValueError(f"sliding_window={hf['sliding_window']} is not supported (lostjax attends to the whole causal "
+                     f"context)")
+  if hf.get("router_jitter_noise"):
+    raise ValueError(f"router_jitter_noise={hf['router_jitter_noise']} is not supported (lostjax's router is "
+                     f"deterministic)")
+  hf_rope_settings(hf)
 
 
-def _rope_theta(hf: dict) -> float:
-  params = hf.get("rope_parameters") or {}
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+class _Tensors(dict):
+  """The tensors of an HF folder; a missing name is a one-line ValueError naming it."""
+
+  def __init__(self, tensors: dict, hf_dir: str):
+    super().__init__(tensors)
+    self.hf_dir = hf_dir
+
+  def __missing__(self, key):
+    raise ValueError(f"--from_hf={self.hf_dir!r} has no tensor {key!r}")
+
+
+def _mixtral_layer(tensors: dict, pre: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(router kernel [d, E], {gate|up|down: [E, d_in, d_out]}) of one Mixtral layer, from either layout: the
+  per-expert `block_sparse_moe.experts.{e}.w1/w2/w3` of the released checkpoints, or transformers' fused
+  `mlp.experts.gate_up_proj` [E, 2·ff, d] / `mlp.experts.down_proj` [E, d, ff]."""
+  fused = pre + "mlp.experts.gate_up_proj"
+  if fused in tensors:
+    gate_up, down = tensors[fused], tensors[pre + "mlp.experts.down_proj"]
+    ff = gate_up.shape[1] // 2
+    experts = {"gate": gate_up[:, :ff], "up": gate_up[:, ff:], "down": down}
+    router = tensors[pre + "mlp.gate.weight"]
+  else:
+    moe = pre + "block_sparse_moe."
+    router = tensors[moe + "gate.weight"]
+    experts = {ours: np.stack([tensors[f"{moe}experts.{e}.{theirs}.weight"] for e in range(router.shape[0])])
+               for ours, theirs in MIXTRAL_MLP}
+  return router.T, {k: np.swapaxes(v, 1, 2) for k, v in experts.items()}
+
+
+def hf_run_config(hf: dict, *, method: str = "dense", rank: int = 0, sparsity: float = 0.05, gamma: float = 0.5,
+                  base=None):
+  """The run config (`base`, default `train.configs.base`, with its model section from the HF config) of an
+  import, and the LOST rank used. Refuses what lostjax's Llama does not compute (one line naming the key)."""
+  from train.configs.base import base_config
+  if method not in ("dense", "lost"):
+    raise ValueError(f"--method must be 'dense' or 'lost', got {method!r}")
+  _check_hf(hf)
+  d, heads, ff = hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"]
+  kv_heads = hf.get("num_key_value_heads") or heads
+  kv_dim = kv_heads * (d // heads)
+  if method == "lost":   # one rank for every projection: below the narrowest (K/V are kv_dim wide under GQA)
+    narrowest = min(d, ff, kv_dim)
+    rank = rank or min(d // 4, narrowest // 2)
+    if rank <= 0 or rank >= narrowest:
+      raise ValueError(f"--rank={rank} must be in (0, {narrowest}) (min of hidden_size={d}, intermediate_size={ff}"
+                       f" and the K/V width num_key_value_heads * head_dim={kv_dim})")
+  theta, rope_scaling = hf_rope_settings(hf)
+  moe = hf["model_type"] == "mixtral"
+  cfg = base_config() if base is None else base
+  m = cfg.model
+  m.preset = "hf"
+  m.update(vocab_size=hf["vocab_size"], d_model=d, d_ff=ff, n_heads=heads,
+           n_kv_heads=0 if kv_heads == heads else kv_heads, tie_embeddings=bool(hf.get("tie_word_embeddings")),
+           n_layers=hf["num_hidden_layers"], max_seq_len=hf.get("max_position_embeddings", 2048),
+           rope_theta=theta, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+           attn_kind=method, mlp_kind=method, lowrank_act="identity")
+  m.rope_scaling.update(rope_scaling)
+  # an HF Llama has one dense SwiGLU MLP per block; a Mixtral one dropless top-k MoE (softmax, top-k, renormalised)
+  m.update(moe_experts=hf["num_local_experts"] if moe else 0, moe_capacity_factor=0.0)
+  if moe:
+    m.moe_top_k = hf["num_experts_per_tok"]
+  if method == "lost":
+    m.update(attn_rank=rank, mlp_rank=rank, sparsity=float(sparsity), gamma=float(gamma))
+  cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
+  return cfg, rank
+
+
+def hf_values(tensors: dict, mcfg, hf_dir: str, *, method: str, rank: int, sparsity: float) -> dict:
+  """lostjax leaf path (tuple) -> array: the HF tensors in lostjax's layout ([d_in, d_out] kernels; with
+  method='lost' every projection split by `lostjax.layers.decompose`, per expert for a Mixtral)."""
+  import jax.numpy as jnp
+
+  from lostjax.layers import decompose
+  tensors = _Tensors(tensors, hf_dir)
+  values = {("embed", "embedding"): tensors["model.embed_tokens.weight"],
+            ("final_norm", "scale"): tensors["model.norm.weight"]}
+  if not mcfg.tie_embeddings:
+    values[("lm_head", "kernel")] = tensors["lm_head.weight"].T
+  for i in range(mcfg.n_layers):
+    pre = f"model.layers.{i}."
+    values[("layers", i, "attn_norm", "scale")] = tensors[pre + "input_layernorm.weight"]
+    values[("layers", i, "mlp_norm", "scale")] = tensors[pre + "post_attention_layernorm.weight"]
+    weights = {("attn", ours): tensors[f"{pre}self_attn.{theirs}.weight"].T for ours, theirs in ATTN}
+    if mcfg.moe_experts:
+      router, experts = _mixtral_layer(tensors, pre)
+      values[("layers", i, "mlp", "router", "kernel")] = router
+      weights.update({("mlp", "experts", ours): w for ours, w in experts.items()})
+    else:
+      weights.update({("mlp", ours): tensors[f"{pre}mlp.{theirs}.weight"].T for ours, theirs in MLP})
+    for key, w in weights.items():                         # w: [d_in, d_out], or [E, d_in, d_out] for experts
+      if method == "dense":
+        values[("layers", i, *key, "kernel")] = w
+        continue
+      stack = w if w.ndim == 3 else w[None]
+      decs = [decompose(jnp.asarray(we), rank, sparsity, score=mcfg.lost_score) for we in stack]
+      for leaf in ("a", "b", "w_sparse", "idx"):
+        leaves = np.stack([np.asarray(getattr(dec, leaf)) for dec in decs])
+        values[("layers", i, *key, leaf)] = leaves if w.ndim == 3 else leaves[0]
+  return values
+
+
+def fill_state(state, values: dict):
+  """An nnx State (params or the static variables) with every leaf replaced by values[path] (shape-checked)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    key = tuple(int(p) if isinstance(p, int) else p for p in path)
+    if key not in values:
+      raise ValueError(f"no Hugging Face weight for lostjax leaf {'/'.join(map(str, path))}")
+    v = np.asarray(values[key])
+    if v.shape != tuple(var.shape):
+      raise ValueError(f"Hugging Face weight for {'/'.join(map(str, path))} has shape {v.shape}, "
+                       f"expected {tuple(var.shape)}")
+    flat.append((path, var.replace(jnp.asarray(v, var.dtype))))
+  return nnx.from_flat_state(flat)
+
+
+def load_hf(hf_dir: str, *, method: str = "dense", rank: int = 0, sparsity: float = 0.05, gamma: float = 0.5,
+            base=None):
+  """(model, run config): a `lostjax.models.Llama` holding an HF Llama / Mixtral folder's weights, in memory
+  (what `import_hf` checkpoints, without the train state)."""
+  from flax import nnx
+
+  from lostjax.models import Llama
+  from train import state as state_lib
+  hf, tensors = read_hf(hf_dir)
+  cfg, rank = hf_run_config(hf, method=method, rank=rank, sparsity=sparsity, gamma=gamma, base=base)
+  mcfg = state_lib.llama_config(cfg)
+  values = hf_values(tensors, mcfg, hf_dir, method=method, rank=rank, sparsity=sparsity)
+  # every leaf is replaced: the model is built abstract (no initialisation)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  return nnx.merge(graphdef, fill_state(params, values), fill_state(rest, values)), cfg
 
 
 def import_hf(hf_dir: str, workdir: str, *, method: str = "dense", rank: int = 0, sparsity: float = 0.05,
               gamma: float = 0.5, base=None, overwrite: bool = False, seed: int = 0) -> dict:
-  """Writes a lostjax run directory (config.json + step-0 checkpoint) from an HF Llama folder."""
+  """Writes a lostjax run directory (config.json + step-0 checkpoint) from an HF Llama or Mixtral folder."""
   import jax
-  import jax.numpy as jnp
-  from flax import nnx
 
   from lostjax import sharding
-  from lostjax.layers import decompose
   from train import checkpoint as ckpt_lib
   from train import objectives
   from train import state as state_lib
-  from train.configs.base import base_config
 
   if method not in ("dense", "lost"):
     raise ValueError(f"--method must be 'dense' or 'lost', got {method!r}")
@@ -233,70 +451,21 @@ def import_hf(hf_dir: str, workdir: str, *, method: str = "dense", rank: int = 0
   if os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
     raise ValueError(f"--workdir={workdir!r} exists and is not empty; refusing to overwrite it (pass --overwrite)")
   hf, tensors = read_hf(hf_dir)
-  _check_hf(hf)
-  d, heads = hf["hidden_size"], hf["num_attention_heads"]
-  if method == "lost":
-    rank = rank or d // 4
-    if rank <= 0 or rank >= min(d, hf["intermediate_size"]):
-      raise ValueError(f"--rank={rank} must be in (0, {min(d, hf['intermediate_size'])})")
-
-  cfg = base_config() if base is None else base
-  m = cfg.model
-  m.preset = "hf"
-  m.update(vocab_size=hf["vocab_size"], d_model=d, d_ff=hf["intermediate_size"], n_heads=heads,
-           n_layers=hf["num_hidden_layers"], max_seq_len=hf.get("max_position_embeddings", 2048),
-           rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-           attn_kind=method, mlp_kind=method, lowrank_act="identity")
-  if "moe_experts" in m:
-    m.moe_experts = 0   # an HF Llama has one dense SwiGLU MLP per block
-  if method == "lost":
-    m.update(attn_rank=rank, mlp_rank=rank, sparsity=float(sparsity), gamma=float(gamma))
-  cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
+  cfg, rank = hf_run_config(hf, method=method, rank=rank, sparsity=sparsity, gamma=gamma, base=base)
   cfg.train.seed = seed
+  if cfg.objectives.get("saf", {}).get("enabled", False):
+    raise ValueError("objectives.saf.enabled=True needs the data to size its store; import without it and "
+                     "start the SAF run from the imported weights")
+  mcfg = state_lib.llama_config(cfg)
+  values = hf_values(tensors, mcfg, hf_dir, method=method, rank=rank, sparsity=sparsity)
   os.makedirs(workdir, exist_ok=True)
   if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
     shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), os.path.join(workdir, "tokenizer.model"))
     cfg.data.tokenizer = "sentencepiece"
     cfg.data.tokenizer_path = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
-  if cfg.objectives.get("saf", {}).get("enabled", False):
-    raise ValueError("objectives.saf.enabled=True needs the data to size its store; import without it and "
-                     "start the SAF run from the imported weights")
-  mcfg = state_lib.llama_config(cfg)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   run = state_lib.create_train_state(cfg, mesh=mesh, model_cfg=mcfg)
-  params, rest = run.state["params"], run.rest
-  if hf.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-  values = {("embed", "embedding"): tensors["model.embed_tokens.weight"],
-            ("final_norm", "scale"): tensors["model.norm.weight"], ("lm_head", "kernel"): tensors["lm_head.weight"].T}
-  for i in range(mcfg.n_layers):
-    pre = f"model.layers.{i}."
-    values[("layers", i, "attn_norm", "scale")] = tensors[pre + "input_layernorm.weight"]
-    values[("layers", i, "mlp_norm", "scale")] = tensors[pre + "post_attention_layernorm.weight"]
-    for group, names, hf_group in (("attn", ATTN, "self_attn"), ("mlp", MLP, "mlp")):
-      for ours, theirs in names:
-        w = tensors[f"{pre}{hf_group}.{theirs}.weight"].T          # [d_in, d_out]
-        if method == "dense":
-          values[("layers", i, group, ours, "kernel")] = w
-        else:
-          dec = decompose(jnp.asarray(w), rank, sparsity, score=mcfg.lost_score)
-          for leaf in ("a", "b", "w_sparse", "idx"):
-            values[("layers", i, group, ours, leaf)] = np.asarray(getattr(dec, leaf))
-
-  def fill(state):
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-      key = tuple(int(p) if isinstance(p, int) else p for p in path)
-      if key not in values:
-        raise ValueError(f"no Hugging Face weight for lostjax leaf {'/'.join(map(str, path))}")
-      v = np.asarray(values[key])
-      if v.shape != tuple(var.shape):
-        raise ValueError(f"Hugging Face weight for {'/'.join(map(str, path))} has shape {v.shape}, "
-                         f"expected {tuple(var.shape)}")
-      flat.append((path, var.replace(jnp.asarray(v, var.dtype))))
-    return nnx.from_flat_state(flat)
-
-  params, rest = fill(params), fill(rest)
+  params, rest = fill_state(run.state["params"], values), fill_state(run.rest, values)
   with open(os.path.join(workdir, "config.json"), "w") as f:   # as train.trainer.prepare_workdir writes it
     json.dump(cfg.to_dict(), f, indent=2, default=str)
   shutil.rmtree(os.path.join(workdir, ckpt_lib.CKPT_DIR), ignore_errors=True)  # only with --overwrite
@@ -309,7 +478,8 @@ def import_hf(hf_dir: str, workdir: str, *, method: str = "dense", rank: int = 0
     ckpt.save(0, state, rest, {"epoch": 0, "position": 0})
   finally:
     ckpt.close()
-  return {"workdir": workdir, "method": method, "n_layers": mcfg.n_layers, "d_model": d,
+  return {"workdir": workdir, "method": method, "n_layers": mcfg.n_layers, "d_model": mcfg.d_model,
+          "n_kv_heads": mcfg.kv_heads, "tie_embeddings": mcfg.tie_embeddings, "moe_experts": mcfg.moe_experts,
           "tokenizer": cfg.data.tokenizer}
 
 

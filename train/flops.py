@@ -3,11 +3,14 @@
 FLOPs per token of one training step (forward + backward), the convention of BENCHMARKS.md (PaLM, "PaLM: Scaling
 Language Modeling with Pathways", arXiv 2204.02311, appendix B):
     flops_per_token = 6 · N_matmul + 12 · L · d · T
-where N_matmul counts the weights every token multiplies: each attention/MLP projection as built (dense d_in·d_out;
+where N_matmul counts the weights every token multiplies: each attention/MLP projection as built (dense d_in·d_out,
+with grouped-query attention K and V of d_out = n_kv_heads·head_dim;
 low-rank r·(d_in + d_out); LOST r·(d_in + d_out) + k·d_out with k = ⌊s·d_in⌋ kept input channels), the LM head
-d·V (not the input embedding, a lookup), and for a mixture of experts only the top_k routed experts' MLPs plus the
-router d·E. The attention term 12·L·d·T counts the full T×T score and value products (no causal halving). Not
-counted: norms, RoPE, SwiGLU, softmax, gathers, the optimizer.
+d·V (also when tied to the embedding: the product is computed either way; not the input lookup), and for a mixture of experts only the top_k routed experts' MLPs plus the
+router d·E. The attention term 12·L·d·T counts the full T×T score and value products (no causal halving; the
+same with grouped-query attention, whose every query head still scores T keys). Not counted: norms, RoPE (with
+or without the Llama-3 frequency scaling, which only changes its constant frequencies), SwiGLU, softmax,
+gathers, the optimizer.
 
 MFU = tokens/s · flops_per_token / (devices · peak FLOP/s per device). Peak: `train.peak_flops_per_device` when > 0,
 else `PEAK_FLOPS` by the device kind (dense bf16 matmul peak from the vendors' data sheets), else none (CPU: MFU is
@@ -115,7 +118,9 @@ def _proj(kind: str, d_in: int, d_out: int, rank: int, sparsity: float) -> int:
 def matmul_params(mc) -> int:
   """N_matmul: weights each token multiplies (projections as built, active experts, router, LM head)."""
   d, ff = mc.d_model, mc.d_ff
-  attn = 4 * _proj(mc.attn_kind, d, d, mc.attn_rank, mc.sparsity)
+  kv = getattr(mc, "kv_dim", d)   # grouped-query attention: K and V are kv_heads · head_dim wide
+  attn = 2 * _proj(mc.attn_kind, d, d, mc.attn_rank, mc.sparsity) + 2 * _proj(mc.attn_kind, d, kv, mc.attn_rank,
+                                                                               mc.sparsity)
   mlp = 2 * _proj(mc.mlp_kind, d, ff, mc.mlp_rank, mc.sparsity) + _proj(mc.mlp_kind, ff, d, mc.mlp_rank, mc.sparsity)
   if mc.moe_experts:
     mlp = mc.moe_top_k * mlp + d * mc.moe_experts

@@ -10,7 +10,8 @@ tokens per device = global_batch / grad_accum · seq_len / (data·fsdp)):
   optimizer   = optimizer-state bytes / m (exact, from `optim.state_size`)
   activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4 + 2·d·act_bytes)
 with, per token and layer, the values the backward pass keeps (no rematerialisation):
-  v_layer = 9·d (two norm inputs and outputs, q, k, v after RoPE, attention output, o input)
+  v_layer = 7·d + 2·d_kv (two norm inputs and outputs, q, k, v after RoPE, attention output, o input; d_kv =
+            n_kv_heads·head_dim, = d without grouped-query attention)
           + 5·d_ff (gate, up, SiLU(gate), its sigmoid, product)
           + LOST/low-rank intermediates (rank r per projection, and the k gathered input channels of LOST)
           + for experts: top_k copies of the MLP terms, 2·top_k·d dispatched input/output and E router values;
@@ -57,11 +58,11 @@ def _vocab(cfg) -> int | None:
 
 def activation_values_per_token_layer(mc) -> int:
   """Values per token and decoder layer that the backward pass keeps (no remat; attention scores excluded)."""
-  d, ff = mc.d_model, mc.d_ff
+  d, ff, kv = mc.d_model, mc.d_ff, mc.kv_dim
   m = mc.moe_top_k if mc.moe_experts else 1
-  base = 9 * d + m * 5 * ff + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
+  base = 7 * d + 2 * kv + m * 5 * ff + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
   extra = 0
-  for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d)] * 4, 1),
+  for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d), (d, kv), (d, kv), (d, d)], 1),
                                      (mc.mlp_kind, mc.mlp_rank, [(d, ff), (d, ff), (ff, d)], m)):
     if kind in ("lowrank", "lost"):
       extra += copies * len(shapes) * rank
@@ -201,7 +202,9 @@ def summarize(cfg, device: str | None = None) -> dict:
             break
   return {
       "model": {"preset": cfg.model.get("preset", ""), "attn_kind": mc.attn_kind, "mlp_kind": mc.mlp_kind,
-                "d_model": mc.d_model, "n_layers": mc.n_layers, "vocab_size": mc.vocab_size},
+                "d_model": mc.d_model, "n_layers": mc.n_layers, "vocab_size": mc.vocab_size,
+                "n_heads": mc.n_heads, "n_kv_heads": mc.kv_heads, "tie_embeddings": mc.tie_embeddings,
+                "rope_scaling": mc.rope_scaling.rope_type},
       "params": counts,
       "optimizer": {"name": cfg.optim.name, "state_elements": size.elements, "state_bytes": size.bytes,
                     "moment_elements": size.moment_elements, "moment_bytes": size.moment_bytes},

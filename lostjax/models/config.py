@@ -23,6 +23,42 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (`model.rope_scaling`). rope_type 'default': plain RoPE, the other fields unused.
+
+  'llama3' (the Llama 3.1 / 3.2 long-context scaling, as Hugging Face transformers' `rope_type: llama3`): with
+  L = original_max_position_embeddings and each frequency f_i = θ^(-2i/head_dim) of wavelength λ_i = 2π / f_i,
+    λ_i < L / high_freq_factor:  f_i unchanged;
+    λ_i > L / low_freq_factor:   f_i / factor;
+    otherwise:                   (1 − a) · f_i / factor + a · f_i,   a = (L / λ_i − low_freq_factor) /
+                                                                          (high_freq_factor − low_freq_factor).
+  """
+  rope_type: str = "default"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"model.rope_scaling.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}")
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"model.rope_scaling.{name} must be a finite float > 0, got {v!r}")
+      object.__setattr__(self, name, float(v))
+    v = self.original_max_position_embeddings
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      raise ValueError(f"model.rope_scaling.original_max_position_embeddings must be a positive int, got {v!r}")
+    if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+      raise ValueError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                       f"low_freq_factor={self.low_freq_factor}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   vocab_size: int = 32000
@@ -30,8 +66,16 @@ class LlamaConfig:
   d_ff: int = 1376
   n_heads: int = 8
   n_layers: int = 8
+  # Grouped-query attention ("GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
+  # Checkpoints", arXiv 2305.13245): n_kv_heads key/value heads, each shared by n_heads / n_kv_heads query heads
+  # (query head i reads key/value head i // (n_heads / n_kv_heads), as Hugging Face's repeat_kv). 0 = n_heads
+  # (multi-head attention).
+  n_kv_heads: int = 0
+  # The LM head is the transposed token embedding (logits = x Eᵀ; one [vocab, d_model] matrix, no lm_head Param).
+  tie_embeddings: bool = False
   max_seq_len: int = 1024
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()   # see RopeScaling; rope_type 'default' = plain RoPE
   norm_eps: float = 1e-6
   init_std: float = 0.02
   # Linear kind per projection group ('dense' | 'lowrank' | 'lost') and its rank.
@@ -76,6 +120,19 @@ class LlamaConfig:
         raise ValueError(f"model.{name} must be a positive int, got {v!r}")
     if self.d_model % self.n_heads:
       raise ValueError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+    kv = self.n_kv_heads
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv < 0 or (kv and self.n_heads % kv):
+      raise ValueError(f"model.n_kv_heads={kv!r} must be 0 (= n_heads) or a positive divisor of "
+                       f"model.n_heads={self.n_heads}")
+    if not isinstance(self.tie_embeddings, bool):
+      raise ValueError(f"model.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    if isinstance(self.rope_scaling, dict):   # from a run config (ConfigDict.to_dict / config.json)
+      unknown = set(self.rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
+      if unknown:
+        raise ValueError(f"unknown model.rope_scaling field(s) {sorted(unknown)}")
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    elif not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"model.rope_scaling must be a dict of RopeScaling fields, got {self.rope_scaling!r}")
     if (self.d_model // self.n_heads) % 2:
       raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings")
     for name in ("attn_kind", "mlp_kind"):
@@ -104,6 +161,16 @@ class LlamaConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads (n_kv_heads, or n_heads when 0)."""
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def kv_dim(self) -> int:
+    """Width of the K and V projections: kv_heads · head_dim."""
+    return self.kv_heads * self.head_dim
 
 
 def preset(name: str, **overrides) -> LlamaConfig:

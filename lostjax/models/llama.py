@@ -1,7 +1,10 @@
-"""LLaMA decoder (RMSNorm, rotary embeddings, SwiGLU MLP, causal attention, untied embedding/LM head) in Flax NNX.
+"""LLaMA decoder (RMSNorm, rotary embeddings, SwiGLU MLP, causal attention, embedding/LM head) in Flax NNX.
 
 Every attention projection (q, k, v, o) and MLP projection (gate, up, down) is a linear layer of the kind chosen
-per group in `LlamaConfig` (dense, low-rank or LOST); the embedding and the LM head stay dense. Parameters carry
+per group in `LlamaConfig` (dense, low-rank or LOST); the embedding and the LM head stay dense. The options of
+the later LLaMA-family checkpoints are each off by default: grouped-query attention (`n_kv_heads`; K/V
+projections of kv_heads · head_dim columns, a KV cache of kv_heads heads), tied embeddings (`tie_embeddings`: the
+head is Eᵀ) and the Llama-3 RoPE frequency scaling (`rope_scaling`, see `rope_frequencies`). Parameters carry
 logical axis names (vocab, embed, heads, mlp, rank, sparse) as `out_sharding` metadata, which
 `lostjax.sharding` maps onto a device mesh without touching this file.
 """
@@ -31,13 +34,31 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
+  """The rotary inverse frequencies f_i = θ^(-2i/head_dim), i < head_dim/2, float32 (the Hugging Face formula and
+  float32 arithmetic), with the Llama-3 scaling of `scaling` (a `RopeScaling`) applied when its rope_type is
+  'llama3' (formula in `lostjax.models.config.RopeScaling`)."""
+  half = head_dim // 2
+  freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  if scaling is None or scaling.rope_type == "default":
+    return freq
+  factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+  old_len = scaling.original_max_position_embeddings
+  wavelen = 2 * jnp.pi / freq
+  scaled = jnp.where(wavelen > old_len / low, freq / factor, freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary position embedding (RoFormer, arXiv 2104.09864) in the LLaMA/HF 'rotate half' layout.
 
-  x: [batch, seq, heads, head_dim]; positions: [batch, seq].
+  x: [batch, seq, heads, head_dim]; positions: [batch, seq]; scaling: a `RopeScaling` (None: plain RoPE).
   """
   half = x.shape[-1] // 2
-  freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  freq = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions[..., None].astype(jnp.float32) * freq           # [b, s, half]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -53,13 +74,14 @@ class KVCache(NamedTuple):
   every row) is stored at slot t mod W. A query at time t attends to the keys of times t' with
   max(start, t - W + 1) <= t' <= t, so while t < W this is exact causal attention, and beyond it a sliding
   window of W tokens (RoPE positions keep their true values; only differences < W are ever seen).
-  Keys and values are preallocated, one [batch, heads, W, head_dim] buffer per layer: XLA updates separate
+  Keys and values are preallocated, one [batch, kv_heads, W, head_dim] buffer per layer (with grouped-query
+  attention only the model.n_kv_heads key/value heads are stored): XLA updates separate
   buffers in place inside the decode loop, while one stacked [layers, ...] array was copied whole every step
   (measured on CPU: 15x slower at batch 8), and the heads-major layout needs no transpose for the one-token
   attention (8x faster per layer than the [batch, W, heads, head_dim] layout through dot_product_attention).
   """
-  k: tuple           # n_layers x [batch, heads, W, head_dim], rotary already applied
-  v: tuple           # n_layers x [batch, heads, W, head_dim]
+  k: tuple           # n_layers x [batch, kv_heads, W, head_dim], rotary already applied
+  v: tuple           # n_layers x [batch, kv_heads, W, head_dim]
   start: jax.Array   # [batch] int32: first real (non-padding) time of each row (its left-padding length)
   index: jax.Array   # [] int32: the time of the next token to be written
 
@@ -67,6 +89,7 @@ class KVCache(NamedTuple):
 def _cached_attention(q, k, v, cache: KVCache, layer: int):
   """Attention of the new tokens (times index..index+s-1) over the cached window plus themselves.
 
+  q: [b, s, h, hd]; k, v: [b, s, kv_heads, hd] (query head i reads key/value head i // (h / kv_heads)).
   Returns (out [b, s, h, hd], cache with this layer's new keys/values written into the ring).
   """
   s = q.shape[1]
@@ -81,11 +104,13 @@ def _cached_attention(q, k, v, cache: KVCache, layer: int):
     cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), (0, 0, slot, 0))
     key_t = t - jnp.mod(t - jnp.arange(width), width)                                # time held by each slot
     mask = (key_t >= cache.start[:, None, None]) | (key_t == t)                      # [b, 1, W]; own slot valid
-    scores = jnp.einsum("bhd,bhwd->bhw", q[:, 0], ck.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, -jnp.inf)
+    b, h, kvh, hd = q.shape[0], q.shape[2], ck.shape[1], q.shape[3]
+    qg = q[:, 0].reshape(b, kvh, h // kvh, hd)                                       # query heads by KV head
+    scores = jnp.einsum("bkgd,bkwd->bkgw", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores * hd ** -0.5, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhw,bhwd->bhd", probs.astype(q.dtype), cv.astype(q.dtype),
-                     preferred_element_type=jnp.float32)[:, None].astype(q.dtype)
+    out = jnp.einsum("bkgw,bkwd->bkgd", probs.astype(q.dtype), cv.astype(q.dtype),
+                     preferred_element_type=jnp.float32).reshape(b, 1, h, hd).astype(q.dtype)
   else:       # a chunk (prefill): the old window plus the chunk, so no query loses a key the chunk overwrites
     times_old = cache.index - 1 - jnp.mod(cache.index - 1 - jnp.arange(width), width)
     times_new = cache.index + jnp.arange(s)
@@ -104,21 +129,29 @@ def _cached_attention(q, k, v, cache: KVCache, layer: int):
 
 
 class Attention(nnx.Module):
+  """Causal self-attention; with model.n_kv_heads < n_heads grouped-query attention (K/V of kv_dim columns)."""
+
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     d = cfg.d_model
     self.cfg = cfg
     self.q = _linear(cfg, "attn", d, d, ("embed", "heads"), rngs)
-    self.k = _linear(cfg, "attn", d, d, ("embed", "heads"), rngs)
-    self.v = _linear(cfg, "attn", d, d, ("embed", "heads"), rngs)
+    self.k = _linear(cfg, "attn", d, cfg.kv_dim, ("embed", "heads"), rngs)
+    self.v = _linear(cfg, "attn", d, cfg.kv_dim, ("embed", "heads"), rngs)
     self.o = _linear(cfg, "attn", d, d, ("heads", "embed"), rngs)
+
+  def _qkv(self, x):
+    if self.cfg.kv_heads == self.cfg.n_heads or self.cfg.attn_kind != "dense":
+      return _project(self.cfg, (self.q, self.k, self.v), x)
+    # dense GQA: the stacked GEMM needs equal widths, so K and V (kv_dim wide) are computed together, Q alone
+    return (self.q(x), *_project(self.cfg, (self.k, self.v), x))
 
   def __call__(self, x, positions, cache: KVCache | None = None, layer: int = 0):
     b, s, _ = x.shape
-    h, hd = self.cfg.n_heads, self.cfg.head_dim
-    q, k, v = _project(self.cfg, (self.q, self.k, self.v), x)
-    q = rotary(q.reshape(b, s, h, hd), positions, self.cfg.rope_theta)
-    k = rotary(k.reshape(b, s, h, hd), positions, self.cfg.rope_theta)
-    v = v.reshape(b, s, h, hd)
+    h, kvh, hd = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
+    q, k, v = self._qkv(x)
+    q = rotary(q.reshape(b, s, h, hd), positions, self.cfg.rope_theta, self.cfg.rope_scaling)
+    k = rotary(k.reshape(b, s, kvh, hd), positions, self.cfg.rope_theta, self.cfg.rope_scaling)
+    v = v.reshape(b, s, kvh, hd)
     if cache is not None:  # decoding: (output, cache with this layer's keys/values added)
       out, cache = _cached_attention(q, k, v, cache, layer)
       return self.o(out.reshape(b, s, h * hd)), cache
@@ -171,8 +204,15 @@ class Llama(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, param_dtype=pdt, rngs=rngs)
     self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
-    self.lm_head = make_linear("dense", cfg.d_model, cfg.vocab_size, rngs=rngs, axes=("embed", "vocab"),
-                               init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if not cfg.tie_embeddings:   # tied: the head is the embedding (see `head`), no lm_head Param
+      self.lm_head = make_linear("dense", cfg.d_model, cfg.vocab_size, rngs=rngs, axes=("embed", "vocab"),
+                                 init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """float32 logits of the final-normed hidden states: x W_head, or x Eᵀ with model.tie_embeddings."""
+    if self.cfg.tie_embeddings:
+      return common.matmul(x.astype(self.dtype), self.embed.embedding[...].astype(self.dtype).T).astype(jnp.float32)
+    return self.lm_head(x).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
                return_aux: bool = False):
@@ -198,7 +238,7 @@ class Llama(nnx.Module):
         x, a = block(x, positions, return_aux=True)
       aux.append(a)
     x = self.final_norm(x)
-    logits = self.lm_head(x).astype(jnp.float32)
+    logits = self.head(x)
     return (logits, reduce_aux(self.cfg, aux)) if return_aux else logits
 
   def route(self, tokens: jax.Array, positions: jax.Array | None = None) -> Routing:
@@ -225,7 +265,7 @@ class Llama(nnx.Module):
     """
     if not isinstance(length, int) or length <= 0:
       raise ValueError(f"cache length must be a positive int, got {length!r}")
-    shape = (batch, self.cfg.n_heads, length, self.cfg.head_dim)
+    shape = (batch, self.cfg.kv_heads, length, self.cfg.head_dim)
     dt = self.dtype if dtype is None else common.resolve_dtype(dtype)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32).reshape(batch)
     zeros = lambda: tuple(jnp.zeros(shape, dt) for _ in range(self.cfg.n_layers))
@@ -245,4 +285,4 @@ class Llama(nnx.Module):
     for i, block in enumerate(self.layers):
       x, cache = block(x, positions, cache=cache, layer=i)
     x = self.final_norm(x)
-    return self.lm_head(x).astype(jnp.float32), cache._replace(index=cache.index + s)
+    return self.head(x), cache._replace(index=cache.index + s)
