@@ -187,6 +187,7 @@ def random_moe(seed=0, **kw):
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+@pytest.mark.slow   # the dropless MoE compiles one branch per capacity bucket: minutes on a busy CPU
 def test_moe_exports_to_mixtral_and_imports_back(tmp_path):
   model = random_moe()
   ours = lj_logits(model, TOKENS[:, :24])
