@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       peak_flops_per_device=0.0,  # peak FLOP/s per device for the logged MFU; 0: look up the device (train/flops.py)
   ))
   # compile_cache_dir: a persistent XLA compilation cache ("" = none); device_memory_gib: per-device memory for
-  # --summary_only's fit check (0 = ask the device, else the table in train/flops.py).
+  # --summary_only's fit check (0 = ask the device, else the table in train/flops.py; or name the accelerator with
+  # --device=h100|v5e|...).
   c.system = ml_collections.ConfigDict(dict(compile_cache_dir="", device_memory_gib=0.0))
   return c
