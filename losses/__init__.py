@@ -21,6 +21,8 @@ from losses.icnn import icnn_loss, icnn_score, proto_triplet_loss
 from losses.lol import lol_reformulation_loss, lol_regularizer
 from losses.multi_similarity import multi_similarity_loss, multi_similarity_miner
 from losses.mw import auc, mw_loss
+from losses.pirads import (pirads_consistency_loss, pirads_dice_loss, pirads_dual_path_loss, pirads_sdm_loss,
+                           pirads_soft_dice)
 from losses.pld import pld_loss
 from losses.ranking_accuracy import dpo_loss, idealized_ranking_accuracy, ranking_accuracy
 from losses.rep_mtl import rep_mtl_csa_loss, rep_mtl_loss, rep_mtl_task_saliency, rep_mtl_tsr_loss
@@ -42,7 +44,8 @@ __all__ = [
     "grpo_advantages", "healthivert_generator_loss", "icnn_loss", "icnn_score", "idealized_ranking_accuracy",
     "kd_loss",
     "kde_difficulty", "lol_reformulation_loss", "lol_regularizer", "multi_similarity_loss",
-    "multi_similarity_miner", "mw_loss", "normscore_difficulty", "pld_loss", "principal_gradient_aggregate",
+    "multi_similarity_miner", "mw_loss", "normscore_difficulty", "pirads_consistency_loss", "pirads_dice_loss",
+    "pirads_dual_path_loss", "pirads_sdm_loss", "pirads_soft_dice", "pld_loss", "principal_gradient_aggregate",
     "proto_triplet_loss", "ranking_accuracy", "reciprank_difficulty", "rep_mtl_csa_loss", "rep_mtl_loss",
     "rep_mtl_task_saliency", "rep_mtl_tsr_loss", "sft_cl_decomposition", "sft_loss",
     "soft_sort", "tr2m_coarse_loss", "tr2m_depth_classes", "tr2m_ema", "tr2m_fine_loss",

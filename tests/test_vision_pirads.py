@@ -1,0 +1,174 @@
+"""PI-RADS models: parameter counts from the layer listing, output shapes, the zone partition, path combination,
+identical paths give a zero co-training term, signed distance maps vs brute force, the phantom, and (slow) Adam
+steps on one phantom lower the two-stage loss."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import losses as L
+from lostjax.vision import pirads as P
+from lostjax.vision.prostate_phantom import phantom_batch, prostate_phantom
+
+
+def _conv(cin, cout):          # 3x3x3 conv + bias, BatchNorm scale + bias
+  return 27 * cin * cout + cout + 2 * cout
+
+
+def unet_params(s, classes, cin=1):
+  enc = sum(_conv(a * s if a else cin, b * s) for a, b in ((0, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 16),
+                                                             (16, 16)))
+  dec = sum(8 * c * s * c * s + c * s for c in (16, 8, 4))
+  dec += sum(_conv(a * s, b * s) for a, b in ((24, 8), (8, 8), (12, 4), (4, 4), (6, 2), (2, 2)))
+  return enc, dec, 2 * s * classes + classes
+
+
+def rngs(seed=0):           # 'rbg' keys: threefry initialisers of 3-D kernels are slow to compile on CPU
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def n_params(model):
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_parameter_counts():
+  enc, dec, head = unet_params(16, 5)
+  assert n_params(nnx.eval_shape(lambda: P.UNet3D(5, filters=16, rngs=rngs()))) == enc + dec + head
+  cfg = P.PiradsConfig()
+  sdm = 2 * (32 * 2 + 2)
+  assert n_params(nnx.eval_shape(lambda: P.DualPathUNet(cfg, rngs=rngs()))) == 2 * (enc + dec + head) + sdm
+  shared = nnx.eval_shape(lambda: P.DualPathUNet(P.PiradsConfig(share_encoder=True, sdm_head=False), rngs=rngs()))
+  assert n_params(shared) == enc + 2 * (dec + head)
+
+
+def test_config_partition():
+  cfg = P.PiradsConfig()
+  assert cfg.num_classes == 5 and cfg.background == 4
+  assert cfg.owned(0) == (0, 1, 4) and cfg.owned(1) == (2, 3, 4) and cfg.owner == (0, 0, 1, 1)
+  alt = P.PiradsConfig(partition=(("PZ",), ("TZ", "DPU", "AFS")))
+  assert alt.owned(1) == (1, 2, 3, 4) and alt.owner == (0, 1, 1, 1)
+  two = P.PiradsConfig(zones=("PZ", "TZ"), partition=(("PZ",), ("TZ",)))
+  assert two.num_classes == 3 and two.owned(1) == (1, 2)
+  for bad, match in ((dict(partition=(("PZ", "TZ"), ("DPU",))), "exactly one"),
+                     (dict(partition=(("PZ", "TZ", "DPU", "AFS"), ())), "non-empty"),
+                     (dict(partition=(("PZ", "TZ"), ("DPU", "AFS", "PZ"))), "exactly one"),
+                     (dict(zones=("PZ", "PZ")), "distinct"), (dict(filters=0), "filters"),
+                     (dict(dropout=1.0), "dropout")):
+    with pytest.raises(ValueError, match=match):
+      P.PiradsConfig(**bad)
+
+
+def test_combine_paths():
+  cfg = P.PiradsConfig()
+  rng = np.random.default_rng(0)
+  pa, pb = rng.dirichlet(np.ones(5), (3, 4)), rng.dirichlet(np.ones(5), (3, 4))
+  got = np.asarray(P.combine_paths(pa, pb, cfg))
+  np.testing.assert_allclose(got[..., [0, 1]], pa[..., [0, 1]], rtol=1e-6)
+  np.testing.assert_allclose(got[..., [2, 3]], pb[..., [2, 3]], rtol=1e-6)
+  np.testing.assert_allclose(got[..., 4], (pa[..., 4] + pb[..., 4]) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="probs_a and probs_b"):
+    P.combine_paths(pa[..., :4], pb[..., :4], cfg)
+
+
+def test_forward_shapes_and_identical_paths():
+  cfg = P.PiradsConfig(filters=2)
+  model = P.DualPathUNet(cfg, rngs=rngs())
+  x = jnp.asarray(phantom_batch(2, shape=(8, 32, 32))[0])
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+  out = fwd(state, x)
+  assert out["logits_a"].shape == out["logits_b"].shape == (2, 8, 32, 32, 5)
+  assert out["sdm_a"].shape == (2, 8, 32, 32, 2) and float(jnp.abs(out["sdm_a"]).max()) <= 1.0
+  assert float(L.pirads_consistency_loss(jax.nn.softmax(out["logits_a"]), jax.nn.softmax(out["logits_b"]))) > 0
+  # path B a copy of path A: the two predictions coincide and the co-training term vanishes
+  model.encoder_b = nnx.clone(model.encoder_a)
+  model.decoder_b = nnx.clone(model.decoder_a)
+  model.head_b = nnx.clone(model.head_a)
+  out = fwd(nnx.state(model), x)
+  np.testing.assert_array_equal(out["logits_a"], out["logits_b"])
+  assert float(L.pirads_consistency_loss(jax.nn.softmax(out["logits_a"]), jax.nn.softmax(out["logits_b"]))) == 0.0
+
+
+def test_bad_volumes():
+  model = nnx.eval_shape(lambda: P.UNet3D(5, filters=1, rngs=rngs()))
+  with pytest.raises(ValueError, match="divisible"):
+    model(jnp.zeros((1, 8, 30, 32, 1)))
+  with pytest.raises(ValueError, match="input must be"):
+    model(jnp.zeros((1, 8, 32, 32, 2)))
+  with pytest.raises(ValueError, match="no key"):
+    model(jnp.zeros((1, 8, 32, 32, 1)), train=True)
+
+
+def _bf_sdm(mask, spacing):
+  pts = np.argwhere(np.ones_like(mask)) * spacing
+  fg, bg = pts[mask.ravel()], pts[~mask.ravel()]
+  d_out = np.array([np.sqrt(((fg - p) ** 2).sum(1)).min() if not m else 0.0 for p, m in zip(pts, mask.ravel())])
+  d_in = np.array([np.sqrt(((bg - p) ** 2).sum(1)).min() if m else 0.0 for p, m in zip(pts, mask.ravel())])
+  return (d_out / d_out.max() - d_in / d_in.max()).reshape(mask.shape)
+
+
+def test_signed_distance_maps_vs_brute_force():
+  _, lab = prostate_phantom(0, shape=(6, 12, 12), jitter=0.1)
+  spacing = np.array([3.0, 0.5, 0.5])
+  got = P.signed_distance_maps(lab[None], [0, 1, 2], spacing)
+  assert got.shape == (1, 6, 12, 12, 3) and got.dtype == np.float32
+  for j, zid in enumerate((0, 1)):
+    np.testing.assert_allclose(got[0, ..., j], _bf_sdm(lab == zid, spacing), atol=1e-6)
+    assert got[0, ..., j][lab == zid].max() < 0 and got[0, ..., j][lab != zid].min() > 0
+  assert got.min() >= -1 and got.max() <= 1
+  empty = P.signed_distance_maps(lab, [7])
+  assert np.all(empty == 1.0)
+  with pytest.raises(ValueError, match="labels"):
+    P.signed_distance_maps(lab.astype(float), [0])
+
+
+def test_phantom_zones():
+  img, lab = prostate_phantom(0)
+  assert img.shape == lab.shape == (16, 64, 64) and img.dtype == np.float32
+  counts = np.bincount(lab.ravel(), minlength=5)
+  assert np.all(counts > 0)
+  z_dpu = np.unique(np.nonzero(lab == 2)[0])
+  assert z_dpu.min() == 4 and z_dpu.max() == 11            # not every slice has the urethra
+  assert abs(img[lab == 0].mean() - 0.8) < 0.01 and abs(img[lab == 3].mean() - 0.2) < 0.01
+  _, lab2 = prostate_phantom(0, num_zones=2)
+  assert set(np.unique(lab2)) == {0, 1, 2}
+  with pytest.raises(ValueError, match="num_zones"):
+    prostate_phantom(0, num_zones=3)
+
+
+@pytest.mark.slow
+def test_adam_steps_lower_two_stage_loss():
+  cfg = P.PiradsConfig(filters=4)
+  model = P.DualPathUNet(cfg, rngs=rngs())
+  x, y = phantom_batch(1, shape=(8, 32, 32))
+  sa = P.signed_distance_maps(y, [cfg.zones.index(z) for z in cfg.partition[0]], (3.0, 1.0, 1.0))
+  sb = P.signed_distance_maps(y, [cfg.zones.index(z) for z in cfg.partition[1]], (3.0, 1.0, 1.0))
+  onehot = jax.nn.one_hot(y, cfg.num_classes)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adam(1e-3)
+
+  def loss_fn(p, rest, key, lambda_co):
+    m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
+    out = m(x, train=True, key=key)
+    loss, _ = L.pirads_dual_path_loss(out, onehot, own_a=cfg.owned(0), own_b=cfg.owned(1), sdm_a=sa, sdm_b=sb,
+                                      lambda_co=lambda_co)
+    return loss, nnx.state(m, nnx.BatchStat)
+
+  @jax.jit
+  def step(p, rest, opt, key, lambda_co):
+    (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(p, rest, key, lambda_co)
+    upd, opt = tx.update(g, opt, p)
+    rest = nnx.merge_state(rest, stats)
+    return optax.apply_updates(p, upd), rest, opt, loss
+
+  opt = tx.init(params)
+  losses_seen = []
+  for i in range(30):
+    params, rest, opt, loss = step(params, rest, opt, jax.random.key(i), 1.0 if i >= 20 else 0.0)
+    losses_seen.append(float(loss))
+  assert np.mean(losses_seen[15:20]) < losses_seen[0] - 0.2
+  assert np.all(np.isfinite(losses_seen))
