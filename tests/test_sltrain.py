@@ -82,6 +82,19 @@ def test_counts_bad_input_and_make_linear():
   assert isinstance(layer, SLTrain) and layer.nnz == 51
 
 
+def test_count_params_counts_sltrain_as_linear():
+  from lostjax.models.accounting import count_params
+
+  class Two(nnx.Module):
+    def __init__(self):
+      self.p = SLTrain(24, 40, rank=4, density=0.03, rngs=nnx.Rngs(0))
+
+  counts = count_params(Two())
+  assert counts["linear"] == counts["total"] == sltrain_closed_form(24, 40, 4, 0.03) == 4 * 64 + 28
+  assert counts["index_count"] == 28 and counts["dense_equivalent"] == 24 * 40
+
+
+@pytest.mark.slow
 def test_llama_with_sltrain_projections():
   from lostjax.models import Llama, LlamaConfig
   from lostjax.models.accounting import count_params
