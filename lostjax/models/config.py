@@ -8,6 +8,11 @@ import math
 from lostjax.layers import KINDS
 from lostjax.kernels.registry import canonical_name
 
+# model.remat_policy names: the policies of jax.checkpoint_policies that take no arguments (what the forward pass
+# of a rematerialised block keeps for the backward; everything else is recomputed).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable",
+                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
 # name: (d_model, d_ff, n_heads, n_layers, default rank for low-rank/LOST layers)
 # 60M…1B are the GaLore/LOST C4 shapes (configs/llama_*.json, vocab 32000); 7B is LLaMA-7B. The tiny presets are
 # for tests and CPU runs.
@@ -102,7 +107,10 @@ class LlamaConfig:
   # Numerics: parameters in param_dtype, matmuls in dtype (bf16 compute with float32 master weights).
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Rematerialisation of each decoder block in the backward pass (jax.checkpoint); remat_policy names what the
+  # forward keeps (REMAT_POLICIES, from jax.checkpoint_policies): 'nothing_saveable' keeps only each block's input.
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   attention_impl: str = "xla"     # passed to jax.nn.dot_product_attention ('xla' | 'cudnn' | None = auto)
   # Mixture of experts (lostjax.models.moe; docs/moe_pathways.md). 0 experts = the dense SwiGLU MLP. Otherwise each
   # block's MLP is `moe_experts` SwiGLU experts of width d_ff (linear kind mlp_kind), top-k routed per token.
@@ -138,6 +146,10 @@ class LlamaConfig:
     for name in ("attn_kind", "mlp_kind"):
       if getattr(self, name) not in KINDS:
         raise ValueError(f"unknown linear kind model.{name}={getattr(self, name)!r}; expected one of {KINDS}")
+    if not isinstance(self.remat, bool):
+      raise ValueError(f"model.remat must be a bool, got {self.remat!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
     try:  # a legacy name (config.json of an older run) is stored as its registry name: the same model

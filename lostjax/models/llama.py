@@ -184,6 +184,21 @@ class Block(nnx.Module):
     return (x + y, aux) if return_aux else x + y
 
 
+def remat_block(block: Block, x: jax.Array, positions: jax.Array, policy: str = "nothing_saveable"):
+  """block(x, positions, return_aux=True) under `jax.checkpoint` with the named `jax.checkpoint_policies` policy.
+
+  The block's variables go in as a plain state pytree and the block is rebuilt inside the checkpointed function,
+  so nothing created outside the checkpoint's trace is written from inside it (the LOST channel indices, a
+  non-trainable `SparseIndex`, are an input like the parameters; a forward pass changes no variable).
+  """
+  graphdef, state = nnx.split(block)
+
+  def run(state, x, positions):
+    return nnx.merge(graphdef, state)(x, positions, return_aux=True)
+
+  return jax.checkpoint(run, policy=getattr(jax.checkpoint_policies, policy))(state, x, positions)
+
+
 class Embed(nnx.Module):
   def __init__(self, vocab: int, dim: int, *, init_std: float, param_dtype, rngs: nnx.Rngs):
     w = init_std * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
@@ -233,7 +248,7 @@ class Llama(nnx.Module):
     aux = []
     for block in self.layers:
       if self.cfg.remat:
-        x, a = nnx.remat(lambda blk, y: blk(y, positions, return_aux=True))(block, x)
+        x, a = remat_block(block, x, positions, self.cfg.remat_policy)
       else:
         x, a = block(x, positions, return_aux=True)
       aux.append(a)
