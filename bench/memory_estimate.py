@@ -1,13 +1,21 @@
-"""--summary_only's memory estimate against XLA's memory analysis of the compiled train step (one device).
+"""--summary_only's memory estimate against XLA's memory analysis of the compiled train step.
 
     python3 bench/memory_estimate.py                       # 60M dense/LOST/FRUGAL at 8×256, 130M dense at 4×256
     python3 bench/memory_estimate.py --cases small:lost:adamw:8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python3 bench/memory_estimate.py --mesh_table
 
-A case is size:method:optimizer:global_batch[:fsdp] (seq 256, float32, the llama.py config of that size; tiny/small
-use the byte vocabulary 257). With an fsdp field the step is compiled SPMD over `--devices` devices (fake CPU
-devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8) with the trainer's shardings, and the
-analysis is per device. Prints one JSON line per case: the estimate's parts, the compiled step's argument /
-output / temp / alias bytes and ratio = estimate total / compiled total (argument + output + temp − alias).
+A case is size:method:optimizer:global_batch[:mesh] (seq 256, float32, the llama.py config of that size; tiny/small
+use the byte vocabulary 257). method is dense | lowrank | lost | moe (dense attention, 8 dense experts, top-2) and
+may carry '+remat' (model.remat=True). mesh is either an int (mesh.fsdp, the rest data) or the axis sizes as
+letters and numbers: d=data, f=fsdp, t=tensor, e=expert, e.g. 'f8', 'd4t2', 'd2f2t2', 'd4e2'. With a mesh the
+step is compiled SPMD over `--devices` devices (fake CPU devices: run with
+XLA_FLAGS=--xla_force_host_platform_device_count=8) with the trainer's shardings, and the analysis is per device.
+Prints one JSON line per case: the estimate's parts, the compiled step's argument / output / temp / alias bytes,
+the number of "Involuntary full rematerialization" warnings XLA printed while compiling it, and
+ratio = estimate total / compiled total (argument + output + temp − alias).
+
+--mesh_table runs the sharding table (small and 60M; dense, LOST, FRUGAL, GaLore; global batch 16×256 on 8 devices;
+meshes d8, f8, d4t2, f4t2, d2f2t2, and a mixture of experts on d4e2).
 """
 
 from __future__ import annotations
@@ -24,15 +32,45 @@ from train import summary  # noqa: E402
 from train.configs.llama import get_config  # noqa: E402
 
 DEFAULT = "60m:dense:adamw:8,60m:lost:adamw:8,60m:dense:frugal:8,130m:dense:adamw:4"
+MESHES = ("d8", "f8", "d4t2", "f4t2", "d2f2t2")
+MESH_TABLE = ",".join(
+    [f"{size}:{m}:{o}:16:{mesh}" for size in ("small", "60m")
+     for m, o in (("dense", "adamw"), ("lost", "adamw"), ("dense", "frugal"), ("dense", "galore"))
+     for mesh in MESHES] + [f"{size}:moe:adamw:16:{mesh}" for size in ("small", "60m") for mesh in ("d8", "d4e2")])
+AXES = {"d": "data", "f": "fsdp", "t": "tensor", "e": "expert"}
+
+
+def parse_mesh(spec: str) -> dict:
+  """'d4t2' -> {'data': 4, 'tensor': 2}; an int n -> {'fsdp': n} (data takes the rest)."""
+  if spec.isdigit():
+    return {"fsdp": int(spec)}
+  out, i = {}, 0
+  while i < len(spec):
+    letter, j = spec[i], i + 1
+    while j < len(spec) and spec[j].isdigit():
+      j += 1
+    if letter not in AXES or j == i + 1:
+      raise ValueError(f"bad mesh spec {spec!r}: expected letters d/f/t/e each followed by a size, e.g. 'd4t2'")
+    out[AXES[letter]] = int(spec[i + 1:j])
+    i = j
+  return out
 
 
 def case_config(case: str, devices: int = 1):
-  size, method, opt, batch, *fsdp = case.split(":")
-  cfg = get_config(f"{size},{method}")
+  size, method, opt, batch, *mesh = case.split(":")
+  method, *flags = method.split("+")
+  moe = method == "moe"
+  cfg = get_config(f"{size},{'dense' if moe else method}")
+  if moe:
+    cfg.model.moe_experts, cfg.model.moe_top_k = 8, 2
+  cfg.model.remat = "remat" in flags
   cfg.optim.name = opt
   cfg.train.global_batch = int(batch)
-  cfg.mesh.num_devices = devices if fsdp else 1
-  cfg.mesh.fsdp = int(fsdp[0]) if fsdp else 1
+  cfg.mesh.num_devices = devices if mesh else 1
+  axes = parse_mesh(mesh[0]) if mesh else {}
+  cfg.mesh.data = axes.get("data", -1)
+  for name in ("fsdp", "tensor", "expert"):
+    cfg.mesh[name] = axes.get(name, 1)
   if size in ("tiny", "small"):
     cfg.model.vocab_size = 257
   return cfg
@@ -47,10 +85,11 @@ def sharded_compiled_memory(cfg) -> dict:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--cases", default=DEFAULT)
+  p.add_argument("--mesh_table", action="store_true", help="run the sharding table (module docstring)")
   p.add_argument("--devices", type=int, default=8, help="devices of the mesh for cases with an fsdp field")
   p.add_argument("--dtype", default="float32", help="model.dtype (compute); parameters stay float32")
   args = p.parse_args()
-  for case in args.cases.split(","):
+  for case in (MESH_TABLE if args.mesh_table else args.cases).split(","):
     cfg = case_config(case, args.devices)
     cfg.model.dtype = args.dtype
     t0 = time.perf_counter()
@@ -58,6 +97,7 @@ def main():
     compiled = sharded_compiled_memory(cfg) if sharded else summary.compiled_memory(cfg)
     est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
     print(json.dumps({"case": case, "dtype": args.dtype, "estimate": est, "compiled": compiled,
+                      "state_bytes": est["params"] + est["grads"] + est["optimizer"],
                       "ratio": round(est["total"] / compiled["total"], 3),
                       "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
 

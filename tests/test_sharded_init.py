@@ -16,14 +16,15 @@ from lostjax.models import Llama, LlamaConfig
 CFG = LlamaConfig(vocab_size=64, d_model=16, d_ff=32, n_heads=2, n_layers=1, max_seq_len=16, attn_kind="lost",
                   mlp_kind="dense", attn_rank=4, sparsity=0.25, sparse_impl="xla")
 
-# leaf path -> PartitionSpec expected from the logical axes and DEFAULT_RULES (embed->fsdp, heads/mlp/vocab->tensor)
+# leaf path -> PartitionSpec expected from the logical axes and DEFAULT_RULES (embed->fsdp, heads/mlp/vocab->tensor);
+# a weight without an embed dimension is split over fsdp on its largest dimension too (sharding.param_spec)
 EXPECTED = {
     ("embed", "embedding"): P("tensor", "fsdp"),                   # (vocab, embed)
     ("layers", 0, "attn_norm", "scale"): P("fsdp"),               # (embed,)
     ("layers", 0, "attn", "q", "a"): P("fsdp", None),             # LOST (embed, rank)
-    ("layers", 0, "attn", "q", "b"): P(None, "tensor"),           # (rank, heads)
-    ("layers", 0, "attn", "q", "w_sparse"): P(None, "tensor"),    # (sparse, heads)
-    ("layers", 0, "attn", "o", "a"): P("tensor", None),           # (heads, rank)
+    ("layers", 0, "attn", "q", "b"): P(None, ("tensor", "fsdp")),         # (rank, heads)
+    ("layers", 0, "attn", "q", "w_sparse"): P(None, ("tensor", "fsdp")),  # (sparse, heads)
+    ("layers", 0, "attn", "o", "a"): P(("tensor", "fsdp"), None),         # (heads, rank)
     ("layers", 0, "attn", "o", "b"): P(None, "fsdp"),             # (rank, embed)
     ("layers", 0, "mlp", "gate", "kernel"): P("fsdp", "tensor"),  # dense (embed, mlp)
     ("layers", 0, "mlp", "down", "kernel"): P("tensor", "fsdp"),  # (mlp, embed)
@@ -59,9 +60,10 @@ def test_sharded_init_equals_unsharded_with_expected_shardings():
   for path, spec in EXPECTED.items():
     value = got[path][...]
     assert _norm(value.sharding.spec) == _norm(spec), (path, value.sharding.spec)
-    # really split: each device holds 1/2 of every sharded dimension
+    # really split: each device holds 1/2 of a dimension per mesh axis splitting it
     shard = value.addressable_shards[0].data.shape
-    want = tuple(d // (2 if ax is not None else 1) for d, ax in zip(value.shape, tuple(spec) + (None,) * 2))
+    ways = lambda ax: 1 if ax is None else (2 if isinstance(ax, str) else 2 ** len(ax))
+    want = tuple(d // ways(ax) for d, ax in zip(value.shape, tuple(spec) + (None,) * 2))
     assert shard == want, (path, shard, want)
   # the LOST channel indices (non-trainable state) are identical and replicated
   key = ("layers", 0, "attn", "q", "idx")

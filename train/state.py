@@ -16,6 +16,7 @@ first step whose loss or gradient was non-finite, -1 if none).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -119,10 +120,15 @@ def _on_mesh(x, mesh):
 
 
 def optimizer_shardings(opt_shapes, params, mesh):
-  """Shardings for the optimizer state `opt_shapes` (`jax.eval_shape(tx.init, params)`): a state leaf laid out like a parameter (Adam moments, GaLore/FRUGAL moments
-  of full-size matrices, ...) is sharded like that parameter; every other leaf (projections, counters, keys) is
-  replicated. A leaf is matched to the parameter whose path is the longest suffix of the leaf's path with the same
-  shape (optax nests the parameter tree inside its states, e.g. `.../mu/layers/0/attn/q/kernel`)."""
+  """Shardings for the optimizer state `opt_shapes` (`jax.eval_shape(tx.init, params)`), following the parameters.
+
+  A leaf is matched to the parameter whose path is the longest suffix of the leaf's path (optax nests the
+  parameter tree inside its states, e.g. `.../mu/layers/0/attn/q/kernel`). A leaf laid out like its parameter
+  (Adam moments, FRUGAL/GaLore moments of full-size matrices) gets the parameter's sharding. A leaf of another
+  shape (a GaLore/FRUGAL projection [d_in, r] or [r, d_out], moments in the projected space) keeps the parameter's
+  split on each dimension of the same position and size (the d_in or d_out side) and is replicated on the others,
+  so no per-matrix state is replicated whole on every device. Leaves no parameter path matches (counters, keys)
+  are replicated."""
   by_path = {path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   replicated = sharding.replicated(mesh)
 
@@ -130,11 +136,16 @@ def optimizer_shardings(opt_shapes, params, mesh):
     names = path_names(path)
     for i in range(len(names)):
       p = by_path.get(names[i:])
-      if p is not None:
-        sh = getattr(p, "sharding", None)
-        if tuple(p.shape) == tuple(leaf.shape) and isinstance(sh, jax.sharding.NamedSharding):
-          return sh
+      if p is None:
+        continue
+      sh = getattr(p, "sharding", None)
+      if not isinstance(sh, jax.sharding.NamedSharding) or not getattr(leaf, "shape", None):
         break
+      if tuple(p.shape) == tuple(leaf.shape):
+        return sh
+      spec = tuple(sh.spec) + (None,) * (len(p.shape) - len(sh.spec))
+      dims = [spec[d] if d < len(p.shape) and leaf.shape[d] == p.shape[d] else None for d in range(len(leaf.shape))]
+      return jax.sharding.NamedSharding(mesh, jax.P(*dims))
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)
@@ -185,7 +196,10 @@ def abstract_train_state(cfg, *, mesh, model_cfg: LlamaConfig, num_train_example
         cfg.objectives, p, num_train_examples=num_train_examples, seq_len=cfg.train.seq_len,
         vocab_size=model_cfg.vocab_size), params)
   replicated = sharding.replicated(mesh)
-  obj = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), obj)
+  # the objectives place their own large state (the SAF store is sharded over the batch axes); the rest replicated
+  keep = lambda x: isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+  obj = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec) if keep(x) else replicated), obj)
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   state = {"params": params, "opt": opt, "obj": obj, "step": scalar, "bad_step": scalar}
   return TrainState(model_cfg, mesh, graphdef, state, rest, tx, schedule)
@@ -211,9 +225,40 @@ def compiled_memory(cfg, *, mesh=None, vocab_size: int | None = None, num_train_
            "mask": on_batch((b, s), jnp.float32)}
   step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), donate_argnums=(0,),
                  in_shardings=(state_sh, rest_sh, None), out_shardings=(state_sh, None))
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), _captured_stderr() as log:
     m = step.lower(run.state, run.rest, batch).compile().memory_analysis()
   out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
          "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
   out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  # The SPMD partitioner's warning when it had to replicate a whole tensor to reshard it (a sharding mismatch
+  # that costs memory and communication).
+  out["involuntary_remat"] = log.getvalue().count("Involuntary full rematerialization")
   return out
+
+
+class _captured_stderr:
+  """Copies what XLA writes to the process's stderr (file descriptor 2) while compiling, and writes it back."""
+
+  def __enter__(self):
+    import io
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    self._tmp = tempfile.TemporaryFile()
+    self._saved = os.dup(2)
+    os.dup2(self._tmp.fileno(), 2)
+    self._buf = io.StringIO()
+    return self._buf
+
+  def __exit__(self, *exc):
+    import sys
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    self._tmp.seek(0)
+    text = self._tmp.read().decode("utf-8", "replace")
+    self._tmp.close()
+    self._buf.write(text)
+    if text:
+      sys.stderr.write(text)
+    return False

@@ -3,28 +3,30 @@ whether it fits.
 
 Nothing is allocated: the model and the optimizer state are built with `nnx.eval_shape`/`jax.eval_shape`.
 
-Memory estimate per device (bytes), for the chosen config and mesh (m = fsdp·tensor model shards, tokens = microbatch
-tokens per device = global_batch / grad_accum · seq_len / (data·fsdp)):
-  params      = parameter bytes / m (param_dtype)
+Memory estimate per device (bytes), for the chosen config and mesh (data × fsdp × tensor × expert; rows = microbatch
+rows per device = global_batch / grad_accum / (data·fsdp·expert), tokens = rows · seq_len, t = tensor):
+  params      = the bytes of every parameter one device holds, placed exactly as `lostjax.sharding.state_shardings`
+                places it on that mesh (param_dtype; a dimension a mesh axis does not divide stays whole)
   grads       = params (float32 gradients of float32 parameters)
-  optimizer   = optimizer-state bytes / m (exact, from `optim.state_size`)
-  activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4 + 2·d·act_bytes)
+  optimizer   = optimizer-state bytes (exact, from `optim.state_size`) × the share of the parameters one device holds
+  activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4/t + 2·d·act_bytes)
 with, per token and layer, the values the backward pass keeps (no rematerialisation):
-  v_layer = 7·d + 2·d_kv (two norm inputs and outputs, q, k, v after RoPE, attention output, o input; d_kv =
-            n_kv_heads·head_dim, = d without grouped-query attention)
-          + 5·d_ff (gate, up, SiLU(gate), its sigmoid, product)
-          + LOST/low-rank intermediates (rank r per projection, and the k gathered input channels of LOST)
+  v_layer = 4·d (two norm inputs and outputs; never split: activations keep whole feature vectors)
+          + (3·d + 2·d_kv)/t (q, k, v after RoPE, attention output, o input; d_kv = n_kv_heads·head_dim, = d
+            without grouped-query attention; heads split over `tensor`)
+          + 5·d_ff/t (gate, up, SiLU(gate), its sigmoid, product; the MLP hidden features split over `tensor`)
+          + LOST/low-rank intermediates (rank r per projection, and the k gathered input channels of LOST; whole)
           + for experts: top_k copies of the MLP terms, 2·top_k·d dispatched input/output and E router values;
-  scores  = 3 · (batch rows per device) · heads · T² · 4 bytes with `model.attention_impl='xla'` (the float32
-            attention logits, probabilities and their gradient live at once); 0 for fused attention kernels;
-  the last term: the float32 logits and their softmax gradient, and the final norm's input/output.
-With model.remat=True each block keeps only its input (d per token per layer) plus one block's worth during its
-recomputation. The coefficients (9·d, 5·d_ff, 3 T² buffers) were counted from the dataflow and checked against
-XLA's memory analysis of the compiled train step (`compiled_memory`): within ±10 % for dense, LOST and FRUGAL
-from the tiny preset to 130M on CPU at float32, one device or data parallel (tests/test_summary.py,
-bench/memory_estimate.py). With mesh.fsdp > 1 the compiled step is currently much larger than this (XLA
-all-gathers activations over the batch instead of weights over fsdp; docs/benchmarks/memory.md, "Memory under
-FSDP"): the estimate is what FSDP should cost, not what it costs today.
+  scores  = 3 · rows · heads/t · T² · 4 bytes with `model.attention_impl='xla'` (the float32 attention logits,
+            probabilities and their gradient live at once); 0 for fused attention kernels;
+  the last term: the float32 logits (vocabulary split over `tensor`) and their softmax gradient, and the final
+  norm's input/output. A dimension that t does not divide is counted whole, as the sharding rules leave it.
+With model.remat=True each block keeps what `model.remat_policy` saves (`saved_values_per_token_layer`: its input
+for 'nothing_saveable'; the matmul outputs for the dots policies) plus one block's worth during its recomputation.
+The coefficients were counted from the dataflow and checked against XLA's memory analysis of the compiled train
+step (`compiled_memory`): within ±10 % for dense, LOST, FRUGAL and GaLore on data, fsdp, tensor and mixed meshes
+of 8 CPU devices, small and 60M at float32 (tests/test_summary.py, tests/test_sharding.py,
+`bench/memory_estimate.py --mesh_table`, docs/scaling.md).
 
 `fits`: the total against the device memory (`system.device_memory_gib`, else the device's reported limit, else a
 table of common accelerators in train/flops.py); when it does not fit, `suggestions` lists the first settings of
@@ -56,51 +58,121 @@ def _vocab(cfg) -> int | None:
   return make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path).vocab_size
 
 
-def activation_values_per_token_layer(mc) -> int:
-  """Values per token and decoder layer that the backward pass keeps (no remat; attention scores excluded)."""
-  d, ff, kv = mc.d_model, mc.d_ff, mc.kv_dim
+def _tensor_split(mc, t: int) -> tuple[int, int, int]:
+  """How many ways tensor parallelism splits (heads, the MLP hidden features, the vocabulary): t where it divides
+  that dimension (lostjax.sharding replicates a dimension the mesh axis does not divide), else 1."""
+  if t <= 1:
+    return 1, 1, 1
+  return (t if mc.n_heads % t == 0 and mc.kv_heads % t == 0 else 1, t if mc.d_ff % t == 0 else 1,
+          t if mc.vocab_size % t == 0 else 1)
+
+
+def _factor_values(mc) -> tuple[int, int]:
+  """Per token and layer: (low-rank/LOST rank intermediates, LOST gathered input channels); never split."""
+  d, ff = mc.d_model, mc.d_ff
   m = mc.moe_top_k if mc.moe_experts else 1
-  base = 7 * d + 2 * kv + m * 5 * ff + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
-  extra = 0
-  for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d), (d, kv), (d, kv), (d, d)], 1),
+  ranks = gathered = 0
+  for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d)] * 4, 1),  # every d_in is d
                                      (mc.mlp_kind, mc.mlp_rank, [(d, ff), (d, ff), (ff, d)], m)):
     if kind in ("lowrank", "lost"):
-      extra += copies * len(shapes) * rank
+      ranks += copies * len(shapes) * rank
     if kind == "lost":
-      extra += copies * sum(num_sparse_channels(din, mc.sparsity) for din, _ in shapes)
-  return base + extra
+      gathered += copies * sum(num_sparse_channels(din, mc.sparsity) for din, _ in shapes)
+  return ranks, gathered
 
 
-def attention_score_bytes(mc, rows: float, seq_len: int) -> float:
+def activation_values_per_token_layer(mc, tensor: int = 1) -> float:
+  """Values per token and decoder layer that the backward pass keeps on one device (no remat; attention scores
+  excluded), with the heads and MLP hidden features split `tensor` ways (module docstring)."""
+  d, ff = mc.d_model, mc.d_ff
+  th, tf, _ = _tensor_split(mc, tensor)
+  m = mc.moe_top_k if mc.moe_experts else 1
+  ranks, gathered = _factor_values(mc)
+  base = 4 * d + (3 * d + 2 * mc.kv_dim) / th + m * 5 * ff / tf + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
+  return base + ranks + gathered
+
+
+def saved_values_per_token_layer(mc, tensor: int = 1) -> float:
+  """Values per token and layer a rematerialised block keeps for the backward pass under `model.remat_policy`:
+  its input (d) for 'nothing_saveable'; plus the matmul outputs the dots policies save (q, k, v, o, gate, up, down
+  and the low-rank/LOST intermediates; 'dots_saveable' also the attention's P·V product); everything otherwise."""
+  d, ff = mc.d_model, mc.d_ff
+  th, tf, _ = _tensor_split(mc, tensor)
+  m = mc.moe_top_k if mc.moe_experts else 1
+  policy = mc.remat_policy
+  if policy == "nothing_saveable":
+    return d
+  if policy == "everything_saveable":
+    return activation_values_per_token_layer(mc, tensor)
+  ranks, _ = _factor_values(mc)
+  dots = d + (d + 2 * mc.kv_dim) / th + d + m * (2 * ff / tf + d) + ranks
+  if policy in ("dots_saveable", "checkpoint_dots"):
+    dots += d / th
+  return dots
+
+
+def attention_score_bytes(mc, rows: float, seq_len: int, tensor: int = 1) -> float:
   """Bytes of one layer's attention scores that are live at once ([rows, heads, T, T] float32 buffers)."""
   if mc.attention_impl != "xla":
     return 0.0
-  return 3.0 * rows * mc.n_heads * seq_len * seq_len * 4
+  th = _tensor_split(mc, tensor)[0]
+  return 3.0 * rows * mc.n_heads / th * seq_len * seq_len * 4
+
+
+def mesh_axes(cfg, n_dev: int) -> dict:
+  """The mesh axis sizes of the config on `n_dev` devices (data=-1 takes the rest)."""
+  expert = cfg.mesh.get("expert", 1)
+  data = cfg.mesh.data if cfg.mesh.data > 0 else max(n_dev // (cfg.mesh.fsdp * cfg.mesh.tensor * expert), 1)
+  return {"data": data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor, "expert": expert}
 
 
 def _shards(cfg, n_dev: int) -> tuple[int, int]:
-  """(model shards, batch shards). Expert-parallel weights (mesh.expert) are counted unsharded: an overestimate."""
-  expert = cfg.mesh.get("expert", 1)
-  data = cfg.mesh.data if cfg.mesh.data > 0 else max(n_dev // (cfg.mesh.fsdp * cfg.mesh.tensor * expert), 1)
-  return cfg.mesh.fsdp * cfg.mesh.tensor, max(data * cfg.mesh.fsdp * expert, 1)
+  """(model shards, batch shards)."""
+  axes = mesh_axes(cfg, n_dev)
+  return axes["fsdp"] * axes["tensor"], max(axes["data"] * axes["fsdp"] * axes["expert"], 1)
 
 
-def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int) -> dict:
-  """Per-device bytes: params, grads, optimizer, activations, total (see the module docstring)."""
+def param_bytes_per_device(params, axes: dict) -> float:
+  """Bytes of `params` (abstract nnx.State) one device holds on a mesh of these axis sizes, placed exactly as
+  `lostjax.sharding.state_shardings` places them (a dimension an axis does not divide stays whole)."""
+  from flax import nnx as _nnx
+  from lostjax import sharding
+  mesh = jax.sharding.AbstractMesh(tuple(axes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+  total = 0.0
+  for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _nnx.Variable)):
+    spec = sharding.param_spec(v.get_metadata().get("out_sharding"), v.shape, mesh)
+    ways = 1
+    for e in spec:
+      for a in (() if e is None else ((e,) if isinstance(e, str) else e)):
+        ways *= axes[a]
+    total += int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize / ways
+  return total
+
+
+def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, params=None) -> dict:
+  """Per-device bytes: params, grads, optimizer, activations, total (see the module docstring). `params` (the
+  abstract parameter state) places every parameter by the sharding rules; without it, bytes / (fsdp·tensor)."""
   t = cfg.train
+  axes = mesh_axes(cfg, n_dev)
   model_shards, batch_shards = _shards(cfg, n_dev)
+  tensor = axes["tensor"]
+  local = param_bytes_per_device(params, axes) if params is not None else param_bytes / model_shards
   act_bytes = np.dtype(resolve_dtype(mc.dtype)).itemsize
   rows = t.global_batch / t.grad_accum / batch_shards
   tokens = rows * t.seq_len
-  per_layer = activation_values_per_token_layer(mc) * tokens * act_bytes
-  scores = attention_score_bytes(mc, rows, t.seq_len)
+  per_layer = activation_values_per_token_layer(mc, tensor) * tokens * act_bytes
+  scores = attention_score_bytes(mc, rows, t.seq_len, tensor)
   if mc.remat:
-    act = tokens * mc.n_layers * mc.d_model * act_bytes + per_layer + scores
+    saved = saved_values_per_token_layer(mc, tensor) * tokens * act_bytes
+    if mc.remat_policy in ("dots_saveable", "checkpoint_dots", "everything_saveable"):
+      saved += scores / 3 if mc.remat_policy != "everything_saveable" else scores
+    act = mc.n_layers * saved + per_layer + scores
   else:
     act = mc.n_layers * (per_layer + scores)
-  head = tokens * (2 * mc.vocab_size * 4 + 2 * mc.d_model * act_bytes)
-  mem = {"params": param_bytes / model_shards, "grads": param_bytes / model_shards,
-         "optimizer": opt_bytes / model_shards, "activations": act + head}
+  tv = _tensor_split(mc, tensor)[2]
+  head = tokens * (2 * mc.vocab_size * 4 / tv + 2 * mc.d_model * act_bytes)
+  mem = {"params": local, "grads": local, "optimizer": opt_bytes * local / max(param_bytes, 1),
+         "activations": act + head}
   mem["total"] = sum(mem.values())
   return mem
 
@@ -186,7 +258,7 @@ def summarize(cfg, device: str | None = None) -> dict:
   n_dev = cfg.mesh.num_devices or jax.device_count()
   t = cfg.train
   pbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
-  mem = memory_estimate(cfg, mc, pbytes, size.bytes, n_dev)
+  mem = memory_estimate(cfg, mc, pbytes, size.bytes, n_dev, params=params)
   limit, source = device_memory(cfg, device)
   fit = {"device_memory_bytes": None if limit is None else int(limit), "fits": None, "suggestions": [],
          "device_memory_source": source}
@@ -195,7 +267,8 @@ def summarize(cfg, device: str | None = None) -> dict:
     fit["fits"] = bool(mem["total"] <= budget)
     if not fit["fits"]:
       for change, c in _variants(cfg, n_dev):
-        total = memory_estimate(c, llama_config(c, vocab_size=mc.vocab_size), pbytes, size.bytes, n_dev)["total"]
+        total = memory_estimate(c, llama_config(c, vocab_size=mc.vocab_size), pbytes, size.bytes, n_dev,
+                                params=params)["total"]
         if total <= budget:
           fit["suggestions"].append({**change, "total_gib": round(total / GIB, 3)})
           if len(fit["suggestions"]) == 3:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lostjax import sharding
 from lostjax.kernels.registry import IMPLS, resolve_sparse_impl
 from lostjax.layers import common
 from lostjax.layers.lowrank import svd_factors
@@ -127,6 +128,7 @@ class Lost(nnx.Module):
     if not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
       raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
     self.d_in, self.d_out, self.rank = d_in, d_out, rank
+    self.out_axis = sharding.activation_axis(axes[1])
     self.gamma = float(gamma)
     self.sparse_impl = resolve_sparse_impl(sparse_impl).name  # registry name ('auto' and aliases resolved)
     self.dtype = common.resolve_dtype(dtype)
@@ -142,19 +144,21 @@ class Lost(nnx.Module):
     self.idx = SparseIndex(dec.idx, out_sharding=("sparse",), eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
+    y = sharding.gathered_call(self._apply, (self.a, self.b, self.w_sparse), x, self.idx[...])
+    return sharding.constrain_tokens(y, self.out_axis)
+
+  def _apply(self, a, b, w_sparse, x, idx):
+    dt = self.dtype
+    x, a, b, w_sparse = x.astype(dt), a.astype(dt), b.astype(dt), w_sparse.astype(dt)
     if IMPLS[self.sparse_impl].fused and self.k:
       from lostjax import kernels
-      return kernels.lost_matmul(x, self.a[...].astype(self.dtype), self.b[...].astype(self.dtype), self.idx[...],
-                                 self.w_sparse[...].astype(self.dtype), self.gamma, act=self.act,
-                                 impl=self.sparse_impl)
-    h = common.matmul(x, self.a[...].astype(self.dtype))
+      return kernels.lost_matmul(x, a, b, idx, w_sparse, self.gamma, act=self.act, impl=self.sparse_impl)
+    h = sharding.constrain_tokens(common.matmul(x, a), "activation_rank")
     if self.act is not None:
       h = self.act(h)
-    y = self.gamma * common.matmul(h, self.b[...].astype(self.dtype))
+    y = self.gamma * common.matmul(h, b)
     if self.k:
-      y = y + (1.0 - self.gamma) * sparse_matmul(x, self.idx[...], self.w_sparse[...].astype(self.dtype),
-                                                 impl=self.sparse_impl)
+      y = y + (1.0 - self.gamma) * sparse_matmul(x, idx, w_sparse, impl=self.sparse_impl)
     return y
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lostjax import sharding
 from lostjax.layers import common
 
 INITS = ("svd", "normal")
@@ -43,6 +44,7 @@ class LowRank(nnx.Module):
     if init not in INITS:
       raise ValueError(f"unknown low-rank init {init!r}; expected one of {INITS}")
     self.d_in, self.d_out, self.rank = d_in, d_out, rank
+    self.out_axis = sharding.activation_axis(axes[1])
     self.dtype = common.resolve_dtype(dtype)
     self.act = common.resolve_activation(activation)
     pdt = common.resolve_dtype(param_dtype)
@@ -58,7 +60,11 @@ class LowRank(nnx.Module):
     self.b = common.param(b.astype(pdt), ("rank", axes[1]))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = common.matmul(x.astype(self.dtype), self.a[...].astype(self.dtype))
+    return sharding.constrain_tokens(sharding.gathered_call(self._apply, (self.a, self.b), x), self.out_axis)
+
+  def _apply(self, a, b, x):
+    dt = self.dtype
+    h = sharding.constrain_tokens(common.matmul(x.astype(dt), a.astype(dt)), "activation_rank")
     if self.act is not None:
       h = self.act(h)
-    return common.matmul(h, self.b[...].astype(self.dtype))
+    return common.matmul(h, b.astype(dt))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lostjax import sharding
 from lostjax.layers import common, make_linear
 from lostjax.models.config import LlamaConfig
 from lostjax.models.mlp import Mlp, linear as _linear, project as _project
@@ -128,6 +129,16 @@ def _cached_attention(q, k, v, cache: KVCache, layer: int):
   return out, cache._replace(k=replace(cache.k, ck), v=replace(cache.v, cv))
 
 
+def _constrain_heads(x):
+  """[batch, seq, heads, head_dim] activations: rows over the batch axes, heads over `tensor` (Megatron)."""
+  return sharding.constrain(x, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+
+
+def _constrain_embed(x):
+  """[batch, seq, d_model] activations (the residual stream): rows over the batch axes, features whole."""
+  return sharding.constrain_tokens(x, "activation_embed")
+
+
 class Attention(nnx.Module):
   """Causal self-attention; with model.n_kv_heads < n_heads grouped-query attention (K/V of kv_dim columns)."""
 
@@ -149,14 +160,14 @@ class Attention(nnx.Module):
     b, s, _ = x.shape
     h, kvh, hd = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
     q, k, v = self._qkv(x)
-    q = rotary(q.reshape(b, s, h, hd), positions, self.cfg.rope_theta, self.cfg.rope_scaling)
-    k = rotary(k.reshape(b, s, kvh, hd), positions, self.cfg.rope_theta, self.cfg.rope_scaling)
-    v = v.reshape(b, s, kvh, hd)
+    q = _constrain_heads(rotary(q.reshape(b, s, h, hd), positions, self.cfg.rope_theta, self.cfg.rope_scaling))
+    k = _constrain_heads(rotary(k.reshape(b, s, kvh, hd), positions, self.cfg.rope_theta, self.cfg.rope_scaling))
+    v = _constrain_heads(v.reshape(b, s, kvh, hd))
     if cache is not None:  # decoding: (output, cache with this layer's keys/values added)
       out, cache = _cached_attention(q, k, v, cache, layer)
       return self.o(out.reshape(b, s, h * hd)), cache
     impl = self.cfg.attention_impl
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    out = _constrain_heads(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl))
     return self.o(out.reshape(b, s, h * hd))
 
 
@@ -179,9 +190,10 @@ class Block(nnx.Module):
       h, cache = self.attn(self.attn_norm(x), positions, cache, layer)
       x = x + h
       return x + self._mlp(self.mlp_norm(x))[0], cache
-    x = x + self.attn(self.attn_norm(x), positions)
+    x = _constrain_embed(x + self.attn(self.attn_norm(x), positions))
     y, aux = self._mlp(self.mlp_norm(x))
-    return (x + y, aux) if return_aux else x + y
+    x = _constrain_embed(x + y)
+    return (x, aux) if return_aux else x
 
 
 def remat_block(block: Block, x: jax.Array, positions: jax.Array, policy: str = "nothing_saveable"):
@@ -205,7 +217,7 @@ class Embed(nnx.Module):
     self.embedding = common.param(w.astype(param_dtype), ("vocab", "embed"))
 
   def __call__(self, tokens):
-    return jnp.take(self.embedding[...], tokens, axis=0)
+    return sharding.gathered_call(lambda w, t: jnp.take(w, t, axis=0), (self.embedding,), tokens)
 
 
 class Llama(nnx.Module):
@@ -226,7 +238,9 @@ class Llama(nnx.Module):
   def head(self, x: jax.Array) -> jax.Array:
     """float32 logits of the final-normed hidden states: x W_head, or x Eᵀ with model.tie_embeddings."""
     if self.cfg.tie_embeddings:
-      return common.matmul(x.astype(self.dtype), self.embed.embedding[...].astype(self.dtype).T).astype(jnp.float32)
+      dt = self.dtype
+      return sharding.gathered_call(lambda w, x: common.matmul(x.astype(dt), w.astype(dt).T), (self.embed.embedding,),
+                                    x).astype(jnp.float32)
     return self.lm_head(x).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
@@ -244,7 +258,7 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self.embed(tokens).astype(self.dtype)
+    x = _constrain_embed(self.embed(tokens).astype(self.dtype))
     aux = []
     for block in self.layers:
       if self.cfg.remat:
@@ -253,7 +267,7 @@ class Llama(nnx.Module):
         x, a = block(x, positions, return_aux=True)
       aux.append(a)
     x = self.final_norm(x)
-    logits = self.head(x)
+    logits = sharding.constrain_tokens(self.head(x), "activation_vocab")
     return (logits, reduce_aux(self.cfg, aux)) if return_aux else logits
 
   def route(self, tokens: jax.Array, positions: jax.Array | None = None) -> Routing:

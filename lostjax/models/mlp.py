@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from lostjax import sharding
 from lostjax.layers import make_linear
 from lostjax.layers.group import grouped_call
 from lostjax.models.config import LlamaConfig
@@ -43,4 +44,5 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     gate, up = project(self.cfg, (self.gate, self.up), x)
-    return self.down(jax.nn.silu(gate) * up)
+    # column parallel gate/up (hidden features over `tensor`), row parallel down (lostjax.sharding)
+    return self.down(sharding.constrain_tokens(jax.nn.silu(gate) * up, "activation_mlp"))

