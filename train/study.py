@@ -630,7 +630,8 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
               f"{r['final_step']} | "
               f"{_fmt(r['eval_loss'])} | {_fmt(r['eval_bpb'])} | {_fmt(r['tokens_per_s'], 0)} | "
               f"{_fmt(r['wall_s'], 1)} |\n")
-  buf.write("\nFigures: `curves.png` (eval and train loss against tokens, best learning rate per run), `lr.png` "
+  buf.write("\nFigures: `curves.png` (eval and train loss against tokens at the best learning rate per run, every "
+            "seed: the thin lines), `lr.png` "
             "(final eval loss against learning rate).\n")
   return buf.getvalue()
 
@@ -643,9 +644,15 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   for run, r in best.items():
     ev, tr = r["_eval"], r["_train"]
-    label = f"{run} (lr {lr_tag(r['lr'])})"
+    seeds = [x for x in rows if x["run"] == run and x["best"] and x is not r and x["_eval"]]
+    label = f"{run} (lr {lr_tag(r['lr'])}" + (f", {len(seeds) + 1} seeds)" if seeds else ")")
     line, = ax1.plot(sorted(ev), [ev[k] for k in sorted(ev)], "o-", label=label)
     ax2.plot(sorted(tr), [tr[k] for k in sorted(tr)], color=line.get_color(), label=label)
+    for x in seeds:   # the other seeds at the best learning rate, thin
+      ax1.plot(sorted(x["_eval"]), [x["_eval"][k] for k in sorted(x["_eval"])], "-", lw=0.8, alpha=0.6,
+               color=line.get_color())
+      ax2.plot(sorted(x["_train"]), [x["_train"][k] for k in sorted(x["_train"])], "-", lw=0.5, alpha=0.5,
+               color=line.get_color())
   for ax, title in ((ax1, "eval loss"), (ax2, "train loss")):
     ax.set_xlabel("tokens")
     ax.set_ylabel(f"{title} (nats/token)")
