@@ -49,10 +49,11 @@ def normscore_difficulty(scores, run_scores, run_where: Optional[jax.Array] = No
   """Min-max normalised score of each document within its query's run.
 
   scores: [Q, K] scores of the training documents; run_scores: [Q, N] first-stage run scores.
+  A query whose run is constant or empty (all of `run_where` False) gets 0.5 for every document.
   """
   s, rs, w, dt = _check_run_scores(scores, run_scores, run_where)
   lo = U.masked_min(rs.astype(dt), w, axis=1, empty=0.)[:, None]
-  hi = U.masked_max(rs.astype(dt), w, axis=1, empty=1.)[:, None]
+  hi = U.masked_max(rs.astype(dt), w, axis=1, empty=0.)[:, None]   # empty run: hi = lo, no range
   rng = hi - lo
   return jnp.where(rng > 0, (s.astype(dt) - lo) / jnp.where(rng > 0, rng, 1.), 0.5)
 

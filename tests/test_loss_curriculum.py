@@ -83,7 +83,10 @@ def test_weighted_loss_deviation_and_edges():
   assert float(curriculum_weighted_loss(l, w, where=jnp.zeros(2, bool))) == 0.0
   # degenerate runs: constant scores, single document, bf16
   const = jnp.ones((1, 5))
-  assert np.all(np.isfinite(normscore_difficulty(jnp.ones((1, 2)), const)))
+  np.testing.assert_allclose(normscore_difficulty(jnp.array([[3., -1.]]), const), 0.5)   # no range: 0.5
+  empty = jnp.array([[True, True], [False, False]])                 # query 1: every run document masked out
+  got = normscore_difficulty(jnp.array([[2., 4.], [7., -3.]]), jnp.array([[0., 4.], [1., 2.]]), run_where=empty)
+  np.testing.assert_allclose(got, [[0.5, 1.0], [0.5, 0.5]], rtol=1e-6)   # an empty run is treated like a constant one
   assert np.all(np.isfinite(kde_difficulty(jnp.ones((1, 2)), const)))
   assert np.all(np.isfinite(kde_difficulty(jnp.ones((1, 2)), jnp.ones((1, 1)))))
   assert kde_difficulty(jnp.asarray(DOCS, jnp.bfloat16), jnp.asarray(RUN, jnp.bfloat16)).dtype == jnp.float32

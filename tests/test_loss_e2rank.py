@@ -99,6 +99,9 @@ def test_bad_inputs():
     _L.e2rank_infonce_loss(jnp.ones((3, 4)), jnp.ones((4, 4)))
   with pytest.raises(ValueError, match="relevance"):
     _L.e2rank_ranknet_loss(jnp.ones((2, 4)), jnp.ones((2, 3, 4)), jnp.ones((2, 4)))
+  for cand in (jnp.ones((3, 3, 4)), jnp.ones((2, 3, 5))):   # one wrong dimension (queries, then features)
+    with pytest.raises(ValueError, match="cand_emb shape"):
+      _L.e2rank_ranknet_loss(jnp.ones((2, 4)), cand, jnp.ones((cand.shape[0], 3)))
   with pytest.raises(ValueError, match="temperature"):
     _L.e2rank_infonce_loss(jnp.ones((3, 4)), jnp.ones((3, 4)), temperature=0.)
 

@@ -337,6 +337,21 @@ def test_bf16_params():
 def test_bad_hyperparameters(kwargs):
   with pytest.raises(ValueError):
     frugal(0.01, **kwargs)
+  frugal(0.01, proj_lr_scale=0.0, inactive_lr_scale=0.0)   # 0 (a frozen part) is allowed
+
+
+def test_block_cursor_wraps_within_the_stack():
+  """The checkpointed cyclic cursor wraps like the reference's next_block_start: it stays in [0, n) ([0, n/2) for
+  mirror), so a resumed run continues the same cycle."""
+  params = {f"w{i}": jnp.ones((3, 2)) for i in range(6)}
+  for order, bound in (("ascending", 6), ("descending", 6), ("mirror", 3)):
+    tx = scale_by_frugal(rho=1 / 3, update_gap=1, proj_type="blockwise", block_order=order,
+                         inactive_update_rule="no")
+    state, upd = tx.init(params), jax.jit(tx.update)
+    for _ in range(4):
+      _, state = upd(params, state, params)
+      (cursor,) = state.next_start
+      assert 0 <= int(cursor) < bound, (order, int(cursor))
 
 
 def test_non_matrix_leaf_labelled_matrix_raises():
