@@ -82,6 +82,9 @@ def test_margin_edges():
   np.testing.assert_allclose(float(fedld_margin_loss(z[:, :1], jnp.zeros(6, int), penalty=0.)), 0., atol=1e-7)
   with pytest.raises(ValueError, match="reduction"):
     fedld_margin_loss(z, y, reduction="sum")
+  np.testing.assert_allclose(_L.fedld_margin_loss(z[:, :1], jnp.zeros(6, int), penalty=0.), 0., atol=1e-7)  # eager: checks run
+  with pytest.raises(ValueError, match="penalty"):
+    _L.fedld_margin_loss(z, y, penalty=-0.1)
 
 
 @pytest.mark.parametrize("m", [5, pytest.param(3, marks=pytest.mark.slow), pytest.param(6, marks=pytest.mark.slow)])
@@ -91,6 +94,8 @@ def test_aggregation_numpy(m):
     upd, hist = principal_gradient_aggregate({"w": jnp.asarray(G), "b": jnp.asarray(G[:, :1])},
                                              history={"w": jnp.ones(7), "b": jnp.ones(1)})
     np.testing.assert_allclose(upd["w"], np_pcgrad_svd(G), rtol=1e-8, atol=1e-12)
+    small, _ = principal_gradient_aggregate({"w": jnp.asarray(1e-3 * G)}, history={"w": jnp.ones(7)})
+    np.testing.assert_allclose(small["w"], np_pcgrad_svd(1e-3 * G), rtol=1e-8, atol=1e-15)   # |v_j|^2 < 1
     np.testing.assert_allclose(upd["b"], G[:, :1].mean(0), rtol=1e-12)   # scalar layer: plain mean
     np.testing.assert_allclose(hist["w"], 0.99 + 0.01 * np_pcgrad_svd(G), rtol=1e-8)
     # first round (no history) and zero history -> mean

@@ -135,6 +135,29 @@ def test_rank_too_large_raises_at_init():
   tx = galore(0.01, rank=9)
   with pytest.raises(ValueError, match="rank 9"):
     tx.init({"mlp": {"kernel": jnp.ones((8, 16))}})
+  galore(0.01, rank=8, scale=0.0).init({"mlp": {"kernel": jnp.ones((8, 16))}})   # full rank and scale 0 are valid
+
+
+def test_default_adam_constants_are_galore_torch_s():
+  """b1 = 0.9, b2 = 0.999, eps = 1e-6 in scale_by_galore and scale_by_torch_adam used on their own; gradients of
+  size ~eps so that eps shows."""
+  from optim.galore import scale_by_galore, scale_by_torch_adam
+  rng = np.random.default_rng(3)
+  gs = [jnp.asarray(1e-6 * rng.normal(size=(6, 4)).astype(np.float32)) for _ in range(3)]
+  mine = scale_by_torch_adam()
+  st, m, v = mine.init(gs[0]), 0.0, 0.0
+  for t, g in enumerate(gs, 1):
+    u, st = jax.jit(mine.update)(g, st)
+    gn = np.asarray(g, np.float64)
+    m, v = 0.9 * m + 0.1 * gn, 0.999 * v + 0.001 * gn ** 2
+    np.testing.assert_allclose(u, np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) * m / (np.sqrt(v) + 1e-6), rtol=1e-4)
+  default, explicit = scale_by_galore(rank=2, update_gap=2), scale_by_galore(rank=2, update_gap=2, b1=0.9,
+                                                                             b2=0.999, eps=1e-6)
+  sd, se = default.init(gs[0]), explicit.init(gs[0])
+  for g in gs:
+    ud, sd = jax.jit(default.update)(g, sd)
+    ue, se = jax.jit(explicit.update)(g, se)
+    np.testing.assert_array_equal(ud, ue)
 
 
 def test_inject_hyperparams_and_chain():
