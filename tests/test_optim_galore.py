@@ -151,13 +151,15 @@ def test_default_adam_constants_are_galore_torch_s():
     gn = np.asarray(g, np.float64)
     m, v = 0.9 * m + 0.1 * gn, 0.999 * v + 0.001 * gn ** 2
     np.testing.assert_allclose(u, np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) * m / (np.sqrt(v) + 1e-6), rtol=1e-4)
-  default, explicit = scale_by_galore(rank=2, update_gap=2), scale_by_galore(rank=2, update_gap=2, b1=0.9,
-                                                                             b2=0.999, eps=1e-6)
-  sd, se = default.init(gs[0]), explicit.init(gs[0])
-  for g in gs:
-    ud, sd = jax.jit(default.update)(g, sd)
-    ue, se = jax.jit(explicit.update)(g, se)
-    np.testing.assert_array_equal(ud, ue)
+  ref = dict(b1=0.9, b2=0.999, eps=1e-6)
+  for make in (lambda **kw: scale_by_galore(rank=2, update_gap=2, **kw),
+               lambda **kw: galore(1.0, rank=2, update_gap=2, **kw)):
+    default, explicit = make(), make(**ref)
+    sd, se = default.init({"kernel": gs[0]}), explicit.init({"kernel": gs[0]})
+    for g in gs:
+      ud, sd = jax.jit(default.update)({"kernel": g}, sd, {"kernel": g})
+      ue, se = jax.jit(explicit.update)({"kernel": g}, se, {"kernel": g})
+      np.testing.assert_array_equal(ud["kernel"], ue["kernel"])
 
 
 def test_inject_hyperparams_and_chain():

@@ -161,3 +161,14 @@ def test_inject_hyperparams():
   st = tx.init(params)
   u, st = jax.jit(tx.update)(params, st, params)
   assert int(jnp.sum(u["mlp"]["kernel"] != 0)) == 16
+
+
+def test_defaults_are_the_documented_reference_values():
+  """docs/lift.md: lora_rank 128, filter_rank 64, update_gap 400, betas (0.9, 0.95), eps 1e-6, weight decay 0 — in
+  lift and in scale_by_lift used on its own (its own defaults are not reached through lift)."""
+  import inspect
+  from optim.lift import scale_by_lift
+  doc = dict(lora_rank=128, filter_rank=64, update_gap=400, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.0)
+  for fn in (lift, scale_by_lift):
+    params = inspect.signature(fn).parameters
+    assert {k: params[k].default for k in doc} == doc, fn.__name__
