@@ -55,8 +55,9 @@ def test_sobel_step_and_random_against_loops():
   r = RNG.uniform(0, 0.3, (2, 5, 7))
   np.testing.assert_allclose(np.asarray(LH.sobel_edges(jnp.asarray(r[..., None], jnp.float32)))[..., 0],
                              np_sobel(r), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
-    LH.sobel_edges(jnp.zeros((2, 5, 7)))
+  for bad in ((2, 5, 7), (2, 5, 7, 3)):   # no channel axis; three channels
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
+      LH.sobel_edges(jnp.zeros(bad))
 
 
 def test_masked_l1_official_and_per_pixel():
