@@ -62,6 +62,9 @@ def test_reformulation_loss_numpy_and_optax():
       ref = optax.losses.softmax_cross_entropy_with_integer_labels(masked, jnp.asarray(t))
       np.testing.assert_allclose(float(got[r]), float(ref), rtol=1e-10)
     assert float(got[2]) == 0.0   # no positive
+    # leading axes [..., P]: a [2, 3, 7] batch gives the rows' own losses
+    got3 = lol_reformulation_loss(jnp.asarray(np.stack([sim, sim[::-1]])), jnp.asarray(np.stack([pos, pos[::-1]])))
+    np.testing.assert_allclose(got3, np.stack([got, got[::-1]]), rtol=1e-12)
     g = jax.grad(lambda s: lol_reformulation_loss(s, jnp.asarray(pos)).sum())(jnp.asarray(sim))
     assert np.all(np.isfinite(g)) and np.all(g[2] == 0)
 

@@ -263,7 +263,8 @@ def tests_for(path: str) -> list[str]:
       for g in globs:
         found.update(str(t.relative_to(ROOT)) for t in ROOT.glob(g))
   for t in sorted((ROOT / "tests").glob("test_*.py")):
-    named = leaf and not leaf.startswith("_") and (t.stem == f"test_{leaf}" or t.stem.endswith(f"_{leaf}"))
+    stem = leaf.lstrip("_")   # losses/_utils.py -> tests/test_loss_utils.py
+    named = stem and (t.stem == f"test_{stem}" or t.stem.endswith(f"_{stem}"))
     if named or any(p.search(t.read_text()) for p in pats):
       found.add(str(t.relative_to(ROOT)))
   return sorted(found)
