@@ -306,3 +306,39 @@ def test_prefetch_threads_end_with_the_iterator(docs_dir):
   del b
   gc.collect()
   assert count() == before
+
+
+def test_stream_shuffle_buffer_permutes_within_groups_and_resumes_exactly(docs_dir):
+  tmp_path, docs = docs_dir
+  S, B, L, K, steps = 2, 4, 8, 6, 9
+  plain = make_data(stream_cfg(tmp_path, stream_shards=S), seq_len=L, global_batch=B, seed=0)
+  cfg = stream_cfg(tmp_path, stream_shards=S, shuffle_buffer=K)
+  a = make_data(cfg, seq_len=L, global_batch=B, seed=0)
+  run = [next(a.train) for _ in range(steps)]
+  base = [next(plain.train) for _ in range(steps)]
+  # the same windows (each with its stream id), permuted within groups of K windows of one shard
+  per_shard = lambda batches: {s: [(int(i), tuple(t)) for x in batches for i, t in zip(x["ids"], x["tokens"])
+                                   if int(i) % S == s] for s in range(S)}
+  got, want = per_shard(run), per_shard(base)
+  for s in range(S):
+    n = len(want[s]) // K * K
+    assert got[s] != want[s]
+    for g in range(0, n, K):
+      assert sorted(got[s][g:g + K]) == sorted(want[s][g:g + K])
+  assert make_data(cfg, seq_len=L, global_batch=B, seed=1).train.__next__()["ids"].tolist() != run[0]["ids"].tolist()
+  # interrupted at any step (inside a group too) and resumed = uninterrupted, through the JSON checkpoint form
+  for k in (1, 2, 4, 7):
+    c = make_data(cfg, seq_len=L, global_batch=B, seed=0)
+    for _ in range(k):
+      next(c.train)
+    state = json.loads(json.dumps(c.train.get_state()))
+    d = make_data(cfg, seq_len=L, global_batch=B, seed=0)
+    d.train.set_state(state)
+    for j in range(k, steps):
+      x = next(d.train)
+      np.testing.assert_array_equal(x["tokens"], run[j]["tokens"])
+      np.testing.assert_array_equal(x["ids"], run[j]["ids"])
+  with pytest.raises(ValueError, match="shuffle_buffer"):
+    make_data(stream_cfg(tmp_path, shuffle_buffer=-1), seq_len=L, global_batch=B, seed=0)
+  with pytest.raises(ValueError, match="shuffle_buffer=4 applies to the streaming pipeline"):
+    make_data(stream_cfg(tmp_path, shuffle_buffer=4, pipeline="cached"), seq_len=L, global_batch=B, seed=0)

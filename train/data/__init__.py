@@ -58,6 +58,8 @@ def default_data_config():
   c.pipeline = "auto"             # 'auto' (cached for stdlib/files, stream for hf/tfds) | 'cached' | 'stream'
   c.stream_shards = 0             # stream: document shards S (0 = gcd(global_batch, 8)); S % processes == 0
   c.prefetch = 2                  # batches prepared ahead by grain in a background thread (0 = off)
+  c.shuffle_buffer = 0            # stream: windows shuffled together per shard (0 = off: stream order; seed
+                                  # data.shuffle_seed); its state is in the checkpoint, resume stays exact
   c.val_fraction = 0.02           # validation = last fraction of each document's bytes (cut at a newline)
   c.max_bytes = 0                 # cap on corpus bytes read (0 = unlimited)
   c.shuffle_seed = -1             # -1 = use the training seed
@@ -94,7 +96,7 @@ def _check_config(cfg):
   if cfg.pipeline not in PIPELINES:
     raise ValueError(f"unknown data.pipeline={cfg.pipeline!r}; expected one of {', '.join(PIPELINES)}")
   for name in ("max_bytes", "eval_max_tokens", "synthetic_vocab_size", "vocab_limit", "stream_shards",
-               "prefetch"):
+               "prefetch", "shuffle_buffer"):
     v = cfg[name]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
       raise ValueError(f"data.{name}={v!r} must be a non-negative int")
@@ -215,6 +217,9 @@ def make_data(data_cfg, *, seq_len, global_batch, seed, process_index=0, process
     raise ValueError(f"data.vocab_limit={cfg.vocab_limit} does not cover the tokenizer's EOS id "
                      f"{tokenizer.eos_id} (the document separator); raise vocab_limit")
   procs = dict(process_index=process_index, process_count=process_count)
+  if cfg.get("shuffle_buffer", 0) and (cfg.source == "synthetic" or resolve_pipeline(cfg) != "stream"):
+    raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} applies to the streaming pipeline; the cached one "
+                     f"already shuffles every epoch globally (set shuffle_buffer=0, or data.pipeline='stream')")
 
   if cfg.source == "synthetic":
     vocab = cfg.synthetic_vocab_size or vocab
@@ -226,7 +231,7 @@ def make_data(data_cfg, *, seq_len, global_batch, seed, process_index=0, process
         info={"source": "synthetic"})
 
   if resolve_pipeline(cfg) == "stream":
-    return _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs)
+    return _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs, shuffle_seed)
 
   corpus = corpus_lib.load_corpus(cfg, tokenizer)
   n_train = int(corpus.train.shape[0])
@@ -252,7 +257,7 @@ def _what(cfg):
   return {"files": cfg.paths, "tfds": cfg.tfds_name, "hf": cfg.hf_name}.get(cfg.source, cfg.source)
 
 
-def _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs):
+def _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs, shuffle_seed=0):
   if cfg.max_bytes:
     raise ValueError(f"data.max_bytes={cfg.max_bytes} applies to the cached pipeline; the streaming pipeline "
                      "reads only what the run consumes (set max_bytes=0, or data.pipeline='cached')")
@@ -272,7 +277,8 @@ def _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs):
   from train.data.stream import StreamTrainIterator  # pylint: disable=import-outside-toplevel  (imports grain)
   train = StreamTrainIterator(lambda i: shard(i, shards), shards, tokenizer, seq_len, global_batch,
                               0.0 if eval_split else cfg.val_fraction, vocab_limit=cfg.vocab_limit,
-                              prefetch=cfg.prefetch, **procs)
+                              prefetch=cfg.prefetch, shuffle_buffer=cfg.get("shuffle_buffer", 0),
+                              shuffle_seed=shuffle_seed, **procs)
   info = {"source": cfg.source, "pipeline": "stream", "stream_shards": shards, "tokenizer": tokenizer.name,
           "eval_split": eval_split or None}
   return DataBundle(train=train, eval_batches=batches, eval_num_bytes=eval_bytes, eval_num_tokens=n_targets,

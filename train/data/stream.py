@@ -18,6 +18,13 @@ re-tokenizes it, so resume is exact. Windows are grouped with `IterDataset.batch
 are joined with `ZipIterDataset`, and `ThreadPrefetchIterDataset` prefetches whole batches in a background
 thread while the train step runs (its checkpoint is the state after the last batch handed out).
 
+Shuffling (`data.shuffle_buffer` = K > 0): each shard's windows pass through grain's `WindowShuffleIterDataset`
+before batching: K consecutive windows are read, emitted in a random order (seeded by `data.shuffle_seed`, the
+shard and the window-group index), then the next K. Its checkpoint is the shard state at the group's start plus
+the position in the group; restoring re-reads the group and re-draws the same order, so resume is bit-identical.
+A window keeps its id (k·S + s, its position in the stream), so per-example state keyed by id follows it. A window
+moves at most K − 1 places; batches then mix windows from K/(B/S) consecutive batches' worth of the shard.
+
 Deviation from grain's own packers: `ConcatThenSplitIterDataset` cuts non-overlapping windows (L tokens, the
 first token of each window is never a target); we keep windows of L+1 tokens with stride L, the same packing as
 the cached pipeline.
@@ -146,15 +153,22 @@ class StreamTrainIterator:
   """This process's rows of each global batch, prefetched by grain; JSON state {'stream': [per-shard states]}."""
 
   def __init__(self, shards, num_shards, tokenizer, seq_len, global_batch, val_fraction, process_index=0,
-               process_count=1, vocab_limit=0, prefetch=2):
-    """`shards(index)` -> the document reader of shard `index` (see `sources.FileShard`)."""
+               process_count=1, vocab_limit=0, prefetch=2, shuffle_buffer=0, shuffle_seed=0):
+    """`shards(index)` -> the document reader of shard `index` (see `sources.FileShard`); shuffle_buffer > 0:
+    windows shuffled in groups of that many per shard (module docstring)."""
     S, P = int(num_shards), int(process_count)
     self.seq_len, self.global_batch, self.num_shards = int(seq_len), int(global_batch), S
     self.num_sequences, self.batches_per_epoch = None, None
     per_shard = self.global_batch // S
     mine = range(int(process_index) * (S // P), (int(process_index) + 1) * (S // P))
-    parts = [PackedShard(shards(s), s, S, tokenizer, seq_len, val_fraction).batch(per_shard, drop_remainder=True)
-             for s in mine]
+    def shard(s):
+      ds = PackedShard(shards(s), s, S, tokenizer, seq_len, val_fraction)
+      if shuffle_buffer:   # one seed per (shuffle_seed, shard); grain adds the window-group index
+        seed = int(np.random.SeedSequence([int(shuffle_seed), s]).generate_state(1)[0] >> 1)
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=int(shuffle_buffer), seed=seed)
+      return ds.batch(per_shard, drop_remainder=True)
+
+    parts = [shard(s) for s in mine]
     ds = grain.experimental.ZipIterDataset(parts).map(lambda xs: _join(xs, vocab_limit))
     if prefetch > 0:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(prefetch))
