@@ -69,6 +69,13 @@ def test_auc_vs_sklearn_scipy_and_bound():
   np.testing.assert_allclose(float(got), u, rtol=1e-6)
   pq = np.mean([sk.roc_auc_score(Y[i], s[i]) for i in range(Q)])
   np.testing.assert_allclose(float(auc(jnp.asarray(s), jnp.asarray(Y), scope="per_query")), pq, rtol=1e-6)
+  w = np.ones_like(Y, bool)                     # one query keeps its positive and one lower negative: a single pair
+  q = next(i for i in range(1, Q) if s[i][Y[i] == 0].min() < s[i][Y[i] == 1].min())
+  w[q] = Y[q] == 1
+  w[q, np.argmin(np.where(Y[q] == 1, np.inf, s[q]))] = True
+  pq = np.mean([sk.roc_auc_score(Y[i][w[i]], s[i][w[i]]) for i in range(Q)])
+  np.testing.assert_allclose(float(auc(jnp.asarray(s), jnp.asarray(Y), jnp.asarray(w), scope="per_query")), pq,
+                             rtol=1e-6)
   for seed in range(5):   # L_MW / ln 2 >= 1 - AUC on any input
     r = np.random.default_rng(seed)
     ss, yy = r.normal(size=(3, 5)) * r.uniform(0.1, 5), (r.uniform(size=(3, 5)) < 0.4).astype(int)

@@ -25,3 +25,9 @@ def test_masked_reductions_over_the_last_axis_of_3d_inputs():
   want = np.where(mask.any(-1), np.log(np.where(mask.any(-1), total, 1.)), 0.)
   np.testing.assert_allclose(got, want, rtol=1e-12)
   np.testing.assert_allclose(got1, np.log1p(np.sum(np.where(mask, np.exp(x), 0.), -1)), rtol=1e-12)
+
+
+def test_safe_sqrt_value_and_zero_gradient_at_zero():
+  x = jnp.array([0.0, 4.0, -1.0])
+  np.testing.assert_allclose(U.safe_sqrt(x), [0.0, 2.0, 0.0])
+  np.testing.assert_allclose(jax.grad(lambda v: U.safe_sqrt(v).sum())(x), [0.0, 0.25, 0.0])

@@ -100,6 +100,16 @@ def test_projection_side_matches_torch_and_differs_from_optax_contrib(shape, exp
     assert 3 * min(shape) != 3 * max(shape)
 
 
+def test_every_projection_side_reduces_the_torch_axis():
+  """galore_torch's proj_type on torch [out, in] = JAX [d_in, d_out]ᵀ: std projects the smaller torch side away
+  (in when out >= in), reverse_std the larger, right always in (JAX axis 0), left always out (JAX axis 1)."""
+  expected = {(8, 12): {"std": (3, 12), "reverse_std": (8, 3), "right": (3, 12), "left": (8, 3)},
+              (12, 8): {"std": (12, 3), "reverse_std": (3, 8), "right": (3, 8), "left": (12, 3)}}
+  for shape, sides in expected.items():
+    for side, moments in sides.items():
+      assert _matrix_moment_shape(galore(0.01, rank=3, proj_side=side), {"k": jnp.ones(shape)}) == moments, side
+
+
 def test_moments_are_not_reset_at_refresh():
   params = {"mlp": {"kernel": jnp.ones((6, 10))}}
   tx = galore(0.01, rank=2, update_gap=2)
