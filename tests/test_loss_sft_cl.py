@@ -46,6 +46,13 @@ def test_losses_numpy_and_optax():
     for tau in (1.0, 0.2):
       ce = optax.losses.softmax_cross_entropy_with_integer_labels(jnp.asarray(zy) / tau, jnp.zeros(B, int)).mean()
       np.testing.assert_allclose(float(cl_loss(jnp.asarray(zy), temperature=tau)), float(ce), rtol=1e-10)
+    # leading axes [..., 1 + n] and the default temperature 1
+    zy3 = np.stack([zy, zy[::-1]])
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(jnp.asarray(zy3.reshape(-1, N1)), jnp.zeros(2 * B, int))
+    np.testing.assert_allclose(float(cl_loss(jnp.asarray(zy3))), float(ce.mean()), rtol=1e-10)
+    p = np.exp(zy) / np.exp(zy).sum(-1, keepdims=True)
+    np.testing.assert_allclose(sft_cl_decomposition(jnp.asarray(zy), jnp.asarray(zn))["cl_weight"],
+                               np.where(np.arange(N1) == 0, 1 - p, p), rtol=1e-10)
 
 
 @pytest.mark.parametrize("tau", [0.3, pytest.param(1.0, marks=pytest.mark.slow)])

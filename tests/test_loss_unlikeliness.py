@@ -44,6 +44,8 @@ def test_numpy_transcription():
     rt = unlikeliness_reward(jnp.asarray(R), jnp.asarray(LP), jnp.asarray(M))
     adv = grpo_advantages(rt)
     np.testing.assert_allclose(adv, np_ref(R, LP, M), rtol=1e-10, atol=1e-12)
+    one = unlikeliness_reward(jnp.asarray(R[1]), jnp.asarray(LP[1]), jnp.asarray(M[1]))   # a single group [G]
+    np.testing.assert_allclose(one, rt[1], rtol=1e-12)
     tok = grpo_advantages(rt, jnp.asarray(M))
     np.testing.assert_allclose(tok, np_ref(R, LP, M)[..., None] * M, rtol=1e-10, atol=1e-12)
     # beta_rank = 0 is plain GRPO
