@@ -99,6 +99,8 @@ def test_activation_constraints_follow_the_rules():
   # rows over data × fsdp, features whole (never over fsdp), heads and MLP features over tensor
   assert spec(("activation_batch", "activation_length", "activation_embed"), (8, 4, 16)) == \
       jax.P(("data", "fsdp"), None, None)
+  # even where the rows cannot be split (1 row), features are never split over fsdp
+  assert spec(("activation_batch", "activation_length", "activation_embed"), (1, 4, 16)) == jax.P(None, None, None)
   assert spec(("activation_batch", "activation_length", "activation_mlp"), (8, 4, 16)) == \
       jax.P(("data", "fsdp"), None, "tensor")
   assert spec(("activation_batch", "activation_length", "activation_heads", "activation_kv"), (8, 4, 2, 8)) == \
@@ -112,3 +114,20 @@ def test_activation_constraints_follow_the_rules():
   assert sharding.constrain(x, ("activation_batch", None, None)) is x     # no mesh: untouched
   with pytest.raises(ValueError, match="logical axis names"):
     sharding.constrain(x, ("activation_batch",))
+
+
+def test_optimizer_state_follows_its_parameter():
+  """Moments shaped like the parameter take its sharding; a projection [d_in, r] or [r, d_out] keeps the split of
+  the side it shares with the parameter; counters are replicated."""
+  mesh = sharding.make_mesh(2, 2, 2)
+  sh = jax.sharding.NamedSharding(mesh, jax.P("fsdp", "tensor"))
+  params = {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=sh)}
+  opt = {"mu": {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32)},
+         "proj": {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32)},
+         "low": {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)},
+         "count": jax.ShapeDtypeStruct((), jnp.int32)}
+  got = state_lib.optimizer_shardings(opt, params, mesh)
+  assert got["mu"]["w"].spec == jax.P("fsdp", "tensor")
+  assert got["proj"]["w"].spec == jax.P("fsdp", None)
+  assert got["low"]["w"].spec == jax.P(None, "tensor")
+  assert got["count"].spec == jax.P()

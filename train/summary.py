@@ -7,7 +7,8 @@ Memory estimate per device (bytes), for the chosen config and mesh (data × fsdp
 rows per device = global_batch / grad_accum / (data·fsdp·expert), tokens = rows · seq_len, t = tensor):
   params      = the bytes of every parameter one device holds, placed exactly as `lostjax.sharding.state_shardings`
                 places it on that mesh (param_dtype; a dimension a mesh axis does not divide stays whole)
-  grads       = params (float32 gradients of float32 parameters)
+  grads       = params (float32 gradients of float32 parameters); with fsdp > 1 the full-size gradient (split only
+                by tensor), which the compiled step forms before each device keeps its shard
   optimizer   = optimizer-state bytes (exact, from `optim.state_size`) × the share of the parameters one device holds
   activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4/t + 2·d·act_bytes)
 with, per token and layer, the values the backward pass keeps (no rematerialisation):
@@ -157,6 +158,13 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
   model_shards, batch_shards = _shards(cfg, n_dev)
   tensor = axes["tensor"]
   local = param_bytes_per_device(params, axes) if params is not None else param_bytes / model_shards
+  # Under fsdp each weight gradient is a sum over every device's rows: the compiled step forms it full-size (split
+  # only by `tensor`) before each device keeps its shard (XLA:CPU all-reduces, and combines the all-reduces, so
+  # the full gradients are alive together; docs/benchmarks/sharding.md). Counted full-size: conservative where
+  # the backend reduce-scatters.
+  unsharded = dict(axes, fsdp=1)
+  grads = (param_bytes_per_device(params, unsharded) if params is not None
+           else param_bytes / axes["tensor"]) if axes["fsdp"] > 1 else local
   act_bytes = np.dtype(resolve_dtype(mc.dtype)).itemsize
   rows = t.global_batch / t.grad_accum / batch_shards
   tokens = rows * t.seq_len
@@ -171,7 +179,7 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
     act = mc.n_layers * (per_layer + scores)
   tv = _tensor_split(mc, tensor)[2]
   head = tokens * (2 * mc.vocab_size * 4 / tv + 2 * mc.d_model * act_bytes)
-  mem = {"params": local, "grads": local, "optimizer": opt_bytes * local / max(param_bytes, 1),
+  mem = {"params": local, "grads": grads, "optimizer": opt_bytes * local / max(param_bytes, 1),
          "activations": act + head}
   mem["total"] = sum(mem.values())
   return mem
