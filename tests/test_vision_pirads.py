@@ -156,13 +156,12 @@ def test_adam_steps_lower_two_stage_loss():
     out = m(x, train=True, key=key)
     loss, _ = L.pirads_dual_path_loss(out, onehot, own_a=cfg.owned(0), own_b=cfg.owned(1), sdm_a=sa, sdm_b=sb,
                                       lambda_co=lambda_co)
-    return loss, nnx.state(m, nnx.BatchStat)
+    return loss, nnx.split(m, nnx.Param, ...)[2]
 
   @jax.jit
   def step(p, rest, opt, key, lambda_co):
-    (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(p, rest, key, lambda_co)
+    (loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(p, rest, key, lambda_co)
     upd, opt = tx.update(g, opt, p)
-    rest = nnx.merge_state(rest, stats)
     return optax.apply_updates(p, upd), rest, opt, loss
 
   opt = tx.init(params)
@@ -172,3 +171,22 @@ def test_adam_steps_lower_two_stage_loss():
     losses_seen.append(float(loss))
   assert np.mean(losses_seen[15:20]) < losses_seen[0] - 0.2
   assert np.all(np.isfinite(losses_seen))
+
+
+@pytest.mark.slow  # the example end to end with tiny settings; `pytest -m slow tests`
+def test_phantom_example_tiny(tmp_path):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pirads_phantom.py")
+  spec = importlib.util.spec_from_file_location("pirads_phantom_example", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  out = mod.main([f"--out={tmp_path}", "--steps1=3", "--steps2=2", "--n_train=2", "--n_test=1", "--filters=2"])
+  assert set(out["models"]) == {"baseline", "dual_path"}
+  for m in out["models"].values():
+    assert set(m["argmax"]) == {"PZ", "TZ", "DPU", "AFS"} and 0 <= m["argmax"]["PZ"]["dice"]["mean"] <= 1
+  assert np.isfinite(out["loss"]["dual_stage2_first_last"]).all()
+  for f in ("results.json", "results.md", "pirads_phantom.png"):
+    assert os.path.getsize(tmp_path / f) > 0
+  with pytest.raises(SystemExit, match="already holds"):
+    mod.main([f"--out={tmp_path}"])
