@@ -78,6 +78,9 @@ def test_pairs_not_detached_and_arccos_clamp():
   # features exactly aligned with their class weight: cos = 1, arccos clamped -> finite gradient
   wf = jnp.asarray(W[Y], jnp.float32)
   assert np.all(np.isfinite(jax.jit(jax.grad(lambda a: unpg_loss(a, w, y)))(wf)))
+  axes = jnp.eye(C, D, dtype=jnp.float32)            # unit class weights: the cosine is exactly +-1 in float32
+  g_axes = jax.jit(jax.grad(lambda a: unpg_loss(a, axes, y)))
+  assert all(np.all(np.isfinite(g_axes(sign * axes[y]))) for sign in (1., -1.))
   # gradient flows through the appended pair logits: differs from the no-pair (huge-margin filter) case
   g_none = jax.jit(jax.grad(lambda a: unpg_loss(a, w, y, whisker=0.)))(f)
   assert np.abs(np.asarray(g_pairs - g_none)).max() > 1e-6
