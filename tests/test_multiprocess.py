@@ -1,5 +1,6 @@
 """(Slow set: `python3 -m pytest -n 2 -m slow tests`.) Two real processes (jax.distributed, localhost coordinator, gloo CPU collectives, 2 fake devices each) train
-the quickstart model's tiny variant through `python -m train.main`, against one process with 4 devices.
+the quickstart model's tiny variant through `python -m train.main`, against one process with 4 devices, data parallel
+and with mesh.fsdp=4 (FSDP spanning both processes).
 
 Checked: one metrics line per event (process 0 alone writes), losses and final parameters equal to the
 1-process run within 1e-5 relative, and a SIGTERM sent to ONE process makes both save the same step, from which
@@ -35,10 +36,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, cache, steps, port):
+def _launch(workdir, cache, steps, port, extra=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONUNBUFFERED="1")
-  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": steps, "data.cache_dir": cache}.items()]
+  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": steps, "data.cache_dir": cache,
+                                              **(extra or {})}.items()]
   procs = []
   for pid in range(2):
     cmd = [sys.executable, "-m", "train.main", "--config=train/configs/quickstart.py", f"--workdir={workdir}",
@@ -55,9 +57,9 @@ def _wait(procs, timeout=600):
   return outs
 
 
-def _one_process(tmp_path, steps):
+def _one_process(tmp_path, steps, extra=None):
   c = quickstart.get_config()
-  for k, v in {**OVERRIDES, "train.steps": steps, "data.cache_dir": str(tmp_path / "cache")}.items():
+  for k, v in {**OVERRIDES, "train.steps": steps, "data.cache_dir": str(tmp_path / "cache"), **(extra or {})}.items():
     section, field = k.split(".")
     c[section][field] = v
   c.mesh.num_devices = 4
@@ -69,9 +71,11 @@ def _rows(workdir):
 
 
 @pytest.mark.slow  # kept out of the default run for time; `pytest -m slow tests` runs it
-def test_two_processes_equal_one_process_with_four_devices(tmp_path):
-  procs = _launch(str(tmp_path / "two"), str(tmp_path / "cache2"), 4, _free_port())
-  one = _one_process(tmp_path, 4)
+@pytest.mark.parametrize("mesh", [{}, {"mesh.fsdp": 4}], ids=["data", "fsdp4"])
+def test_two_processes_equal_one_process_with_four_devices(tmp_path, mesh):
+  """Data parallel over the 2 × 2 devices, and FSDP across both processes (each weight split over all 4)."""
+  procs = _launch(str(tmp_path / "two"), str(tmp_path / "cache2"), 4, _free_port(), mesh)
+  one = _one_process(tmp_path, 4, mesh)
   _wait(procs)
   rows = _rows(tmp_path / "two")
   assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]   # one line per event, not one per process
