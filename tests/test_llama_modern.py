@@ -201,3 +201,24 @@ def test_config_validation_and_defaults():
     del old["model"][key]
   cfg = ml_collections.ConfigDict(upgrade_config(old))
   assert llama_config(cfg) == llama_config(base_config())
+
+
+def test_gqa_kv_cache_attention_vs_numpy():
+  """The decode attention over a cache of kv_heads heads (chunk/prefill path, then one-token path), eagerly on
+  small arrays, against numpy causal attention with K/V repeated per query group (HF repeat_kv)."""
+  from lostjax.models.llama import KVCache, _cached_attention
+  rng = np.random.default_rng(5)
+  b, h, kvh, hd, w = 2, 6, 2, 4, 8
+  q, k, v = (rng.normal(size=(b, 5, n, hd)).astype(np.float32) for n in (h, kvh, kvh))
+  zeros = jnp.zeros((b, kvh, w, hd), jnp.float32)
+  cache = KVCache((zeros,), (zeros,), jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32))
+  out1, cache = _cached_attention(jnp.asarray(q[:, :4]), jnp.asarray(k[:, :4]), jnp.asarray(v[:, :4]), cache, 0)
+  assert cache.k[0].shape == (b, kvh, w, hd)
+  cache = cache._replace(index=cache.index + 4)
+  out2, _ = _cached_attention(jnp.asarray(q[:, 4:]), jnp.asarray(k[:, 4:]), jnp.asarray(v[:, 4:]), cache, 0)
+  kr, vr = np.repeat(k, h // kvh, axis=2), np.repeat(v, h // kvh, axis=2)
+  att = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(hd)
+  att = np.where(np.tril(np.ones((5, 5), bool)), att, -np.inf)
+  att = np.exp(att - att.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", att / att.sum(-1, keepdims=True), vr)
+  np.testing.assert_allclose(np.concatenate([np.asarray(out1), np.asarray(out2)], 1), want, rtol=1e-5, atol=1e-5)
