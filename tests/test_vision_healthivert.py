@@ -16,8 +16,13 @@ def _n_params(module):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def test_parameter_counts_match_the_reference():
-  g = nnx.eval_shape(lambda: H.Generator(rngs=nnx.Rngs(0)))
+@pytest.fixture(scope="module")
+def abstract_generator():
+  return nnx.eval_shape(lambda: H.Generator(rngs=nnx.Rngs(0)))
+
+
+def test_parameter_counts_match_the_reference(abstract_generator):
+  g = abstract_generator
   assert _n_params(g.coarse) == 409_771
   assert _n_params(g.fine) == 577_117
   assert _n_params(g) == 986_888
@@ -225,3 +230,55 @@ def test_mask_switch_reproduces_the_gradient_killing_hard_mask():
   np.testing.assert_array_equal(np.asarray(H.mask_switch(seg)), np.asarray(seg))  # default: soft
   with pytest.raises(ValueError, match="mask_mode"):
     H.mask_switch(seg, "binary")
+
+
+class _Record(nnx.Module):
+  def __init__(self, inner, box):
+    self.inner, self.box = inner, box
+
+  def __call__(self, x):
+    self.box.append(x)
+    return self.inner(x)
+
+
+@pytest.mark.slow
+def test_coarse_decoder_receives_one_minus_cam_at_two_scales():
+  """HGAM wiring: the decoder's extra channels are 1 - CAM at S/2 (nearest) and at S (cnum=4, 16^2)."""
+  rng = np.random.default_rng(5)
+  cam = jnp.asarray(rng.uniform(size=(1, 16, 16, 1)), jnp.float32)
+  x = jnp.asarray(rng.uniform(-1, 1, (1, 16, 16, 1)), jnp.float32)
+  coarse = H.CoarseGenerator(4, rngs=nnx.Rngs(0))
+  gdef, state = nnx.split(coarse)
+
+  @jax.jit
+  def run(state, x, cam):
+    m = nnx.merge(gdef, state)
+    box = []
+    m.conv20, m.conv19 = _Record(m.conv20, box), _Record(m.conv19, box)
+    m(x, jnp.zeros_like(x), 1. - cam, jnp.array([0.3]))
+    return box[0][..., -1], box[1][..., -1]
+
+  half, full = run(state, x, cam)
+  np.testing.assert_array_equal(np.asarray(half), 1. - np.asarray(cam)[0:1, ::2, ::2, 0])
+  np.testing.assert_array_equal(np.asarray(full), 1. - np.asarray(cam)[..., 0])
+
+
+class _Stop(Exception):
+  pass
+
+
+class _Capture(nnx.Module):
+  def __call__(self, *args):
+    raise _Stop(args)
+
+
+def test_generator_hands_one_minus_cam_to_the_coarse_stage(abstract_generator):
+  g = nnx.clone(abstract_generator)  # abstract: nothing is computed but the inputs
+  g.coarse = _Capture()
+  cam = np.random.default_rng(6).uniform(size=(2, 16, 16, 1)).astype(np.float32)
+  x = np.zeros_like(cam)
+  with pytest.raises(_Stop) as e:
+    g(x, x + 1, cam, np.array([0.1, 0.2], np.float32))
+  masked, mask, attention, ratio = e.value.args[0]
+  np.testing.assert_array_equal(np.asarray(attention), 1. - cam)
+  np.testing.assert_array_equal(np.asarray(mask), x + 1)

@@ -1,0 +1,384 @@
+"""HealthiVert-GAN on synthetic vertebra phantoms: train briefly on healthy spines, grade synthetic fractures by RHLV.
+
+HealthiVert-GAN (arXiv:2503.05990) cuts the target vertebra out of a sagittal slice, synthesises a pseudo-healthy
+one from the neighbours, and grades the fracture from the relative height loss (RHLV) between the synthesised and
+the real vertebra. Here the CT is replaced by phantoms with known heights:
+
+1. Phantom (`--size` px square, default 64, hole `--band` rows, default 10 = 40 px at 256 scaled by 1/4): five
+   rounded rectangles (cortical rim 200, interior 150, grey levels of a uint8 CT window), discs (80) between them,
+   soft tissue 30, noise; healthy heights 7-9 px, widths 26-32 px; `--slices` sagittal slices per volume whose
+   widths shrink away from the mid-sagittal slice. The target is vertebra 1, 2 or 3; the others are the
+   neighbours the coarse stage segments.
+2. Training (healthy spines only, as the method): `--steps` iterations of the reference's update order on batches
+   of `--batch` random slices: one generator forward (spectral-norm vectors updated), one Adam step for each of
+   the three PatchGAN discriminators, then one generator step through the updated discriminators with every loss
+   term at its official weight (`losses.healthivert`); Adam 2e-4, beta1 0.5. The HGAM input is zero (no fracture
+   classifier is trained here) and the local discriminator's window is scaled with the image.
+3. Evaluation: `--n_grade` phantoms with a crush, wedge or biconcave fracture of known height loss r in [0, 0.6]
+   (Genant-like grade = digitize(r, [0.2, 0.25, 0.4])); the generator (eval mode) synthesises every slice, the
+   synthesised mask (rows [u, b) of the SHRM composition) and the real one give pre / mid / post RHLV
+   (`lostjax.metrics.healthivert.rhlv`), which the reference's SVM protocol grades (`svm_grading`, needs
+   scikit-learn). The same is done with the known healthy mask in place of the synthesised one (the RHLV upper
+   bound). Healthy validation phantoms give the generation metrics (PSNR, SSIM, IoU, Dice, RVD).
+
+Writes `<outdir>/healthivert_phantom.png` (inputs, syntheses, RHLV against the true height loss),
+`<outdir>/results.md` and `<outdir>/results.json`; prints the JSON.
+
+Usage: python examples/healthivert_phantom.py --outdir=/tmp/healthivert
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from losses.healthivert import discriminator_loss, healthivert_generator_loss  # noqa: E402
+from lostjax.metrics.healthivert import generation_metrics, rhlv, svm_grading  # noqa: E402
+from lostjax.vision.healthivert import (Generator, PatchDiscriminator, context_shift,  # noqa: E402
+                                        healthivert_forward, shrm_compose)
+
+GRADE_CUTS = (0.2, 0.25, 0.4)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--band", type=int, default=10)
+  p.add_argument("--slices", type=int, default=10, help="sagittal slices per phantom volume")
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--lr", type=float, default=2e-4)
+  p.add_argument("--mask_mode", default="soft", choices=("soft", "hard"))
+  p.add_argument("--n_grade", type=int, default=80, help="phantoms for the grading (a quarter healthy)")
+  p.add_argument("--n_val", type=int, default=8, help="healthy phantoms for the generation metrics")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--outdir", default="healthivert_phantom_out")
+  return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ phantoms
+
+def _vertebra(size, top, heights_by_col, c0, c1):
+  """Mask of one vertebra: column c in [c0, c1) spans rows [bottom - h(c), bottom), rounded corners."""
+  m = np.zeros((size, size), bool)
+  bottom = top + int(max(heights_by_col))
+  for c in range(c0, c1):
+    h = int(heights_by_col[c - c0])
+    inset = 1 if c in (c0, c1 - 1) else 0  # rounded corners
+    m[max(bottom - h + inset, 0):max(bottom - inset, 0), c] = True
+  return m, bottom
+
+
+def _erode(m):
+  e = m.copy()
+  e[1:] &= m[:-1]
+  e[:-1] &= m[1:]
+  e[:, 1:] &= m[:, :-1]
+  e[:, :-1] &= m[:, 1:]
+  return e
+
+
+def make_phantom(rng, size=64, n_slices=10, target=2, fracture=None, loss=0.):
+  """A spine volume [S, S, Z]: CT (uint8 scale), masks of the 5 vertebrae [5, S, S, Z] and the healthy target.
+
+  fracture: None, "crush" (uniform), "wedge" (anterior = low columns lose `loss` of the height, posterior intact)
+  or "biconcave" (middle columns lose `loss`). Returns dict(ct, masks, healthy_target, heights).
+  """
+  scale = size / 64
+  heights = rng.integers(round(7 * scale), round(9 * scale) + 1, 5)
+  width = int(rng.integers(round(26 * scale), round(32 * scale) + 1))
+  discs = rng.integers(max(round(3 * scale), 2), round(4 * scale) + 1, 4)
+  top0 = int((size - heights.sum() - discs.sum()) // 2)
+  z_mid = (n_slices - 1) / 2
+  ct = np.zeros((size, size, n_slices))
+  masks = np.zeros((5, size, size, n_slices), bool)
+  healthy = np.zeros((size, size, n_slices), bool)
+  for z in range(n_slices):
+    w = max(int(width * np.sqrt(max(1 - ((z - z_mid) / (n_slices * 0.75)) ** 2, 0.2))), 6)
+    c0 = size // 2 - w // 2
+    img = np.full((size, size), 30.)
+    top = top0
+    for i in range(5):
+      base = np.full(w, float(heights[i]))
+      cols = np.linspace(0, 1, w)
+      hb = base.copy()
+      if i == target and fracture is not None:
+        if fracture == "crush":
+          hb = base * (1 - loss)
+        elif fracture == "wedge":
+          hb = base * (1 - loss * (1 - cols))
+        elif fracture == "biconcave":
+          hb = base * (1 - loss * np.clip(1 - np.abs(cols - 0.5) * 3, 0, 1))
+        hb = np.maximum(np.round(hb), 2)
+      if i == target:
+        healthy[:, :, z], _ = _vertebra(size, top, base, c0, c0 + w)
+      m, bottom = _vertebra(size, top + int(base.max() - hb.max()), hb, c0, c0 + w)
+      masks[i, :, :, z] = m
+      img[m] = 150.
+      img[m & ~_erode(m)] = 200.
+      if i < 4:
+        img[bottom:bottom + discs[i], c0:c0 + w] = 80.
+        top = bottom + discs[i]
+    ct[:, :, z] = np.clip(img + rng.normal(0, 5, img.shape), 0, 255)
+  return {"ct": ct, "masks": masks, "healthy_target": healthy, "heights": heights}
+
+
+def slice_sample(ph, z, target, band):
+  """The generator's inputs and targets for slice z (numpy, [S, S, 1] arrays, normalised as the reference)."""
+  tm = ph["masks"][target, :, :, z]
+  rows = np.where(tm.any(axis=1))[0]
+  x1, x2 = int(rows.min()), int(rows.max())
+  neighbours = ph["masks"][[i for i in range(5) if i != target], :, :, z].any(axis=0)
+  real = (ph["ct"][:, :, z] / 127.5 - 1.)[None, :, :, None].astype(np.float32)
+  nv = neighbours[None, :, :, None].astype(np.float32)
+  stacked = np.concatenate([real, nv], -1)
+  shifted, hole, _ = context_shift(stacked, np.array([x1]), np.array([x2]), band=band)
+  shifted, hole = np.asarray(shifted)[0], np.asarray(hole)[0]
+  n_slices = ph["ct"].shape[2]
+  return {"masked": shifted[..., :1], "normal_vert": shifted[..., 1:], "mask": hole,
+          "cam": np.zeros_like(hole), "real": real[0], "real_mask": tm[:, :, None].astype(np.float32),
+          "slice_ratio": np.float32(abs(z - (n_slices - 1) / 2) / n_slices * 2),
+          "height": np.int32(x2 - x1), "x1": np.int32(x1), "x2": np.int32(x2)}
+
+
+def stack(samples):
+  return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def training_batch(rng, args):
+  samples = []
+  for _ in range(args.batch):
+    target = int(rng.integers(1, 4))
+    ph = make_phantom(rng, args.size, args.slices, target)
+    z = int(rng.integers(1, args.slices - 1))
+    samples.append(slice_sample(ph, z, target, args.band))
+  return stack(samples)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def build(args, key):
+  """Graph definitions, initial states and optimizers of G and D1..D3 (created under jit: one compilation)."""
+  make_g = lambda k: Generator(rngs=nnx.Rngs(k))
+  make_d = lambda k: PatchDiscriminator(rngs=nnx.Rngs(k))
+  g_def = nnx.split(nnx.eval_shape(lambda: make_g(0)), nnx.Param, ...)[0]
+  d_def = nnx.split(nnx.eval_shape(lambda: make_d(0)), nnx.Param, ...)[0]
+  kg, *kd = jax.random.split(key, 4)
+  g = jax.jit(lambda k: nnx.split(make_g(k), nnx.Param, ...)[1:])(kg)
+  ds = [jax.jit(lambda k: nnx.split(make_d(k), nnx.Param, ...)[1:])(k) for k in kd]
+  tx = optax.adam(args.lr, b1=0.5, b2=0.999)
+  state = {"g": g, "d": ds, "opt_g": tx.init(g[0]), "opt_d": [tx.init(d[0]) for d in ds]}
+  return g_def, d_def, tx, state
+
+
+def make_train_step(g_def, d_def, tx, args):
+  half = max(1, round(35 * args.size / 256))
+  d_inputs = (("real", "fake"), ("real_mask", "fake_mask"), ("real_local", "fake_local"))
+
+  def apply_d(d, x):
+    params, rest = d
+    m = nnx.merge(d_def, params, rest)
+    return m(x), nnx.state(m, nnx.BatchStat)
+
+  def step(state, batch):
+    g_params, g_rest = state["g"]
+
+    # NNX state written during a differentiated call (spectral-norm vectors, BatchNorm statistics) enters it as
+    # a differentiated argument (its cotangent is dropped), so the write happens at the trace that created it.
+    def gen(params, rest):
+      g = nnx.merge(g_def, params, rest)
+      out = healthivert_forward(g, batch, band=args.band, mask_mode=args.mask_mode, local_half_width=half)
+      return out, nnx.state(g, nnx.BatchStat)
+
+    out, pullback, g_rest = jax.vjp(gen, g_params, g_rest, has_aux=True)
+    reals = dict(batch, real_local=out["real_local"])
+    new_d, new_opt_d, d_losses = [], [], []
+    for d, opt, (rk, fk) in zip(state["d"], state["opt_d"], d_inputs):
+      def d_obj(params, rest):
+        real_logits, rest = apply_d((params, rest), reals[rk])
+        fake_logits, rest = apply_d((params, rest), jax.lax.stop_gradient(out[fk]))
+        return discriminator_loss(real_logits, fake_logits), rest
+      (ld, rest), (grads, _) = jax.value_and_grad(d_obj, argnums=(0, 1), has_aux=True)(*d)
+      upd, opt = tx.update(grads, opt, d[0])
+      new_d.append((optax.apply_updates(d[0], upd), rest))
+      new_opt_d.append(opt)
+      d_losses.append(ld)
+
+    def g_obj(o, d_rests):
+      logits, rests = [], []
+      for d, r, (_, fk) in zip(new_d, d_rests, d_inputs):
+        z, r = apply_d((d[0], r), o[fk])
+        logits.append(z)
+        rests.append(r)
+      total, terms = healthivert_generator_loss(o, batch, logits, band=args.band)
+      return total, (terms, rests)
+
+    (total, (terms, d_rests)), (g_out, _) = jax.value_and_grad(g_obj, argnums=(0, 1), has_aux=True)(
+        out, [d[1] for d in new_d])
+    g_grads, _ = pullback(g_out)
+    upd, opt_g = tx.update(g_grads, state["opt_g"], g_params)
+    new_state = {"g": (optax.apply_updates(g_params, upd), g_rest),
+                 "d": [(d[0], r) for d, r in zip(new_d, d_rests)], "opt_g": opt_g, "opt_d": new_opt_d}
+    metrics = dict(terms, total=total, d1=d_losses[0], d2=d_losses[1], d3=d_losses[2])
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_synthesise(g_def, g_state, args):
+  """The generator in eval mode (spectral-norm vectors frozen), jitted: batch -> outputs + synthesised mask."""
+  g = nnx.merge(g_def, *g_state)
+  g.eval()
+  e_def, e_state = nnx.split(g)
+
+  @jax.jit
+  def run(batch):
+    m = nnx.merge(e_def, e_state)
+    out = healthivert_forward(m, batch, band=args.band, mask_mode="hard")
+    hard = (out["fine_seg"] > 0.5).astype(jnp.float32)
+    out["synth_mask"] = shrm_compose(jnp.zeros_like(hard), hard, out["p2"], batch["height"], batch["x1"],
+                                     batch["x2"], band=args.band)
+    return out
+
+  return run
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def synthesise_volume(run, ph, target, args):
+  zs = [z for z in range(args.slices) if ph["masks"][target, :, :, z].any()]
+  out = run(stack([slice_sample(ph, z, target, args.band) for z in zs]))
+  synth = np.zeros(ph["ct"].shape, bool)
+  fake_ct = np.array(ph["ct"])
+  for i, z in enumerate(zs):
+    synth[:, :, z] = np.asarray(out["synth_mask"][i, :, :, 0]) > 0.5
+    fake_ct[:, :, z] = (np.asarray(out["fake"][i, :, :, 0]) + 1) * 127.5
+  return synth, fake_ct, out
+
+
+def grade_of(loss):
+  return int(np.digitize(loss, GRADE_CUTS))
+
+
+def evaluate(run, args, rng):
+  rhlv_j = jax.jit(rhlv)
+  rows, examples = [], []
+  for i in range(args.n_grade):
+    target = 2
+    kind = ("none", "crush", "wedge", "biconcave")[i % 4]
+    loss = 0. if kind == "none" else float(rng.uniform(0.05, 0.6))
+    ph = make_phantom(rng, args.size, args.slices, target, None if kind == "none" else kind, loss)
+    synth, fake_ct, _ = synthesise_volume(run, ph, target, args)
+    label = ph["masks"][target]
+    r = {k: float(v) for k, v in rhlv_j(synth, label).items()}
+    ideal = {k: float(v) for k, v in rhlv_j(ph["healthy_target"], label).items()}
+    rows.append({"kind": kind, "loss": loss, "grade": grade_of(loss), "rhlv": r, "ideal": ideal})
+    if len(examples) < 4 and kind != "none":
+      examples.append((ph, synth, fake_ct, kind, loss))
+  gen = []
+  for _ in range(args.n_val):
+    ph = make_phantom(rng, args.size, args.slices, 2)
+    synth, fake_ct, _ = synthesise_volume(run, ph, 2, args)
+    gen.append(generation_metrics(ph["ct"], fake_ct, ph["masks"][2], synth, min_pixels=100 * (args.size // 64) ** 2))
+  return rows, examples, gen
+
+
+def grading_scores(rows, key):
+  feats = np.array([[r[key]["pre"], r[key]["mid"], r[key]["post"]] for r in rows])
+  grades = np.array([r["grade"] for r in rows])
+  is_val = np.arange(len(rows)) % 4 == 3
+  try:
+    out = svm_grading(feats, grades, is_val, n_splits=min(5, max(2, int(np.bincount(grades[~is_val]).min()))))
+  except (ImportError, ValueError) as e:
+    return {"error": str(e).splitlines()[0]}
+  return {k: round(out[k], 4) for k in ("f1", "precision", "recall", "accuracy")}
+
+
+def figure(path, examples, rows, args):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  n = len(examples)
+  fig, ax = plt.subplots(2, max(n, 1) + 1, figsize=(3 * (n + 1), 6))
+  ax = np.atleast_2d(ax)
+  for j, (ph, synth, fake_ct, kind, loss) in enumerate(examples):
+    z = args.slices // 2
+    ax[0, j].imshow(ph["ct"][:, :, z], cmap="gray", vmin=0, vmax=255)
+    ax[0, j].contour(ph["masks"][2, :, :, z], levels=[0.5], colors="r", linewidths=0.8)
+    ax[0, j].set_title(f"{kind}, loss {loss:.2f}")
+    ax[1, j].imshow(fake_ct[:, :, z], cmap="gray", vmin=0, vmax=255)
+    ax[1, j].contour(synth[:, :, z], levels=[0.5], colors="c", linewidths=0.8)
+    ax[1, j].set_title("pseudo-healthy synthesis")
+  for a in ax[:, :n].ravel():
+    a.axis("off")
+  loss = np.array([r["loss"] for r in rows])
+  for key, mk, lab in (("rhlv", "o", "synthesised"), ("ideal", "x", "true healthy mask")):
+    ax[0, n].scatter(loss, [r[key]["mid"] for r in rows], marker=mk, s=12, label=lab)
+  ax[0, n].plot([0, 0.6], [0, 0.6], "k:", lw=0.8)
+  ax[0, n].set_xlabel("true height loss")
+  ax[0, n].set_ylabel("mid RHLV")
+  ax[0, n].legend(fontsize=7)
+  ax[1, n].axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.size % 8 or args.band >= args.size // 2:
+    raise SystemExit(f"--size must be a multiple of 8 and --band smaller than half of it, got {args.size}, "
+                     f"{args.band}")
+  os.makedirs(args.outdir, exist_ok=True)
+  rng = np.random.default_rng(args.seed)
+  t0 = time.time()
+  g_def, d_def, tx, state = build(args, jax.random.key(args.seed))
+  step = make_train_step(g_def, d_def, tx, args)
+  history = []
+  for i in range(args.steps):
+    state, m = step(state, training_batch(rng, args))
+    if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:
+      history.append({k: round(float(v), 4) for k, v in m.items()} | {"step": i})
+  t_train = time.time() - t0
+  finite = all(np.isfinite(v) for h in history for v in h.values())
+  run = make_synthesise(g_def, state["g"], args)
+  rows, examples, gen = evaluate(run, args, rng)
+  loss = np.array([r["loss"] for r in rows])
+  result = {
+      "steps": args.steps, "batch": args.batch, "size": args.size, "train_seconds": round(t_train, 1),
+      "losses_finite": bool(finite), "first": history[0], "last": history[-1],
+      "grading_synthesised": grading_scores(rows, "rhlv"), "grading_true_healthy": grading_scores(rows, "ideal"),
+      "mid_rhlv_corr": round(float(np.corrcoef(loss, [r["rhlv"]["mid"] for r in rows])[0, 1]), 4)
+      if np.std([r["rhlv"]["mid"] for r in rows]) > 0 else 0.,
+      "mid_rhlv_mae_vs_ideal": round(float(np.mean([abs(r["rhlv"]["mid"] - r["ideal"]["mid"]) for r in rows])), 4),
+      "generation": {k: round(float(np.mean([g[k] for g in gen])), 4) for k in gen[0]},
+      "total_seconds": round(time.time() - t0, 1)}
+  figure(os.path.join(args.outdir, "healthivert_phantom.png"), examples, rows, args)
+  with open(os.path.join(args.outdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(args.outdir, "results.md"), "w") as f:
+    f.write("| features | macro F1 | precision | recall | accuracy |\n|---|---|---|---|---|\n")
+    for key, name in (("grading_synthesised", "RHLV, synthesised healthy mask"),
+                      ("grading_true_healthy", "RHLV, true healthy mask (upper bound)")):
+      g = result[key]
+      f.write(f"| {name} | " + " | ".join(str(g.get(k, "-")) for k in ("f1", "precision", "recall", "accuracy"))
+              + " |\n")
+    f.write("\n| generation | " + " | ".join(result["generation"]) + " |\n|---|"
+            + "---|" * len(result["generation"]) + "\n| healthy validation phantoms | "
+            + " | ".join(str(v) for v in result["generation"].values()) + " |\n")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
