@@ -89,6 +89,8 @@ def test_dice_bce_and_adversarial_terms():
   zs = [RNG.normal(size=(2, 3, 3, 1)) for _ in range(3)]
   np.testing.assert_allclose(float(LH.generator_adversarial_loss([jnp.asarray(z, jnp.float32) for z in zs])),
                              sum(np_bce(z, 1) for z in zs) / 6, rtol=1e-5)
+  empty = jnp.zeros((2, 3, 3, 1))  # both empty: (0 + 1e-5) / (0 + 1e-5) = 1, the reference's value
+  assert float(LH.dice_coefficient(empty, empty)) == 1.
   with pytest.raises(ValueError, match="at least one"):
     LH.generator_adversarial_loss([])
 

@@ -118,6 +118,9 @@ def test_psnr_ssim_and_overlap_metrics():
   np.testing.assert_allclose(float(M.psnr(a, b)), 10 * np.log10(dr ** 2 / np.mean((a - b) ** 2)), rtol=1e-5)
   np.testing.assert_allclose(float(M.ssim(a, b)), np_ssim(a, b, dr), rtol=1e-4)
   np.testing.assert_allclose(float(M.ssim(a, a)), 1., rtol=1e-6)
+  flat = 100 + rng.normal(0, 3, (16, 16))  # local variances comparable to C2: the covariance convention matters
+  noisy = flat + rng.normal(0, 3, flat.shape)
+  np.testing.assert_allclose(float(M.ssim(flat, noisy, data_range=255.)), np_ssim(flat, noisy, 255.), rtol=1e-4)
   with pytest.raises(ValueError, match="win_size"):
     M.ssim(a[:5], b[:5])
   x = np.zeros((4, 4, 2))
