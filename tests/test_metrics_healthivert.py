@@ -12,6 +12,7 @@ from lostjax.metrics import healthivert as M
 
 VOL = (64, 64, 20)
 RHLV = jax.jit(M.rhlv)
+SSIM, PSNR = jax.jit(M.ssim), jax.jit(M.psnr)
 
 
 def _box():
@@ -115,12 +116,12 @@ def test_psnr_ssim_and_overlap_metrics():
   a = rng.uniform(0, 255, (20, 24))
   b = a + rng.normal(0, 20, a.shape)
   dr = a.max() - a.min()
-  np.testing.assert_allclose(float(M.psnr(a, b)), 10 * np.log10(dr ** 2 / np.mean((a - b) ** 2)), rtol=1e-5)
-  np.testing.assert_allclose(float(M.ssim(a, b)), np_ssim(a, b, dr), rtol=1e-4)
-  np.testing.assert_allclose(float(M.ssim(a, a)), 1., rtol=1e-6)
+  np.testing.assert_allclose(float(PSNR(a, b)), 10 * np.log10(dr ** 2 / np.mean((a - b) ** 2)), rtol=1e-5)
+  np.testing.assert_allclose(float(SSIM(a, b)), np_ssim(a, b, dr), rtol=1e-4)
+  np.testing.assert_allclose(float(SSIM(a, a)), 1., rtol=1e-6)
   flat = 100 + rng.normal(0, 3, (16, 16))  # local variances comparable to C2: the covariance convention matters
   noisy = flat + rng.normal(0, 3, flat.shape)
-  np.testing.assert_allclose(float(M.ssim(flat, noisy, data_range=255.)), np_ssim(flat, noisy, 255.), rtol=1e-4)
+  np.testing.assert_allclose(float(SSIM(flat, noisy, data_range=255.)), np_ssim(flat, noisy, 255.), rtol=1e-4)
   with pytest.raises(ValueError, match="win_size"):
     M.ssim(a[:5], b[:5])
   x = np.zeros((4, 4, 2))
@@ -145,7 +146,7 @@ def test_generation_metrics_protocol():
   fmask[10:12] = 0
   out = M.generation_metrics(ct, fake, mask, fmask)
   zs = range(2, 8)
-  np.testing.assert_allclose(out["global_psnr"], np.mean([float(M.psnr(ct[:, :, z], fake[:, :, z])) for z in zs]),
+  np.testing.assert_allclose(out["global_psnr"], np.mean([float(PSNR(ct[:, :, z], fake[:, :, z])) for z in zs]),
                              rtol=1e-5)
   np.testing.assert_allclose(out["patch_ssim"], np.mean([np_ssim(ct[10:35, :, z], fake[10:35, :, z],
                                                                  np.ptp(ct[10:35, :, z])) for z in zs]), rtol=1e-4)

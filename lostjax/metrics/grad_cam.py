@@ -89,7 +89,7 @@ def grad_cam_plus_plus(model: nnx.Module, x, target_class: Union[int, jax.Array]
       raise ValueError(f"layer {layer!r}: the model has no submodule {k!r} on that path") from None
   graphdef, state = nnx.split(model)
 
-  def forward(probe):
+  def forward(probe, state, x, target_class):
     m = nnx.merge(graphdef, state)
     parent = m
     for k in path[:-1]:
@@ -106,12 +106,16 @@ def grad_cam_plus_plus(model: nnx.Module, x, target_class: Union[int, jax.Array]
     score = jnp.take_along_axis(logits, cls[:, None], 1)[:, 0]
     return jnp.sum(score), (box[-1], score)
 
-  feat = jax.eval_shape(lambda: forward(0.)[1][0])
-  if len(feat.shape) != 4:
-    raise ValueError(f"layer {layer!r} must output [B, h, w, C] features, got shape {feat.shape}")
-  total, vjp_fn, (features, score) = jax.vjp(forward, jnp.zeros(feat.shape, feat.dtype), has_aux=True)
-  (grads,) = vjp_fn(jnp.ones_like(total))
-  return _cam_from(features, grads, score, normalize, resize_to)
+  def cam(state, x, target_class):
+    feat = jax.eval_shape(lambda: forward(0., state, x, target_class)[1][0])
+    if len(feat.shape) != 4:
+      raise ValueError(f"layer {layer!r} must output [B, h, w, C] features, got shape {feat.shape}")
+    total, vjp_fn, (features, score) = jax.vjp(lambda p: forward(p, state, x, target_class),
+                                               jnp.zeros(feat.shape, feat.dtype), has_aux=True)
+    (grads,) = vjp_fn(jnp.ones_like(total))
+    return _cam_from(features, grads, score, normalize, resize_to)
+
+  return jax.jit(cam)(state, x, target_class)  # one compiled program instead of op-by-op dispatch
 
 
 def _cam_from(features, grads, score, normalize, resize_to):
