@@ -65,14 +65,15 @@ def region_balanced_indices(regions, *, seed: int = 0) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
-def _fit(x, y, num_classes: int, l2, steps: int):
+def _fit(x, y, valid, num_classes: int, l2, steps: int):
   d = x.shape[1]
   params = {"kernel": jnp.zeros((d, num_classes), x.dtype), "bias": jnp.zeros((num_classes,), x.dtype)}
+  w = valid.astype(x.dtype) / jnp.sum(valid)
 
   def loss(p):
     logits = x @ p["kernel"] + p["bias"]
     ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, y)
-    return jnp.mean(ce) + l2 * jnp.sum(p["kernel"] ** 2)
+    return jnp.sum(w * ce) + l2 * jnp.sum(p["kernel"] ** 2)
 
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -102,7 +103,12 @@ def fit_linear_head(features, labels, num_classes: int, *, l2: float = 1e-4, ste
     raise ValueError(f"l2 must be a float >= 0, got {l2!r}")
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f"steps must be a positive int, got {steps!r}")
-  params, _ = _fit(x, jnp.asarray(y, jnp.int32), int(num_classes), jnp.asarray(l2, x.dtype), steps)
+  # rows are padded (with zero weight) to the next power of two, so subsamples of similar size share one compile
+  n = x.shape[0]
+  size = max(64, 1 << (n - 1).bit_length())
+  xp = jnp.zeros((size, x.shape[1]), x.dtype).at[:n].set(x)
+  yp = jnp.zeros((size,), jnp.int32).at[:n].set(jnp.asarray(y, jnp.int32))
+  params, _ = _fit(xp, yp, jnp.arange(size) < n, int(num_classes), jnp.asarray(l2, x.dtype), steps)
   return np.asarray(params["kernel"]), np.asarray(params["bias"])
 
 
