@@ -119,3 +119,5 @@ def test_rerun_runs_only_the_survivors(tmp_path, monkeypatch):
   assert (tmp_path / "pkg" / "m.py").read_text() == src
   log.write_text("not json\n" + "\n".join(json.dumps({k: v for k, v in r.items() if k != "col"}) for r in earlier))
   assert mutate.load_survivors(str(log)) == {("pkg/m.py", 6, None, "True → False", "return True")}
+  with pytest.raises(SystemExit, match="no earlier run's output at --rerun .*missing.json"):
+    mutate.main(["pkg/m.py", "--rerun", str(tmp_path / "missing.json")])

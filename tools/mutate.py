@@ -286,6 +286,8 @@ def run_tests(tests: list[str], timeout: float, cache_dir: str) -> tuple[str, fl
 
 def load_survivors(path: str) -> set[tuple]:
   """(file, line, col, mutation, code) of every survived mutant in a --json file or the printed JSON lines."""
+  if not Path(path).is_file():
+    raise SystemExit(f"error: no earlier run's output at --rerun {path!r}")
   text = Path(path).read_text()
   try:
     recs = json.loads(text)["mutants"]
