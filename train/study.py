@@ -644,7 +644,7 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   for run, r in best.items():
     ev, tr = r["_eval"], r["_train"]
-    seeds = [x for x in rows if x["run"] == run and x["best"] and x is not r and x["_eval"]]
+    seeds = [x for x in rows if x["run"] == run and x["best"] and x["seed"] != r["seed"] and x["_eval"]]
     label = f"{run} (lr {lr_tag(r['lr'])}" + (f", {len(seeds) + 1} seeds)" if seeds else ")")
     line, = ax1.plot(sorted(ev), [ev[k] for k in sorted(ev)], "o-", label=label)
     ax2.plot(sorted(tr), [tr[k] for k in sorted(tr)], color=line.get_color(), label=label)
