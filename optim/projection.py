@@ -105,11 +105,43 @@ def randperm_basis(key, dim: int, r: int):
   return jax.nn.one_hot(perm, dim, dtype=jnp.float32).T
 
 
-def map_by_shape(fn, *leaf_lists):
-  """[fn(*args_i) for i] computed with one vmapped call per group of same-shaped arguments.
+def one_matrix_per_lapack_call() -> bool:
+  """True on the CPU backend, where a batched decomposition (SVD, QR) must not be issued (see `map_matrices`)."""
+  return jax.default_backend() == "cpu"
 
-  Used for the SVD refreshes: one batched SVD per distinct matrix shape instead of one per matrix keeps XLA
-  compile time small (a LLaMA has ~3 distinct shapes but 7·L matrices).
+
+def map_matrices(fn, *stacked):
+  """fn over the leading axis of `stacked` (arrays of equal leading size): fn(*[x[i] for x in stacked]) for all i.
+
+  Accelerators: one vmapped call (a batched SVD/QR is one cuSOLVER/TPU call). CPU: a sequential `lax.map`, so
+  that every LAPACK custom call factors ONE matrix. A batched LAPACK call on XLA:CPU splits its batch into tasks
+  on the intra-op thread pool and blocks the pool thread it runs on until those tasks finish. When as many
+  batched decompositions run at once as the pool has threads (independent thunks of one step, or the devices of
+  a mesh sharing the pool), every thread waits for a task that no free thread can run, and the step never
+  finishes (zero CPU, the host waiting in BlockUntilReady). With one matrix per call the kernel runs the
+  factorisation inline and never waits on the pool.
+  """
+  if one_matrix_per_lapack_call():
+    return jax.lax.map(lambda args: fn(*args), tuple(stacked))
+  return jax.vmap(fn)(*stacked)
+
+
+def svd(x, full_matrices: bool = False):
+  """jnp.linalg.svd for [..., m, n]; leading batch axes are mapped with `map_matrices` (no batched LAPACK call)."""
+  if x.ndim <= 2:
+    return jnp.linalg.svd(x, full_matrices=full_matrices)
+  batch = x.shape[:-2]
+  flat = x.reshape((-1,) + x.shape[-2:])
+  out = map_matrices(lambda m: jnp.linalg.svd(m, full_matrices=full_matrices), flat)
+  return tuple(o.reshape(batch + o.shape[1:]) for o in out)
+
+
+def map_by_shape(fn, *leaf_lists):
+  """[fn(*args_i) for i] computed with one mapped call per group of same-shaped arguments.
+
+  Used for the SVD refreshes: one SVD per distinct matrix shape in the program (vmapped, or a sequential loop on
+  CPU: see `map_matrices`) instead of one per matrix keeps XLA compile time small (a LLaMA has ~3 distinct shapes
+  but 7·L matrices).
   """
   n = len(leaf_lists[0])
   groups = {}
@@ -117,8 +149,11 @@ def map_by_shape(fn, *leaf_lists):
     groups.setdefault(tuple((tuple(x[i].shape), jnp.result_type(x[i])) for x in leaf_lists), []).append(i)
   out = [None] * n
   for idxs in groups.values():
+    if len(idxs) == 1:
+      out[idxs[0]] = fn(*[lst[idxs[0]] for lst in leaf_lists])
+      continue
     stacked = [jnp.stack([lst[i] for i in idxs]) for lst in leaf_lists]
-    res = jax.vmap(fn)(*stacked)
+    res = map_matrices(fn, *stacked)
     for j, i in enumerate(idxs):
       out[i] = jax.tree.map(lambda r, j=j: r[j], res)
   return out

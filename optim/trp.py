@@ -100,7 +100,7 @@ def energy_rank(s, energy: float):
 
 
 def _svd(w, scheme):
-  return jnp.linalg.svd(to_matrix(w.astype(jnp.float32), scheme), full_matrices=False)
+  return pj.svd(to_matrix(w.astype(jnp.float32), scheme))   # 'decouple' convs: one SVD per filter (pj.svd)
 
 
 def _top(s, k):

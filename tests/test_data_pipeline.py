@@ -354,3 +354,27 @@ def test_tfds_source_with_fake_module(tmp_path, monkeypatch):
   c.update(tfds_name="nope/en", cache_dir="")
   with pytest.raises(ValueError, match="nope/en"):
     make_data(c, seq_len=8, global_batch=2, seed=0)
+
+
+def test_vocab_limit_refuses_the_first_id_equal_to_the_limit():
+  from train.data.pipeline import check_vocab
+  check_vocab(np.array([[0, 4, 3]]), 5, "training")      # ids 0..4 fit an embedding of 5 rows
+  check_vocab(np.array([[0, 5, 3]]), 0, "training")      # 0 = no limit
+  with pytest.raises(ValueError, match=r"token id 5 in a training batch is >= data.vocab_limit=5"):
+    check_vocab(np.array([[0, 5, 3]]), 5, "training")
+
+
+def test_synthetic_source_gives_each_process_its_own_rows():
+  """Process p of P reads rows [p·B/P, (p+1)·B/P) of every global batch, for training and evaluation."""
+  c = default_data_config()
+  c.update(source="synthetic", synthetic_vocab_size=1000, eval_max_tokens=100)
+  whole = make_data(c, seq_len=16, global_batch=4, seed=1)
+  parts = [make_data(c, seq_len=16, global_batch=4, seed=1, process_index=p, process_count=2) for p in (0, 1)]
+  for _ in range(2):
+    want = next(whole.train)
+    got = [next(p.train) for p in parts]
+    for key in ("tokens", "ids", "mask"):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], err_msg=key)
+  for want, *got in zip(whole.eval_batches(), *[p.eval_batches() for p in parts]):
+    for key in ("tokens", "mask"):
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], err_msg=key)

@@ -174,6 +174,31 @@ def test_import_lost_decomposition_numpy_oracle(tmp_path):
   np.testing.assert_allclose(np.asarray(layer.w_sparse[...]), w[want_idx], atol=1e-6)
 
 
+def test_rope_theta_and_gamma_survive_export_and_import(tmp_path, monkeypatch):
+  """A non-default RoPE base is written to config.json and read back on import; import keeps the --gamma given
+  (the defaults 10000 and 0.5 would otherwise pass unnoticed). The run config import_hf builds is captured where
+  it is handed to create_train_state (the weights' round trip is the slow tests' job)."""
+  model = Llama(preset("tiny", attn_kind="dense", mlp_kind="dense", rope_theta=500000.0, max_seq_len=32, n_layers=1),
+                rngs=nnx.Rngs(0))
+  out = str(tmp_path / "hf")
+  export.write_hf(model, out)
+  hf = json.load(open(os.path.join(out, "config.json")))
+  assert hf["rope_theta"] == 500000.0 and hf["rope_parameters"]["rope_theta"] == 500000.0
+
+  class Built(Exception):
+    pass
+
+  def capture(cfg, **kw):
+    raise Built(cfg.model.to_dict())
+
+  from train import state as state_lib
+  monkeypatch.setattr(state_lib, "create_train_state", capture)
+  with pytest.raises(Built) as got:
+    export.import_hf(out, str(tmp_path / "run"), method="lost", rank=8, sparsity=0.25, gamma=0.3)
+  m = got.value.args[0]
+  assert (m["rope_theta"], m["gamma"], m["attn_rank"], m["sparsity"], m["n_layers"]) == (500000.0, 0.3, 8, 0.25, 1)
+
+
 def test_import_errors(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     export.import_hf(str(tmp_path), str(tmp_path / "run"))

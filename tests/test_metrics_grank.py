@@ -224,6 +224,17 @@ def test_list_distance_function():
   assert G.list_distance([], [1, 2]) == 0
 
 
+def test_footrule_of_ranked_lists_against_numpy():
+  """_footrule(order_a, order_b) = Σ_items |position in a − position in b| (float64 numpy oracle), per row."""
+  rng = np.random.default_rng(0)
+  a = np.stack([rng.permutation(9) for _ in range(16)])
+  b = np.stack([rng.permutation(9) for _ in range(16)])
+  pos = lambda order: np.argsort(order, axis=-1)        # pos[item] = where the item stands in the list
+  want = np.abs(pos(a) - pos(b)).sum(-1)
+  np.testing.assert_array_equal(np.asarray(G._footrule(jnp.asarray(a), jnp.asarray(b))), want)
+  assert [G.list_distance(rb_, ra) for ra, rb_ in zip(a, b)] == want.tolist()
+
+
 def test_top_terms_mask_ties_and_zero_counts():
   mask = np.asarray(G.top_terms_mask(jnp.array([[3, 5, 3, 0, 3]]), 3))
   np.testing.assert_array_equal(mask, [[True, True, True, False, False]])   # ties -> lower term id

@@ -45,6 +45,13 @@ def test_worst_k_count_rounding_and_ties():
   np.testing.assert_allclose(got, 0.1, rtol=1e-2)
 
 
+def test_worst_k_count_is_exact_for_decimal_fractions():
+  """0.07·100 is 7.000000000000001 in floating point: the count is still 7 (not ceil -> 8)."""
+  x = np.arange(100.0)
+  np.testing.assert_allclose(rb.worst_k_mean(x, 0.07), np.mean(np.arange(7)), rtol=1e-6)
+  np.testing.assert_allclose(rb.worst_k_mean(x, 0.29), np.mean(np.arange(29)), rtol=1e-6)  # 28.999999999999996
+
+
 def test_ood_drop_rate():
   np.testing.assert_allclose(rb.ood_drop_rate(0.3, 0.4), -0.25, rtol=1e-6)
   np.testing.assert_allclose(rb.ood_drop_rate(np.array([0.5, 0.2]), np.array([0.4, 0.2])), [0.25, 0.0], rtol=1e-6)

@@ -174,6 +174,26 @@ def test_confirmation_specs():
     study.run_study(grids.get_config("cpu"), "/nonexistent/never", jobs=0)
 
 
+def test_edge_needs_two_learning_rates_and_low_rank_must_lose_to_both():
+  best = study.pick_best([_row("dense", 1e-3, 2.0)])
+  assert best["dense"]["best"] and not best["dense"]["edge"]       # one lr swept: no edge to speak of
+  # low-rank 2.5 % above dense but only 1 % above LOST: not "clearly worse than dense and LOST"
+  v = study.verdicts(study.pick_best(_rows(lost_loss=2.03, low_loss=2.05)))
+  assert v[1][1] is False, v[1]
+
+
+def test_finished_run_is_skipped_only_with_the_same_config(tmp_path):
+  config = {"optim": {"lr": 1e-3, "b2": 0.999}, "train": {"steps": 4, "stop_at": 0}}
+  rdir = str(tmp_path)
+  json.dump({"status": "ok", "final_step": 4}, open(os.path.join(rdir, study.RESULT_FILE), "w"))
+  json.dump(config, open(os.path.join(rdir, study.RUN_CONFIG_FILE), "w"))
+  assert study.is_finished(rdir, config)
+  assert study.is_finished(rdir, dict(config, train={"steps": 4, "stop_at": 2}))   # stop_at does not count
+  assert not study.is_finished(rdir, dict(config, optim={"lr": 1e-3, "b2": 0.95}))
+  assert not study.is_finished(rdir, dict(config, train={"steps": 8, "stop_at": 0}))
+  assert study.is_finished(rdir, dict(config, optim={"lr": 1e-3, "b2": 0.999, "added_since": 1}))
+
+
 def test_tables_csv_and_plots(tmp_path):
   rows = _confirm(_rows())
   best = study.pick_best(rows)

@@ -55,8 +55,14 @@ def test_run_of_the_previous_release_resumes_and_matches_its_uninterrupted_run(t
   got = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): np.asarray(v)
          for p, v in jax.tree_util.tree_flatten_with_path(out["state"]["params"])[0]}
   assert sorted(got) == sorted(ref.files)
+  # Tolerance: each of the two resumed steps moves a weight by up to about lr = 3e-3 (Adam's normalised step,
+  # FRUGAL's sign step), so a resume error (a batch skipped or repeated, moments or projector not restored) moves
+  # weights by a large fraction of 1e-3. The reference was computed on another machine: float32 reductions summed
+  # in another order (other SIMD widths, thread counts) differ in the last bits, which four steps of Adam amplify
+  # to a few 1e-7 (6e-7 seen on a fresh machine of the same kind). 1e-5 is 300 times below one step and well
+  # above that noise.
   for k in ref.files:
-    np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 def test_legacy_run_with_another_optimizer_setting_is_refused(tmp_path):
@@ -84,6 +90,15 @@ def test_upgrade_maps_flat_optimizer_fields_and_trajectory():
   del no_fuse["model"]["fuse_projections"]
   assert wd.upgrade_config(no_fuse)["model"]["fuse_projections"] is False   # ADDED_FIELDS: the legacy value
   assert wd.upgrade_config(wd.upgrade_config(old)) == wd.upgrade_config(old)
+
+
+def test_upgrade_maps_shared_legacy_fields_to_both_projected_optimizers():
+  """'proj_side' and 'update_gap' were one field for FRUGAL and GaLore: a non-default value reaches both."""
+  old = json.load(open(os.path.join(FIXTURES, "galore", "config.json")))
+  old["optim"].update(proj_side="reverse_std", update_gap=7)
+  new = wd.upgrade_config(old)["optim"]
+  assert new["frugal"]["proj_side"] == new["galore"]["proj_side"] == "reverse_std"
+  assert new["frugal"]["update_gap"] == new["galore"]["update_gap"] == 7
 
 
 def test_fingerprint_ignores_unused_subconfigs():

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
+import sys
+import threading
 import time
 
 import jax
@@ -67,34 +70,92 @@ def evaluate(eval_fn, params, rest, bundle, data_sharding, global_rows: int) -> 
 
 
 class _Signals:
-  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step boundary."""
+  """SIGTERM/SIGINT: the first sets a flag, and the loop saves a checkpoint and exits at the next step boundary;
+  a second one ends the process at once (exit status 128 + the signal number), without saving.
 
-  def __init__(self):
+  The second signal must work while the main thread waits in a step that does not finish (a computation that
+  never completes, a collective whose peer died): a Python signal handler only runs when the main thread is back
+  in the interpreter, so the signals are also read by a watcher thread from `signal.set_wakeup_fd`, into which
+  Python's C-level handler writes the number of every signal it catches, whatever the main thread is doing.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, message=None):
     self.received = None
+    self.count = 0
     self._old = {}
+    self._old_wakeup = None
+    self._write_fd = None
+    self._message = message or (lambda text: print(text, file=sys.stderr, flush=True))
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
+    try:
+      for sig in self.SIGNALS:
         self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
+    except ValueError:  # not the main thread: signals stay with whoever handles them there
+      self._restore_handlers()
+      return self
+    read_fd, self._write_fd = os.pipe()
+    os.set_blocking(self._write_fd, False)
+    self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=self._watch, args=(read_fd,), name="lostjax-signal-watcher", daemon=True).start()
     return self
 
   def _handle(self, signum, frame):
-    self.received = signal.Signals(signum).name
+    # The count is kept by the watcher thread (every caught signal reaches it); this only makes sure the flag is
+    # set before the loop's next check even if the watcher has not run yet.
+    if self.received is None:
+      self.received = signal.Signals(signum).name
 
-  def __exit__(self, *exc):
+  def _watch(self, read_fd):
+    try:
+      while True:
+        try:
+          data = os.read(read_fd, 64)
+        except InterruptedError:
+          continue
+        if not data:   # the write end was closed by __exit__
+          return
+        for signum in data:
+          if signum not in self.SIGNALS:
+            continue
+          name = signal.Signals(signum).name
+          self.count += 1
+          if self.count == 1:
+            self.received = self.received or name
+            self._message(f"received {name}: saving a checkpoint at the end of the current step, then exiting "
+                          f"(send it again to exit at once without saving)")
+          else:
+            self._message(f"received {name} again: exiting now without saving")
+            os._exit(128 + signum)
+    finally:
+      os.close(read_fd)
+
+  def _restore_handlers(self):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    self._old = {}
+
+  def __exit__(self, *exc):
+    if self._write_fd is not None:
+      signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+      os.close(self._write_fd)   # the watcher reads EOF and ends
+      self._write_fd = None
+    self._restore_handlers()
 
 
-def _any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any (a no-op with one process)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+def _any_process(flag: bool, allgather=None) -> bool:
+  """True on every process if `flag` is True on any (a no-op with one process).
+
+  allgather(np.ndarray [1]) -> [processes, 1]: the collective (jax's multihost all-gather by default).
+  """
+  if allgather is None:
+    if jax.process_count() == 1:
+      return flag
+    from jax.experimental import multihost_utils
+    allgather = multihost_utils.process_allgather
+  return bool(np.any(np.asarray(allgather(np.asarray([flag], np.int32)))))
 
 
 def describe_run(cfg, workdir: str, n_devices: int) -> str:
