@@ -113,11 +113,7 @@ def _label(row):
 def _params():
   out = []
   for row in ROWS:
-    marks = [pytest.mark.slow]
-    if row["remat"] and row["layer"] == "lost":
-      marks.append(pytest.mark.xfail(reason="model.remat=True crashes LOST layers in the first step (a fix of the "
-                                            "LOST layers' remat policy is under way)", strict=False))
-    out.append(pytest.param(row, marks=marks, id=_label(row)))
+    out.append(pytest.param(row, marks=[pytest.mark.slow], id=_label(row)))
   return out
 
 
