@@ -95,19 +95,21 @@ def pirads_dual_path_loss(outputs: Mapping[str, jax.Array], onehot, *, own_a: Se
   Args: outputs: the model's {'logits_a', 'logits_b'[, 'sdm_a', 'sdm_b']}; onehot [..., C]; own_a / own_b: class
   indices supervised on each path (`PiradsConfig.owned(0)`, `owned(1)`: own zones plus background); sdm_a / sdm_b:
   signed-distance targets matching outputs['sdm_a'] / ['sdm_b'] (needed when λ_mt > 0 and the model has SDM heads).
-  parts: {'dice_a', 'dice_b', 'sdm', 'co'} (unweighted)."""
+  parts: {'dice_a', 'dice_b', 'sdm', 'co'} (unweighted). λ_co may be a traced scalar, so both stages can share
+  one compiled step."""
   for key in ("logits_a", "logits_b"):
     if key not in outputs:
       raise ValueError(f"outputs must hold '{key}', got keys {sorted(outputs)}")
-  if lambda_mt < 0 or lambda_co < 0:
-    raise ValueError(f"lambda_mt and lambda_co must be >= 0, got {lambda_mt!r}, {lambda_co!r}")
+  for name, lam in (("lambda_mt", lambda_mt), ("lambda_co", lambda_co)):
+    if isinstance(lam, (int, float)) and lam < 0:     # a traced weight (e.g. the stage switch) is not checked
+      raise ValueError(f"{name} must be >= 0, got {lam!r}")
   pa = jax.nn.softmax(U.check_float_array("logits_a", outputs["logits_a"]), axis=-1)
   pb = jax.nn.softmax(U.check_float_array("logits_b", outputs["logits_b"]), axis=-1)
   parts = {"dice_a": pirads_dice_loss(pa, onehot, classes=own_a, smooth=smooth),
            "dice_b": pirads_dice_loss(pb, onehot, classes=own_b, smooth=smooth)}
   loss = parts["dice_a"] + parts["dice_b"]
   has_sdm = "sdm_a" in outputs and "sdm_b" in outputs
-  if has_sdm and lambda_mt > 0:
+  if has_sdm and not (isinstance(lambda_mt, (int, float)) and lambda_mt == 0):
     if sdm_a is None or sdm_b is None:
       raise ValueError("sdm_a and sdm_b targets are needed when the model has SDM heads and lambda_mt > 0")
     parts["sdm"] = pirads_sdm_loss(outputs["sdm_a"], sdm_a) + pirads_sdm_loss(outputs["sdm_b"], sdm_b)
@@ -115,6 +117,5 @@ def pirads_dual_path_loss(outputs: Mapping[str, jax.Array], onehot, *, own_a: Se
   else:
     parts["sdm"] = jnp.zeros((), loss.dtype)
   parts["co"] = pirads_consistency_loss(pa, pb, stop_gradient=stop_gradient)
-  if lambda_co > 0:
-    loss = loss + lambda_co * parts["co"]
+  loss = loss + lambda_co * parts["co"]
   return loss, parts
