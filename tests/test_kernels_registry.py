@@ -2,6 +2,7 @@
 sparse branch (arXiv 2508.02668), its per-backend 'auto' table, legacy aliases of old run configs, and that
 every level (layer, grouped projections, lost_matmul, gather_matmul, model config) goes through it.
 """
+import dataclasses
 import json
 
 import jax
@@ -96,7 +97,7 @@ def test_old_run_configs_build_the_same_model(tmp_path):
   build = lambda cfg: nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))  # structure only, no compute
   for old, new in OLD_NAMES.items():
     fields = dict(vars(preset("tiny", **base)), sparse_impl=old)
-    (tmp_path / "config.json").write_text(json.dumps({"model": fields}))
+    (tmp_path / "config.json").write_text(json.dumps({"model": fields}, default=dataclasses.asdict))
     stored = json.loads((tmp_path / "config.json").read_text())["model"]
     assert stored["sparse_impl"] == old
     model_old, model_new = build(LlamaConfig(**stored)), build(preset("tiny", sparse_impl=new, **base))

@@ -59,7 +59,9 @@ def test_saf_store_survives_resume_on_another_device_count(tmp_path):
   for s in range(4, 7):
     assert b[s]["saf_kl"] > 0 and b[s]["train_loss"] > b[s]["train_ce"]
     np.testing.assert_allclose(b[s]["train_loss"], a[s]["train_loss"], rtol=2e-5)
-    np.testing.assert_allclose(b[s]["saf_kl"], a[s]["saf_kl"], rtol=1e-3)
+    # the KL of two nearly equal distributions (~1e-5) is a difference of nearly equal float32 numbers: another
+    # device count reorders the reductions, so allow ~1e-8 absolute on top of the relative tolerance
+    np.testing.assert_allclose(b[s]["saf_kl"], a[s]["saf_kl"], rtol=1e-3, atol=5e-8)
   store_full, store_split = full["state"]["obj"]["store"], split["state"]["obj"]["store"]
   assert store_split["logp"].sharding.spec[0] == ("data", "fsdp")
   # every microbatch is written (grad_accum=2): each example was visited once per epoch

@@ -38,7 +38,8 @@ def test_layout_shared_fields_and_one_subconfig_per_optimizer():
   c = default_optim_config()
   for field in ("name", "lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "warmup_frac", "min_lr_ratio", "seed"):
     assert field in c
-  assert sorted(k for k, v in c.items() if hasattr(v, "keys")) == ["frugal", "galore", "lift", "trp"]
+  # one sub-config per optimizer, plus the shared per-group learning-rate multipliers
+  assert sorted(k for k, v in c.items() if hasattr(v, "keys")) == ["frugal", "galore", "lift", "lr_mult", "trp"]
   assert set(OPTIMIZERS) == set(KNOWN_OPTIMIZERS) == {"adamw", "frugal", "galore", "lift", "trp"}
   c.lock()
   c.frugal.rho = 0.5
