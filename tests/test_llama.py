@@ -126,7 +126,7 @@ def test_sequence_too_long():
     model(jnp.zeros((1, 9), jnp.int32))
 
 
-@pytest.mark.parametrize("sharded,impl", [(False, "xla"), (False, "fused"),
+@pytest.mark.parametrize("sharded,impl", [(False, "xla"), pytest.param(False, "fused", marks=pytest.mark.slow),
                                           pytest.param(True, "xla", marks=pytest.mark.slow)])
 def test_forward_under_8_device_mesh(sharded, impl):
   assert jax.device_count() == 8

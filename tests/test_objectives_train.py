@@ -41,6 +41,7 @@ def _eight(cfg):
   return cfg
 
 
+@pytest.mark.slow   # three end-to-end runs; the SAF store's numpy oracle and 8-device MESA run stay in the default set
 def test_saf_store_survives_resume_on_another_device_count(tmp_path):
   def cfg(**kw):
     c = _cfg(tmp_path, steps=6, grad_accum=2, **kw)

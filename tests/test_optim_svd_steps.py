@@ -75,6 +75,8 @@ def _check(specs):
     assert r["final_step"] == 2 and np.isfinite(r["loss"]), r
 
 
+@pytest.mark.slow   # a full train-step compile in a subprocess; test_map_matrices_is_the_vmapped_function keeps the
+# structural check (no batched LAPACK call on CPU) in the default run
 def test_trp_trains_a_lost_model_without_hanging():
   """The quickstart's hang: TRP's SVDs of the LOST factors, several batched groups in one step."""
   _check(["trp:lost:1"])

@@ -72,7 +72,7 @@ def test_end_to_end_outputs_and_loss_decreases(tmp_path):
   assert model(tokens).shape == (1, 16, 257)
 
 
-@pytest.mark.parametrize("method", ["dense", "lost"])
+@pytest.mark.parametrize("method", ["dense", pytest.param("lost", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(tmp_path, method):
   full = trainer.train(_cfg(tmp_path, method), str(tmp_path / "full"))
   first = trainer.train(_cfg(tmp_path, method, stop_at=3), str(tmp_path / "split"))
@@ -87,7 +87,9 @@ def test_resume_is_bit_identical(tmp_path, method):
   assert rows("full")[6] == rows("split")[6]
 
 
-@pytest.mark.parametrize("sparse_impl", ["xla", pytest.param("fused", marks=pytest.mark.slow)])
+# the default run keeps tests/test_sharding.py::test_sharded_training_equals_one_device (fsdp and tensor meshes)
+@pytest.mark.parametrize("sparse_impl", [pytest.param("xla", marks=pytest.mark.slow),
+                                         pytest.param("fused", marks=pytest.mark.slow)])
 def test_eight_device_mesh_matches_one_device(tmp_path, sparse_impl):
   cfg1 = _cfg(tmp_path, steps=2, log_every=1)
   cfg1.model.sparse_impl = sparse_impl
@@ -115,6 +117,7 @@ def test_refuses_workdir_of_a_different_model(tmp_path):
   assert open(tmp_path / "run" / "config.json").read() == before
 
 
+@pytest.mark.slow   # tests/test_workdir.py resumes runs of the previous release in the default set
 def test_run_written_before_an_added_field_resumes_with_its_legacy_value(tmp_path):
   run = tmp_path / "run"
   trainer.train(_cfg(tmp_path, steps=2), str(run))
@@ -180,6 +183,7 @@ def test_missing_data_path(tmp_path):
     trainer.train(cfg, str(tmp_path / "bad"))
 
 
+@pytest.mark.slow   # tests/test_step.py checks accumulation against the full-batch gradient in the default set
 def test_grad_accum_matches_full_batch(tmp_path):
   a = trainer.train(_cfg(tmp_path, "dense", steps=2), str(tmp_path / "a"))
   b = trainer.train(_cfg(tmp_path, "dense", steps=2, grad_accum=2), str(tmp_path / "b"))
