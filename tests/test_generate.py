@@ -216,10 +216,13 @@ def test_every_decode_step_draws_with_its_own_key():
   """At a very high temperature every step is a near-uniform draw: with one key per step the 12 tokens of a row
   are mostly distinct; reusing a key would repeat the same Gumbel noise and so the same token."""
   model = _model("dense")
-  prompt = np.array([[10, 20, 30], [40, 50, 60]])
+  prompt = np.array([[10 + r, 20, 30] for r in range(8)])
   out = np.asarray(gen.generate(model, prompt, 12, temperature=1e4, seed=11))
   for row in out:
     assert len(set(row.tolist())) >= 8, row
+  # the first token (drawn after the prompt) and the second (the first cached step) use different keys too: with
+  # a shared key all 8 rows would repeat their first token; by chance, each row only with probability ~1/257
+  assert not np.all(out[:, 0] == out[:, 1]), out[:, :2]
 
 
 @pytest.mark.parametrize("kw,match", [
