@@ -35,19 +35,6 @@ PEAK_FLOPS = {
     "h100": 989e12,          # SXM
     "h200": 989e12,
 }
-# Device memory per device in bytes (HBM), for --summary_only's fit check when the device does not report it.
-DEVICE_MEMORY = {
-    "tpu v4": 32 * 2**30,
-    "tpu v5 lite": 16 * 2**30,
-    "tpu v5e": 16 * 2**30,
-    "tpu v5p": 95 * 2**30,
-    "tpu v5": 95 * 2**30,
-    "tpu v6 lite": 32 * 2**30,
-    "tpu v6e": 32 * 2**30,
-    "a100": 80 * 2**30,      # the 40 GB part reports its own limit through memory_stats()
-    "h100": 80 * 2**30,
-    "h200": 141 * 2**30,
-}
 
 
 # `--device=<name>` of --summary_only: memory per device (one TPU chip, one GPU) in GiB, the HBM capacity on the
@@ -69,6 +56,20 @@ DEVICES = {
     "t4": (16, "NVIDIA T4, 16 GB GDDR6"),
     "mi300x": (192, "AMD Instinct MI300X, 192 GB HBM3"),
 }
+# Device memory per device in bytes (HBM), for --summary_only's fit check when the device does not report it:
+# the device_kind substrings jax reports, each mapped to its entry of DEVICES (longer keys are matched first).
+DEVICE_MEMORY = {kind: DEVICES[name][0] * 2**30 for kind, name in {
+    "tpu v4": "v4",
+    "tpu v5 lite": "v5e",
+    "tpu v5e": "v5e",
+    "tpu v5p": "v5p",
+    "tpu v5": "v5p",
+    "tpu v6 lite": "v6e",
+    "tpu v6e": "v6e",
+    "a100": "a100-80",     # the 40 GB part reports its own limit through memory_stats()
+    "h100": "h100",
+    "h200": "h200",
+}.items()}
 
 
 def named_device_memory(name: str) -> tuple[float, str]:
