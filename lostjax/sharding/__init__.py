@@ -170,11 +170,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   return jax.make_mesh((data, fsdp, tensor, expert), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
+def _entry_axes(e) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, an axis name or a tuple of names) as a tuple of mesh axis names."""
+  return () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+
+
+def _spec_entry(axes: tuple[str, ...]):
+  """The inverse of `_entry_axes`: None, one name, or a tuple of names."""
+  return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
 def _axis_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(math.prod(mesh.shape[a] for a in axes))
+  return int(math.prod(mesh.shape[a] for a in _entry_axes(axes)))
 
 
 def logical_to_mesh(logical: Sequence[str | None] | None, shape: Sequence[int], mesh,
@@ -187,11 +194,10 @@ def logical_to_mesh(logical: Sequence[str | None] | None, shape: Sequence[int], 
   for name, dim in zip(logical, shape):
     axes = table.get(name) if name is not None else None
     if axes is not None:
-      tup = (axes,) if isinstance(axes, str) else tuple(axes)
-      tup = tuple(a for a in tup if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+      tup = tuple(a for a in _entry_axes(axes) if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
       if tup and dim % _axis_size(mesh, tup) == 0:
         used.update(tup)
-        out.append(tup[0] if len(tup) == 1 else tup)
+        out.append(_spec_entry(tup))
         continue
     out.append(None)
   return P(*out)
@@ -205,7 +211,7 @@ def param_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh,
   spec = logical_to_mesh(logical, shape, mesh, rules)
   if logical is None or mesh.shape.get("fsdp", 1) == 1:
     return spec
-  entries = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+  entries = [_entry_axes(e) for e in spec]
   entries += [()] * (len(shape) - len(entries))
   if any("fsdp" in e for e in entries):
     return spec
@@ -218,16 +224,11 @@ def param_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh,
   if best is None:
     return spec
   entries[best] = entries[best] + ("fsdp",)
-  return P(*[None if not e else (e[0] if len(e) == 1 else e) for e in entries])
+  return P(*[_spec_entry(e) for e in entries])
 
 
 def _without_fsdp(spec: P) -> P:
-  out = []
-  for e in spec:
-    t = () if e is None else ((e,) if isinstance(e, str) else tuple(e))
-    t = tuple(a for a in t if a != "fsdp")
-    out.append(None if not t else (t[0] if len(t) == 1 else t))
-  return P(*out)
+  return P(*[_spec_entry(tuple(a for a in _entry_axes(e) if a != "fsdp")) for e in spec])
 
 
 def state_shardings(state, mesh, rules=DEFAULT_RULES):
@@ -270,9 +271,7 @@ def init_module(build, mesh=None, *, sharded: bool = False, rules=DEFAULT_RULES)
 def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
   """The mesh axes the batch dimension is sharded over: those of the 'batch' rule that the mesh (concrete or
   abstract) has with size > 1. The one place the batch placement is decided (step inputs, SAF store, kernels)."""
-  rule = dict(rules)["batch"]
-  rule = () if rule is None else ((rule,) if isinstance(rule, str) else tuple(rule))
-  return tuple(a for a in rule if mesh.shape.get(a, 1) > 1)
+  return tuple(a for a in _entry_axes(dict(rules)["batch"]) if mesh.shape.get(a, 1) > 1)
 
 
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
