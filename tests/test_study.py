@@ -222,6 +222,26 @@ def test_tables_csv_and_plots(tmp_path):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tail_drop_measures_the_last_quarter():
+  # evaluations every 100 tokens up to 800: the one at 600 (= 3/4 of 800) is compared with the final one
+  evals = {100 * i: 3.0 - 0.1 * i for i in range(1, 9)}        # 2.9 ... 2.2
+  assert study.tail_drop(evals) == pytest.approx((evals[600] - 2.2) / 2.2)
+  assert study.tail_drop(evals, frac=0.5) == pytest.approx((evals[400] - 2.2) / 2.2)
+  # an uneven grid picks the nearest evaluation before the end; one evaluation gives no answer
+  assert study.tail_drop({10: 2.0, 70: 1.8, 100: 1.5}) == pytest.approx((1.8 - 1.5) / 1.5)
+  assert study.tail_drop({100: 2.0}) is None and study.tail_drop({}) is None
+  # pick_best averages it over the seeds at the best rate and the table shows it
+  rows = _confirm(_rows())
+  for r, drop in zip([r for r in rows if r["run"] == "dense"], (0.01, 0.02, 0.03, 0.04, 0.05, 0.06)):
+    r["_eval"] = {300: r["eval_loss"] * (1 + drop), 400: r["eval_loss"]}
+  best = study.pick_best(rows)
+  seeds = [r for r in rows if r["run"] == "dense" and r["best"]]
+  want = sum(r["_eval"][300] / r["_eval"][400] - 1 for r in seeds) / len(seeds)
+  assert best["dense"]["tail_drop"] == pytest.approx(want)
+  md = study.markdown(rows, best, study.verdicts(best), "## t")
+  assert f"| reference | – | {want:.1%} |" in md
+
+
 def test_collect_row_reads_metrics(tmp_path):
   rdir = tmp_path / "r"
   rdir.mkdir()

@@ -455,9 +455,22 @@ def pick_best(rows: list[dict]) -> dict:
       r["best"], r["edge"] = True, edge
     losses = {r["seed"]: r["eval_loss"] for r in chosen}
     iv = stats.t_interval(list(losses.values()))
+    drops = [d for d in (tail_drop(r.get("_eval") or {}) for r in chosen) if d is not None]
     best[run] = dict(min(chosen, key=lambda r: r["eval_loss"]), eval_loss_mean=iv["mean"], losses=losses,
-                     interval=iv, sweep_mean=means[lr])
+                     interval=iv, sweep_mean=means[lr], tail_drop=sum(drops) / len(drops) if drops else None)
   return best
+
+
+def tail_drop(evals: dict, frac: float = 0.25) -> float | None:
+  """How much the eval loss still fell over the last `frac` of training: (L(t₀) − L_final) / L_final, where t₀ is
+  the evaluation closest to (1 − frac) of the final token count (`evals`: tokens -> eval loss). A capacity-bound
+  run has flattened when this is small; None without an evaluation before the final one."""
+  if len(evals) < 2:
+    return None
+  final = max(evals)
+  earlier = [t for t in evals if t < final]
+  t0 = min(earlier, key=lambda t: abs(t - (1.0 - frac) * final))
+  return (evals[t0] - evals[final]) / evals[final]
 
 
 def _losses(b: dict) -> dict:
@@ -593,7 +606,7 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
             "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept.\n\n")
   buf.write("### Final eval loss over seeds at the best learning rate\n\n")
   buf.write(f"| run | lr | seeds | mean ± std | 95 % interval | per seed | vs {reference} (paired, same seeds) | "
-            "95 % interval of the difference |\n|---|---|---|---|---|---|---|---|\n")
+            "95 % interval of the difference | still falling: last ¼ |\n|---|---|---|---|---|---|---|---|---|\n")
   diffs = dict(differences(best, reference))
   for run in order:
     if run not in best:
@@ -610,9 +623,12 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
       dtxt = f"{d['mean']:+.4f} ({d['mean'] / d['ref_mean']:+.1%})"
       dci = ("– (one seed)" if d["lo"] is None else
              f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ([{d['lo'] / d['ref_mean']:+.1%}, {d['hi'] / d['ref_mean']:+.1%}])")
-    buf.write(f"| {run} | {lr_tag(b['lr'])} | {iv['n']} | {ms} | {ci} | {per} | {dtxt} | {dci} |\n")
+    tail = "–" if b.get("tail_drop") is None else f"{b['tail_drop']:.1%}"
+    buf.write(f"| {run} | {lr_tag(b['lr'])} | {iv['n']} | {ms} | {ci} | {per} | {dtxt} | {dci} | {tail} |\n")
   buf.write("\nStudent-t intervals (`train/stats.py`): mean ± t·s/√n over the seeds at the best learning rate; the "
-            f"difference to {reference} is taken seed by seed (same seed: same initialisation stream and data order).\n\n")
+            f"difference to {reference} is taken seed by seed (same seed: same initialisation stream and data order). "
+            "Still falling: how much lower the final eval loss is than the evaluation at ¾ of the tokens, "
+            "(L(¾) − L_final) / L_final, mean over the seeds (small: the curve has flattened).\n\n")
   buf.write(f"### Verdicts\n\nMargin {TOLERANCE:.0%} of the reference's mean loss; a claim holds only when the "
             "whole 95 % interval of the paired difference is on its side of the margin, does not hold when the whole "
             "interval is on the other side, and is inconclusive otherwise (always with a single seed).\n\n")
