@@ -133,6 +133,7 @@ def test_sampling_reproducible_topk1_is_greedy_and_eos():
   greedy = np.asarray(gen.generate(model, prompt, 12, temperature=0))
   np.testing.assert_array_equal(np.asarray(gen.generate(model, prompt, 12, temperature=1.3, top_k=1, seed=3)),
                                 greedy)
+  assert gen.generate(model, prompt, 12, temperature=0, eos_id=0).shape == (2, 12)   # 0 is a valid id
   eos = int(greedy[0, 2])
   out = np.asarray(gen.generate(model, prompt, 12, temperature=0, eos_id=eos))
   first = np.argmax(greedy == eos, axis=1)
@@ -142,6 +143,12 @@ def test_sampling_reproducible_topk1_is_greedy_and_eos():
       assert (out[r, first[r]:] == eos).all()
     else:
       np.testing.assert_array_equal(out[r], greedy[r])
+
+
+def test_sample_token_reduces_the_last_axis_of_any_leading_shape():
+  logits = jax.random.normal(jax.random.key(1), (2, 3, 5))     # [batch, seq, vocab]
+  got = jax.jit(functools.partial(gen.sample_token, temperature=0.0))(logits, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), axis=-1))
 
 
 def test_compiled_once_per_shape():
@@ -176,6 +183,14 @@ def test_top_p_filter_vs_numpy(top_p):
   np.testing.assert_array_equal(got_jit, want)
   if top_p == 1.0:
     assert got.all()
+
+
+def test_top_p_one_keeps_tokens_whose_preceding_mass_rounds_to_one():
+  # p = (1 - 2e-13, 1e-13, 1e-13): in float32 the mass ranked above the tail tokens is exactly 1.0, so only the
+  # "top_p >= 1 is off" rule keeps them; top_p = 1 must leave every logit untouched.
+  logits = jnp.asarray([[0.0, -30.0, -30.0]])
+  got = jax.jit(gen.filter_logits)(logits, 0, jnp.float32(1.0))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(logits))
 
 
 def test_top_k_then_top_p_and_sampled_frequencies():
@@ -251,6 +266,11 @@ def test_bad_prompts():
     gen.generate(model, np.array([[1.5, 2.0]]), 2)
   with pytest.raises(ValueError, match="non-empty"):
     gen.generate(model, np.zeros((1, 0), np.int32), 2)
+  # boundaries: the id vocab_size is out of range, a length 0 in any row is refused
+  with pytest.raises(ValueError, match="token ids"):
+    gen.generate(model, np.array([[1, model.cfg.vocab_size]]), 2)
+  with pytest.raises(ValueError, match="prompt_lengths"):
+    gen.generate(model, np.array([[1, 2, 3], [4, 5, 6]]), 2, prompt_lengths=[3, 0])
 
 
 # ------------------------------------------------------------------------------------------------ sample CLI
