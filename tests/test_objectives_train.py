@@ -42,7 +42,7 @@ def _eight(cfg):
 
 
 @pytest.mark.slow   # three end-to-end runs; the SAF store's numpy oracle and 8-device MESA run stay in the default set
-def test_saf_store_survives_resume_on_another_device_count(tmp_path):
+def test_saf_store_survives_resume_on_another_device_count(tmp_path, capfd):
   def cfg(**kw):
     c = _cfg(tmp_path, steps=6, grad_accum=2, **kw)
     c.objectives.saf.enabled = True
@@ -51,8 +51,11 @@ def test_saf_store_survives_resume_on_another_device_count(tmp_path):
 
   full = trainer.train(cfg(), str(tmp_path / "full"))
   trainer.train(cfg(stop_at=3), str(tmp_path / "split"))
+  capfd.readouterr()
   split = trainer.train(_eight(cfg()), str(tmp_path / "split"))
   assert split["final_step"] == 6
+  # data 2 × fsdp 4 with accumulation (one row per device per microbatch): no resharding by full replication
+  assert "Involuntary full rematerialization" not in capfd.readouterr().err
   a, b = _rows(tmp_path / "full"), _rows(tmp_path / "split")
   # epoch 0 (steps 1-3) has no targets; epoch 1 reads every example's output from epoch 0 — after the resume,
   # on 8 devices, from a store that was written on one device

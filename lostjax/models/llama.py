@@ -32,6 +32,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # the scale is read gathered (ZeRO-3), like every weight: its features must meet the activation's whole
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -217,7 +218,8 @@ class Embed(nnx.Module):
     self.embedding = common.param(w.astype(param_dtype), ("vocab", "embed"))
 
   def __call__(self, tokens):
-    return sharding.gathered_call(lambda w, t: jnp.take(w, t, axis=0), (self.embedding,), tokens)
+    return sharding.gathered_call(lambda w, t: jnp.take(w, t, axis=0), (self.embedding,), tokens,
+                                  scatter_grad=False)
 
 
 class Llama(nnx.Module):

@@ -96,13 +96,15 @@ def _gather_fwd(value, full, shard):
 def _gather_bwd(full, shard, _, grad):
   # The weight's gradient is a sum over every device's rows: constrained straight to the weight's own sharding,
   # the partitioner reduce-scatters it (each device receives its shard) instead of all-reducing a full copy.
+  if shard is None:   # gathered_call(..., scatter_grad=False): all-reduced whole, then sliced
+    return (jax.lax.with_sharding_constraint(grad, full),)
   return (jax.lax.with_sharding_constraint(grad, shard),)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def gathered_call(fn, weights: Sequence, *args):
+def gathered_call(fn, weights: Sequence, *args, scatter_grad: bool = True):
   """fn(*weight values, *args) with each weight all-gathered over the axes that shard its `embed` dimension
   (fsdp) and its tensor-parallel split kept: how a layer reads its weights under ZeRO-3.
 
@@ -111,6 +113,11 @@ def gathered_call(fn, weights: Sequence, *args):
   backward gathers it again (the matmuls themselves are not recomputed: their outputs are not needed there), and
   the weight's gradient is reduce-scattered onto its shards. Without a mesh, or when no weight is sharded over
   fsdp, plainly fn(*values, *args).
+
+  scatter_grad=False: the gradient is all-reduced in the gathered layout and then sliced onto the shards. For a
+  table lookup (the embedding): its gradient is a scatter-add of the batch-sharded rows, which XLA cannot write
+  straight into fsdp shards of the features without replicating those rows ("Involuntary full
+  rematerialization" under data × fsdp).
   """
   values = [w[...] for w in weights]
   mesh = jax.sharding.get_abstract_mesh()
@@ -129,7 +136,8 @@ def gathered_call(fn, weights: Sequence, *args):
     return fn(*values, *args)
 
   def run(values, args):
-    return fn(*(v if s is None else _gather(v, *s) for v, s in zip(values, specs)), *args)
+    return fn(*(v if s is None else _gather(v, s[0], s[1] if scatter_grad else None)
+                for v, s in zip(values, specs)), *args)
 
   return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(values, args)
 
