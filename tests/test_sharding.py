@@ -2,9 +2,9 @@
 
   * fsdp 8 spreads the train state over the 8 devices (⅛ of data parallelism's) and keeps no more temporaries
     than data parallelism (before activation sharding XLA gathered the whole batch's activations: 2.2× the
-    temporaries). On CPU XLA all-reduces each weight gradient's partial sums and slices them (no reduce-scatter),
-    so a full gradient is transiently alive and fsdp 8 does not reach data-8 total − ⅞ of the state bytes
-    there (docs/scaling.md);
+    temporaries). On CPU XLA issues every weight's all-gather before the first matmul, so a gathered copy of
+    the model is alive through the step and fsdp 8 does not reach data-8 total − ⅞ of the state bytes there
+    (docs/benchmarks/sharding.md);
   * tensor 2 splits heads and the MLP hidden features: activations ≤ 0.6× data parallelism at the same rows per
     device;
   * XLA never falls back to replicating a tensor to reshard it ("Involuntary full rematerialization"), neither

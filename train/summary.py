@@ -158,10 +158,10 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
   model_shards, batch_shards = _shards(cfg, n_dev)
   tensor = axes["tensor"]
   local = param_bytes_per_device(params, axes) if params is not None else param_bytes / model_shards
-  # Under fsdp each weight gradient is a sum over every device's rows: the compiled step forms it full-size (split
-  # only by `tensor`) before each device keeps its shard (XLA:CPU all-reduces, and combines the all-reduces, so
-  # the full gradients are alive together; docs/benchmarks/sharding.md). Counted full-size: conservative where
-  # the backend reduce-scatters.
+  # Under fsdp the compiled CPU step issues every weight's all-gather before its first matmul, so a gathered
+  # (full-size, split only by `tensor`) copy of every weight is alive through the step
+  # (docs/benchmarks/sharding.md). Counted here in place of the sharded gradients: conservative on backends that
+  # schedule the gathers layer by layer.
   unsharded = dict(axes, fsdp=1)
   grads = (param_bytes_per_device(params, unsharded) if params is not None
            else param_bytes / axes["tensor"]) if axes["fsdp"] > 1 else local
