@@ -109,6 +109,8 @@ def test_fingerprint_ignores_unused_subconfigs():
   assert wd.diff(wd.fingerprint(a), wd.fingerprint(b)) == []
   b.optim.name = "galore"
   assert "optim.name: 'adamw' -> 'galore'" in wd.diff(wd.fingerprint(a), wd.fingerprint(b))
+  a.objectives.saf.enabled = b.objectives.saf.enabled = True     # an objective in use: its settings matter
+  assert f"objectives.saf.topk: {a.objectives.saf.topk} -> 3" in wd.diff(wd.fingerprint(a), wd.fingerprint(b))
 
 
 def test_bad_config_writes_nothing_and_a_workdir_without_checkpoint_is_reusable(tmp_path):
