@@ -289,9 +289,12 @@ def _fast_init(cfg, llama_cls, nnx):
   """
   abstract = nnx.eval_shape(lambda: llama_cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree_util.tree_leaves(params))))
-  params = jax.tree_util.tree_map(
-      lambda s: (0.02 * jax.random.normal(next(keys), s.shape, jnp.float32)).astype(s.dtype), params)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+
+  def draw(key):  # one compiled program for all leaves (not one per shape)
+    keys = jax.random.split(key, len(leaves))
+    return [(0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype) for k, s in zip(keys, leaves)]
+  params = jax.tree_util.tree_unflatten(treedef, jax.jit(draw)(jax.random.key(0)))
   rng = np.random.default_rng(0)
 
   def fill_rest(path, s):
@@ -320,6 +323,7 @@ def _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, l
                    fuse_projections=not separate)
   if kind != "dense":
     overrides.update(attn_kind=kind, mlp_kind=kind)
+  overrides.update(getattr(ARGS, "model_overrides", None) or {})  # e.g. n_layers=1 for smoke runs
   cfg = preset(size, **overrides)
   t0 = time.perf_counter()
   graphdef, params, rest = _fast_init(cfg, Llama, nnx)
@@ -337,12 +341,12 @@ def _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, l
   return row
 
 
-def timed_adamw_steps(graphdef, params, rest, vocab_size, batch, seq, steps, warmup=2):
-  """(seconds per step, compile seconds, last loss) of a jitted AdamW LM step on random tokens."""
+def adamw_step(graphdef, params):
+  """(jitted step(params, opt_state, rest, tokens) -> (params, opt_state, loss), initial opt_state): an AdamW
+  LM step on the model `graphdef` (next-token cross-entropy)."""
   import optax
   from flax import nnx
   tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-  opt_state = tx.init(params)
 
   def loss_fn(params, rest, tokens):
     logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
@@ -354,6 +358,12 @@ def timed_adamw_steps(graphdef, params, rest, vocab_size, batch, seq, steps, war
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return step, tx.init(params)
+
+
+def timed_adamw_steps(graphdef, params, rest, vocab_size, batch, seq, steps, warmup=2):
+  """(seconds per step, compile seconds, last loss) of a jitted AdamW LM step on random tokens."""
+  step, opt_state = adamw_step(graphdef, params)
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, vocab_size, jnp.int32)
   t0 = time.perf_counter()
   params, opt_state, loss = step(params, opt_state, rest, tokens)
@@ -465,11 +475,12 @@ def _torch_minimal_llama(cfg):
 
 
 def torch_train_step_bench(size, seq, batch, compile_model=False):
+  """compile_model: False (eager), True (`torch.compile`, inductor) or a torch.compile backend name."""
   import torch
   import torch.nn.functional as F
 
   from lostjax.models import preset
-  cfg = preset(size, max_seq_len=max(1024, seq))
+  cfg = preset(size, max_seq_len=max(1024, seq), **(getattr(ARGS, "model_overrides", None) or {}))
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   impl = "minimal_torch_llama"
   try:
@@ -491,7 +502,10 @@ def torch_train_step_bench(size, seq, batch, compile_model=False):
   model = model.to(dev)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                           **({"fused": True} if dev == "cuda" else {}))
-  run_model = torch.compile(model) if compile_model else model
+  if compile_model:
+    run_model = torch.compile(model, backend=compile_model if isinstance(compile_model, str) else "inductor")
+  else:
+    run_model = model
   tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
   amp_dtype = torch.bfloat16
 
