@@ -72,6 +72,10 @@ def test_other_grids_and_bad_input():
   cfg.runs.lost.lrs = (1e-3, -1.0)
   with pytest.raises(ValueError, match="runs.lost.lrs"):
     study.expand(cfg)
+  for bad in ((0, 1.5), (0, True)):
+    cfg.runs.lost.lrs, cfg.seeds = (1e-3,), bad
+    with pytest.raises(ValueError, match="seeds="):
+      study.expand(cfg)
   cfg = grids.get_config("cpu")
   cfg.seeds = (0, 1)
   cfg.train.steps = 30        # a shared override reaches every run
@@ -260,6 +264,7 @@ def test_collect_row_reads_metrics(tmp_path):
   assert row["peak_bytes"] == 123 and row["peak_source"] == "compiled memory_analysis"
   row = study.collect_row(spec, str(rdir), {"status": "ok", "peak_bytes_in_use": 456}, mem)
   assert row["peak_bytes"] == 456 and row["peak_source"] == "device memory_stats"
+  assert type(row["final_step"]) is int and row["final_step"] == 30    # from the tokens when the result has none
 
 
 def _small_grid():
