@@ -378,3 +378,14 @@ def test_synthetic_source_gives_each_process_its_own_rows():
   for want, *got in zip(whole.eval_batches(), *[p.eval_batches() for p in parts]):
     for key in ("tokens", "mask"):
       np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], err_msg=key)
+
+
+def test_eval_batches_of_one_target():
+  """The smallest evaluation set, one target: one row holding one input token and its target, mask 1 there."""
+  from train.data.pipeline import eval_rows, make_eval_batches
+  assert (eval_rows(4, 0), eval_rows(4, 1), eval_rows(4, 4), eval_rows(4, 5)) == (0, 1, 1, 2)
+  stream = np.arange(10, 30, dtype=np.int32)
+  (batch,) = list(make_eval_batches(stream, seq_len=4, global_batch=2, num_targets=1)())
+  np.testing.assert_array_equal(batch["tokens"][0], [10, 11, 0, 0, 0])
+  np.testing.assert_array_equal(batch["mask"], [[1, 0, 0, 0], [0, 0, 0, 0]])
+  assert list(make_eval_batches(stream, seq_len=4, global_batch=2, num_targets=0)()) == []
