@@ -139,3 +139,23 @@ def test_optimizer_state_follows_its_parameter():
   assert got["proj"]["w"].spec == jax.P("fsdp", None)
   assert got["low"]["w"].spec == jax.P(None, "tensor")
   assert got["count"].spec == jax.P()
+
+
+def test_lost_residuals_are_split_over_tensor():
+  """The fused LOST layer keeps its rank-r pre-activations h and gathered channels x[..., I] for the backward:
+  on a tensor mesh they are stored split over `tensor` (the tensor devices hold the same rows), not whole."""
+  from lostjax.kernels.lost_matmul import lost_matmul
+  mesh = sharding.make_mesh(4, 1, 2)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 4, 16)), jnp.float32)
+  a, b = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+  idx, w = jnp.array([1, 5], jnp.int32), jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+
+  def residuals(x):
+    _, vjp = jax.vjp(lambda x: lost_matmul(x, a, b, idx, w, 0.5, impl="fused_concat"), x)
+    return [r for r in jax.tree.leaves(vjp) if r.shape in ((8, 4, 4), (8, 4, 2))]
+  with jax.set_mesh(mesh):
+    saved = jax.jit(residuals, in_shardings=sharding.batch_sharding(mesh, 3))(x)
+  assert len(saved) == 2
+  for r in saved:
+    assert r.sharding.spec == jax.P("data", None, "tensor"), r.sharding

@@ -108,7 +108,9 @@ def _primal(x, a, b, idx, w, gamma, cfg):
 
 def _fwd(x, a, b, idx, w, gamma, cfg):
   ys, (h, xg) = _outputs(x, a, b, idx, w, gamma, cfg)
-  return ys, (x, a, b, idx, w, gamma, h, xg)
+  # kept for the backward split over `tensor` (its devices hold the same rows): sharding.constrain_saved
+  from lostjax import sharding
+  return ys, (x, a, b, idx, w, gamma, sharding.constrain_saved(h), sharding.constrain_saved(xg))
 
 
 def _bwd(cfg, res, dys):

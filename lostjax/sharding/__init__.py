@@ -16,8 +16,10 @@ without a mesh), so the partitioner does not have to guess where they live:
   * heads and the MLP hidden dimension over `tensor` (Megatron): q/k/v, gate/up are column parallel (their output
     features split), o and down row parallel (their input features split; XLA all-reduces their output). A
     low-rank or LOST projection splits like its dense counterpart: the factor touching the split features is
-    split, the rank-r intermediate and the gathered input channels (`activation_rank`, `activation_sparse`) stay
-    whole on every device, and the sparse rows W_s [k, d_out] of a column-parallel layer split with d_out.
+    split, the rank-r intermediate and the gathered input channels (`activation_rank`, `activation_sparse`) are
+    computed whole on every device (a row-parallel layer all-reduces their partial sums: [tokens, r + k] values
+    instead of its d_out outputs) and stored for the backward split over `tensor` (`constrain_saved`), and the
+    sparse rows W_s [k, d_out] of a column-parallel layer split with d_out.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_sparse", None),      # the k input channels a LOST layer gathers
     ("activation_vocab", "tensor"),
     ("activation_expert", "expert"),  # the expert dimension of dispatched mixture-of-experts inputs
+    ("activation_saved", "tensor"),   # features of an intermediate kept for the backward (constrain_saved)
 )
 DEFAULT_RULES = PARAM_RULES + ACTIVATION_RULES
 
@@ -140,6 +143,13 @@ def gathered_call(fn, weights: Sequence, *args, scatter_grad: bool = True):
                 for v, s in zip(values, specs)), *args)
 
   return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(values, args)
+
+
+def constrain_saved(x: jax.Array) -> jax.Array:
+  """A [batch, length, features] intermediate that a custom backward keeps (the LOST rank-r pre-activations and
+  gathered channels): its features split over `tensor`. Computed whole on every tensor device (they hold the
+  same rows), it is stored once across them and all-gathered where the backward reads it. Other ranks unchanged."""
+  return constrain_tokens(x, "activation_saved")
 
 
 def splits_features() -> bool:
@@ -298,5 +308,5 @@ def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
   return _axis_size(mesh, batch_axes(mesh, rules))
 
 
-__all__ = ["splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
+__all__ = ["constrain_saved", "splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
            "MESH_AXES", "batch_divisor", "batch_axes"]
