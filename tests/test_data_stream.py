@@ -342,3 +342,101 @@ def test_stream_shuffle_buffer_permutes_within_groups_and_resumes_exactly(docs_d
     make_data(stream_cfg(tmp_path, shuffle_buffer=-1), seq_len=L, global_batch=B, seed=0)
   with pytest.raises(ValueError, match="shuffle_buffer=4 applies to the streaming pipeline"):
     make_data(stream_cfg(tmp_path, shuffle_buffer=4, pipeline="cached"), seq_len=L, global_batch=B, seed=0)
+
+
+def oracle_aligned_windows(docs, frac, S, s, seq_len):
+  """One epoch of shard s packed from its first token: the W_s windows (the tail shorter than a window dropped)."""
+  stream = []
+  for d in [d for i, d in enumerate(docs) if i % S == s]:
+    t, _ = oracle_split(d, frac)
+    if t:
+      stream += list(t) + [EOS]
+  return [stream[j * seq_len:j * seq_len + seq_len + 1] for j in range((len(stream) - 1) // seq_len)]
+
+
+def test_stream_aligned_epochs_give_stable_ids_and_resume_exactly(docs_dir):
+  tmp_path, docs = docs_dir
+  S, B, L, steps = 2, 4, 64, 24
+  per = [oracle_aligned_windows(docs, 0.02, S, s, L) for s in range(S)]
+  W = [len(w) for w in per]
+  assert W == [14, 21]   # two or more epochs of both shards in `steps` batches, of different lengths
+  cfg = stream_cfg(tmp_path, stream_shards=S, stream_aligned_epochs=True)
+  a = make_data(cfg, seq_len=L, global_batch=B, seed=0)
+  assert a.info["epoch_windows"] == W
+  assert a.info["num_train_sequences"] == max((w - 1) * S + s + 1 for s, w in enumerate(W))
+  run = [next(a.train) for _ in range(steps)]
+  r = B // S
+  for k, x in enumerate(run):  # batch k: windows k·r .. k·r + r − 1 of each shard, epoch after epoch
+    want_ids = [((k * r + i) % W[s]) * S + s for s in range(S) for i in range(r)]
+    np.testing.assert_array_equal(x["ids"], want_ids)
+    np.testing.assert_array_equal(x["tokens"], [per[i % S][i // S] for i in want_ids])
+  assert max(int(x["epoch"]) for x in run) >= 2
+  # shuffled: the same (id, tokens) pairs; interrupted anywhere (across epoch boundaries) = uninterrupted
+  for K, stops in ((0, (7, 10)), (4, (5, 13))):
+    cfg = stream_cfg(tmp_path, stream_shards=S, stream_aligned_epochs=True, shuffle_buffer=K, prefetch=0)
+    it = make_data(cfg, seq_len=L, global_batch=B, seed=0).train
+    full = [next(it) for _ in range(steps)]
+    for x in full:
+      for i, t in zip(x["ids"], x["tokens"]):
+        np.testing.assert_array_equal(t, per[int(i) % S][int(i) // S])
+      assert len(set(x["ids"].tolist())) == B
+    for k in stops:
+      c = make_data(cfg, seq_len=L, global_batch=B, seed=0)
+      for _ in range(k):
+        next(c.train)
+      d = make_data(cfg, seq_len=L, global_batch=B, seed=0)
+      d.train.set_state(json.loads(json.dumps(c.train.get_state())))
+      for j in range(k, steps):
+        x = next(d.train)
+        np.testing.assert_array_equal(x["tokens"], full[j]["tokens"])
+        np.testing.assert_array_equal(x["ids"], full[j]["ids"])
+
+
+def test_stream_aligned_epochs_refusals(docs_dir):
+  tmp_path, docs = docs_dir
+  W0 = len(oracle_aligned_windows(docs, 0.02, 1, 0, 64))
+  with pytest.raises(ValueError, match=f"stream shard 0 of 1 packs into {W0} windows per epoch, fewer than the "
+                                       f"{W0 + 1} consecutive windows one batch draws"):
+    make_data(stream_cfg(tmp_path, stream_shards=1, stream_aligned_epochs=True), seq_len=64, global_batch=W0 + 1,
+              seed=0)
+  # B/S = 2 rows with groups of K = W0 // 2 windows: (floor(1/K) + 2)·K > W0 windows can meet in one batch
+  K = W0 // 2 + 1
+  with pytest.raises(ValueError, match=f"shuffle_buffer={K}\\), so an example would appear twice in one batch"):
+    make_data(stream_cfg(tmp_path, stream_shards=1, stream_aligned_epochs=True, shuffle_buffer=K), seq_len=64,
+              global_batch=2, seed=0)
+  with pytest.raises(ValueError, match="stream_aligned_epochs=True applies to the streaming pipeline"):
+    make_data(stream_cfg(tmp_path, stream_aligned_epochs=True, pipeline="cached"), seq_len=8, global_batch=4, seed=0)
+
+
+def test_stream_aligned_epochs_window_count_edges_and_changed_data(tmp_path):
+  L = 8
+  for n in (L - 1, L, 2 * L - 1, 2 * L, 3 * L + 3):  # T = n + 1 tokens per epoch (bytes + EOS)
+    d = tmp_path / f"n{n}"
+    d.mkdir()
+    doc = bytes(range(97, 97 + 26)) * 2
+    (d / "a.txt").write_bytes(doc[:n])
+    cfg = stream_cfg(d, stream_shards=1, val_fraction=0.0, stream_aligned_epochs=True, prefetch=0)
+    want = oracle_aligned_windows([doc[:n]], 0.0, 1, 0, L)
+    if not want:
+      with pytest.raises(ValueError, match="packs into 0 windows per epoch, fewer than the 1 consecutive"):
+        make_data(cfg, seq_len=L, global_batch=1, seed=0)
+      continue
+    b = make_data(cfg, seq_len=L, global_batch=1, seed=0)
+    assert b.info["epoch_windows"] == [len(want)]
+    for k in range(3 * len(want)):
+      x = next(b.train)
+      assert x["tokens"][0].tolist() == want[k % len(want)] and int(x["ids"][0]) == k % len(want)
+  # the shard grows after the windows were counted: refused at the epoch boundary, not silently renumbered
+  b = make_data(stream_cfg(tmp_path / f"n{2 * L}", stream_shards=1, val_fraction=0.0, stream_aligned_epochs=True,
+                           prefetch=0), seq_len=L, global_batch=1, seed=0)
+  (tmp_path / f"n{2 * L}" / "a.txt").write_bytes(doc[:4 * L])
+  with pytest.raises(ValueError, match="stream shard 0 of 1 gave more than 2 windows in epoch 0, not the 2 counted "
+                                       "when the run started"):
+    for _ in range(4):
+      next(b.train)
+  b = make_data(stream_cfg(tmp_path / f"n{2 * L}", stream_shards=1, val_fraction=0.0, stream_aligned_epochs=True,
+                           prefetch=0), seq_len=L, global_batch=1, seed=0)
+  (tmp_path / f"n{2 * L}" / "a.txt").write_bytes(doc[:L])
+  with pytest.raises(ValueError, match="stream shard 0 of 1 gave 1 windows in epoch 0, not the 4 counted"):
+    for _ in range(4):
+      next(b.train)

@@ -29,6 +29,7 @@ from lostjax.models import Llama, LlamaConfig
 from lostjax.pytree import path_names
 from train import objectives
 from train import optimizer as optim_lib
+from train.data import resolve_pipeline
 
 TRAIN_INTS = ("steps", "global_batch", "seq_len", "grad_accum", "log_every", "keep_ckpts")
 TRAIN_NONNEG_INTS = ("eval_every", "ckpt_every", "stop_at")
@@ -92,6 +93,17 @@ def validate_config(cfg, mesh=None, vocab_size: int | None = None) -> None:
   llama_config(cfg, vocab_size=vocab_size if vocab_size is not None else 1)
   optim_lib.build_optimizer(cfg.optim, optim_lib.lr_schedule(cfg.optim, cfg.train.steps))
   objectives.check_config(cfg.objectives)
+  check_saf_ids(cfg)
+
+
+def check_saf_ids(cfg) -> None:
+  """SAF's store is keyed by example id; the streaming pipeline gives an example one id only with aligned epochs."""
+  d = cfg.data
+  if (cfg.objectives.saf.enabled and d.source != "synthetic" and resolve_pipeline(d) == "stream"
+      and not d.get("stream_aligned_epochs", False)):
+    raise ValueError("objectives.saf.enabled=True with data.pipeline='stream' needs data.stream_aligned_epochs=True "
+                     "(otherwise a re-read shard is packed into new windows with new ids and the store never hits); "
+                     "or use data.pipeline='cached'")
 
 
 def init_model(model_cfg: LlamaConfig, seed: int, mesh=None, sharded: bool = False):

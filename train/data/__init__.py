@@ -60,6 +60,8 @@ def default_data_config():
   c.prefetch = 2                  # batches prepared ahead by grain in a background thread (0 = off)
   c.shuffle_buffer = 0            # stream: windows shuffled together per shard (0 = off: stream order; seed
                                   # data.shuffle_seed); its state is in the checkpoint, resume stays exact
+  c.stream_aligned_epochs = False  # stream: pack every epoch of a shard from its first token, so an example keeps
+                                  # its id across epochs (needed by SAF); counts the windows with one pass first
   c.val_fraction = 0.02           # validation = last fraction of each document's bytes (cut at a newline)
   c.max_bytes = 0                 # cap on corpus bytes read (0 = unlimited)
   c.shuffle_seed = -1             # -1 = use the training seed
@@ -220,6 +222,9 @@ def make_data(data_cfg, *, seq_len, global_batch, seed, process_index=0, process
   if cfg.get("shuffle_buffer", 0) and (cfg.source == "synthetic" or resolve_pipeline(cfg) != "stream"):
     raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} applies to the streaming pipeline; the cached one "
                      f"already shuffles every epoch globally (set shuffle_buffer=0, or data.pipeline='stream')")
+  if cfg.get("stream_aligned_epochs", False) and (cfg.source == "synthetic" or resolve_pipeline(cfg) != "stream"):
+    raise ValueError("data.stream_aligned_epochs=True applies to the streaming pipeline; the cached pipeline's ids "
+                     "are already the same in every epoch (set it to False, or data.pipeline='stream')")
 
   if cfg.source == "synthetic":
     vocab = cfg.synthetic_vocab_size or vocab
@@ -253,6 +258,26 @@ def make_data(data_cfg, *, seq_len, global_batch, seed, process_index=0, process
                     vocab_size=int(vocab), tokenizer=tokenizer, info=info)
 
 
+def aligned_span(rows_per_shard: int, shuffle_buffer: int) -> int:
+  """Consecutive windows of a shard that one batch can draw from: B/S, or with a shuffle buffer K > 1 the K-groups
+  that B/S consecutive shuffled positions touch, (floor((B/S − 1)/K) + 2)·K at most."""
+  b, k = int(rows_per_shard), int(shuffle_buffer)
+  return b if k <= 1 else ((b - 1) // k + 2) * k
+
+
+def _check_aligned(epoch_windows, rows_per_shard, shuffle_buffer):
+  """With aligned epochs an id repeats every W_s windows of shard s; no batch may hold one id twice."""
+  span = aligned_span(rows_per_shard, shuffle_buffer)
+  for s, w in enumerate(epoch_windows):
+    if w < span:
+      raise ValueError(
+          f"data.stream_aligned_epochs: stream shard {s} of {len(epoch_windows)} packs into {w} windows per epoch, "
+          f"fewer than the {span} consecutive windows one batch draws from it (global_batch/stream_shards="
+          f"{rows_per_shard}" + (f", data.shuffle_buffer={shuffle_buffer}" if shuffle_buffer > 1 else "")
+          + "), so an example would appear twice in one batch; use more data, fewer data.stream_shards, a smaller "
+          "global_batch or shuffle_buffer")
+
+
 def _what(cfg):
   return {"files": cfg.paths, "tfds": cfg.tfds_name, "hf": cfg.hf_name}.get(cfg.source, cfg.source)
 
@@ -274,13 +299,22 @@ def _make_stream(cfg, tokenizer, vocab, seq_len, global_batch, procs, shuffle_se
                      "and an empty eval split to disable evaluation")
   batches, n_targets, eval_bytes = _eval_set(val_docs(), tokenizer, cfg, seq_len, global_batch,
                                              procs["process_index"], procs["process_count"], eval_split)
-  from train.data.stream import StreamTrainIterator  # pylint: disable=import-outside-toplevel  (imports grain)
-  train = StreamTrainIterator(lambda i: shard(i, shards), shards, tokenizer, seq_len, global_batch,
-                              0.0 if eval_split else cfg.val_fraction, vocab_limit=cfg.vocab_limit,
-                              prefetch=cfg.prefetch, shuffle_buffer=cfg.get("shuffle_buffer", 0),
-                              shuffle_seed=shuffle_seed, **procs)
+  from train.data import stream  # pylint: disable=import-outside-toplevel  (imports grain)
+  train_frac = 0.0 if eval_split else cfg.val_fraction
   info = {"source": cfg.source, "pipeline": "stream", "stream_shards": shards, "tokenizer": tokenizer.name,
           "eval_split": eval_split or None}
+  epoch_windows = None
+  if cfg.get("stream_aligned_epochs", False):
+    epoch_windows = [stream.count_epoch_windows(shard(s, shards), tokenizer, seq_len, train_frac)
+                     for s in range(shards)]
+    _check_aligned(epoch_windows, global_batch // shards, cfg.get("shuffle_buffer", 0))
+    # Window j of shard s has id j·S + s: the ids are < N = max_s (W_s − 1)·S + s + 1.
+    info.update(epoch_windows=epoch_windows,
+                num_train_sequences=max((w - 1) * shards + s + 1 for s, w in enumerate(epoch_windows)))
+  train = stream.StreamTrainIterator(lambda i: shard(i, shards), shards, tokenizer, seq_len, global_batch,
+                                     train_frac, vocab_limit=cfg.vocab_limit, prefetch=cfg.prefetch,
+                                     shuffle_buffer=cfg.get("shuffle_buffer", 0), shuffle_seed=shuffle_seed,
+                                     epoch_windows=epoch_windows, **procs)
   return DataBundle(train=train, eval_batches=batches, eval_num_bytes=eval_bytes, eval_num_tokens=n_targets,
                     vocab_size=int(vocab), tokenizer=tokenizer, info=info)
 

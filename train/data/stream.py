@@ -25,6 +25,14 @@ the position in the group; restoring re-reads the group and re-draws the same or
 A window keeps its id (k·S + s, its position in the stream), so per-example state keyed by id follows it. A window
 moves at most K − 1 places; batches then mix windows from K/(B/S) consecutive batches' worth of the shard.
 
+Aligned epochs (`data.stream_aligned_epochs`, for per-example state such as SAF's store): by default the packing
+runs across a shard's epoch boundary, so a re-read shard is cut into different windows and ids keep growing. With
+alignment each epoch of a shard is packed from its first token, the tail too short for another window is dropped,
+and window j of an epoch gets the id j·S + s in every epoch: the same id is the same tokens. The number of windows
+per epoch W_s is counted up front by one tokenization pass over every shard (`count_epoch_windows`); the id of
+the k-th window emitted is (k mod W_s)·S + s, and the iterator checks at each epoch boundary that the shard still
+gave exactly W_s windows.
+
 Deviation from grain's own packers: `ConcatThenSplitIterDataset` cuts non-overlapping windows (L tokens, the
 first token of each window is never a target); we keep windows of L+1 tokens with stride L, the same packing as
 the cached pipeline.
@@ -45,10 +53,11 @@ DOCS_PER_CHUNK = 64  # Documents tokenized per tokenizer batch call.
 class PackedShardIterator(grain.DatasetIterator):
   """Windows of L+1 tokens (stride L) of one document shard; checkpointable (see module docstring)."""
 
-  def __init__(self, shard, shard_index, num_shards, tokenizer, seq_len, val_fraction):
+  def __init__(self, shard, shard_index, num_shards, tokenizer, seq_len, val_fraction, epoch_windows=0):
     super().__init__()
     self._shard, self._s, self._S = shard, int(shard_index), int(num_shards)
     self._tok, self._L, self._val_fraction = tokenizer, int(seq_len), float(val_fraction)
+    self._W = int(epoch_windows)  # > 0: aligned epochs of W windows each (module docstring)
     self._state = {"epoch": 0, "doc": 0, "offset": 0, "windows": 0, "src": None}
     self._reset()
 
@@ -92,8 +101,34 @@ class PackedShardIterator(grain.DatasetIterator):
   def _available(self):
     return sum(len(b[3]) for b in self._buf) - self._state["offset"]
 
+  def _align(self, need):
+    """Aligned epochs: moves to the next epoch's first token when the current epoch has no window left."""
+    while True:
+      if not self._buf:
+        self._read_chunk()
+        continue
+      epoch = self._buf[0][0]
+      left = sum(len(b[3]) for b in self._buf if b[0] == epoch) - self._state["offset"]
+      if left >= need:
+        return
+      if self._buf[-1][0] == epoch:   # the epoch is not read to its end yet
+        self._read_chunk()
+        continue
+      if self._state["windows"] != (epoch + 1) * self._W:
+        self._changed(epoch, self._state["windows"] - epoch * self._W)
+      self._buf = [b for b in self._buf if b[0] != epoch]
+      self._state = {**self._state, "offset": 0}
+
+  def _changed(self, epoch, n):
+    raise ValueError(f"stream shard {self._s} of {self._S} gave {n} windows in epoch {epoch}, not the {self._W} "
+                     "counted when the run started (did the data change?)")
+
   def __next__(self):
     need = self._L + 1
+    if self._W:
+      self._align(need)
+      if self._state["windows"] >= (self._buf[0][0] + 1) * self._W:
+        self._changed(self._buf[0][0], f"more than {self._W}")
     while self._available() < need:
       self._read_chunk()
     parts, offset, k = [], self._state["offset"], 0
@@ -110,7 +145,8 @@ class PackedShardIterator(grain.DatasetIterator):
       while not self._buf:
         self._read_chunk()
     epoch, doc, token, _ = self._buf[0]
-    gid = self._state["windows"] * self._S + self._s
+    k = self._state["windows"]
+    gid = (k % self._W if self._W else k) * self._S + self._s
     self._state = {"epoch": epoch, "doc": doc, "offset": adv, "windows": self._state["windows"] + 1, "src": token}
     return {"tokens": window, "ids": np.int64(gid), "epoch": np.int64(epoch)}
 
@@ -129,12 +165,35 @@ class PackedShardIterator(grain.DatasetIterator):
     self._reset()
 
 
+def count_epoch_windows(shard, tokenizer, seq_len, val_fraction) -> int:
+  """Windows of L+1 tokens (stride L) that one epoch of `shard` packs into when packed from its first token.
+
+  One pass over the shard: T tokens (training parts, each followed by EOS) give floor((T − 1) / L) windows.
+  """
+  total, texts = 0, []
+
+  def flush():
+    nonlocal total
+    if texts:
+      total += sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))
+      texts.clear()
+
+  for d, _ in shard.open(0, None):
+    text = sources.split_document(sources.clean(bytes(d)), float(val_fraction))[0]
+    if text:
+      texts.append(text)
+    if len(texts) == DOCS_PER_CHUNK:
+      flush()
+  flush()
+  return max(total - 1, 0) // int(seq_len)
+
+
 class PackedShard(grain.IterDataset):
   """grain IterDataset of the packed windows of one document shard."""
 
-  def __init__(self, shard, shard_index, num_shards, tokenizer, seq_len, val_fraction):
+  def __init__(self, shard, shard_index, num_shards, tokenizer, seq_len, val_fraction, epoch_windows=0):
     super().__init__()
-    self._args = (shard, shard_index, num_shards, tokenizer, seq_len, val_fraction)
+    self._args = (shard, shard_index, num_shards, tokenizer, seq_len, val_fraction, epoch_windows)
 
   def __iter__(self):
     return PackedShardIterator(*self._args)
@@ -153,16 +212,18 @@ class StreamTrainIterator:
   """This process's rows of each global batch, prefetched by grain; JSON state {'stream': [per-shard states]}."""
 
   def __init__(self, shards, num_shards, tokenizer, seq_len, global_batch, val_fraction, process_index=0,
-               process_count=1, vocab_limit=0, prefetch=2, shuffle_buffer=0, shuffle_seed=0):
+               process_count=1, vocab_limit=0, prefetch=2, shuffle_buffer=0, shuffle_seed=0, epoch_windows=None):
     """`shards(index)` -> the document reader of shard `index` (see `sources.FileShard`); shuffle_buffer > 0:
-    windows shuffled in groups of that many per shard (module docstring)."""
+    windows shuffled in groups of that many per shard; epoch_windows: windows per epoch of every shard (aligned
+    epochs, stable ids; None = packing runs across epochs) (module docstring)."""
     S, P = int(num_shards), int(process_count)
     self.seq_len, self.global_batch, self.num_shards = int(seq_len), int(global_batch), S
     self.num_sequences, self.batches_per_epoch = None, None
     per_shard = self.global_batch // S
     mine = range(int(process_index) * (S // P), (int(process_index) + 1) * (S // P))
     def shard(s):
-      ds = PackedShard(shards(s), s, S, tokenizer, seq_len, val_fraction)
+      ds = PackedShard(shards(s), s, S, tokenizer, seq_len, val_fraction,
+                       epoch_windows[s] if epoch_windows else 0)
       if shuffle_buffer:   # one seed per (shuffle_seed, shard); grain adds the window-group index
         seed = int(np.random.SeedSequence([int(shuffle_seed), s]).generate_state(1)[0] >> 1)
         ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=int(shuffle_buffer), seed=seed)

@@ -27,7 +27,8 @@ Language-model adaptation (deliberate deviations from the image-classification r
   counter); ids are uint16 when the vocabulary has ≤ 65536 tokens, else int32. N is rounded up to a multiple of
   1024 rows so that the shape does not depend on the device count. Example: T=256, k=8, Ẽ=3, bf16,
   uint16 → 3·256·(18+16) + 4 = 26,116 B ≈ 25.5 KiB per sequence (`store_bytes_per_example`).
-* The store is keyed by the GLOBAL example id (the data pipeline's index of the packed sequence), one array
+* The store is keyed by the GLOBAL example id (the data pipeline's index of the packed sequence; with the
+  streaming pipeline its stream position j·S + s in aligned epochs, `data.stream_aligned_epochs`), one array
   [N, Ẽ, T, ...] in the train state, sharded over the batch mesh axes (row i on the device that owns it; XLA
   partitions the gather/scatter by masking and an all-reduce of the batch-sized result, never an all-gather of the
   store). It is checkpointed with the train state, so it is correct under data parallelism, resume and a change of
