@@ -208,11 +208,23 @@ def test_moe_exports_to_mixtral_and_imports_back(tmp_path):
   # routing is the same function: softmax over all experts, top-k, renormalised over the chosen
   routing = model.route(jnp.asarray(TOKENS[:, :24]))
   assert float(jnp.min(jnp.max(routing.probs, -1))) < 0.9 and float(jnp.max(routing.gates[..., 1])) > 0.1
+  # the load-balancing terms through the whole model: transformers' (at the written coefficient) equals lostjax's
+  # up to the documented covariance over the layers
+  _, aux = model(jnp.asarray(TOKENS[:, :24]), return_aux=True)
+  with torch.no_grad():
+    their_aux = float(theirs(torch.tensor(TOKENS[:, :24]), output_router_logits=True).aux_loss)
+  probs = np.asarray(routing.probs, np.float64).reshape(model.cfg.n_layers, -1, 4)
+  want_ours, want_theirs, cov = _aux_oracle(probs, np.asarray(routing.ids).reshape(model.cfg.n_layers, -1, 2),
+                                            model.cfg.moe_aux_weight)
+  np.testing.assert_allclose([float(aux["moe_aux_loss"]), cfg["router_aux_loss_coef"] * their_aux],
+                             [want_ours, want_theirs], rtol=1e-4)
+  np.testing.assert_allclose(want_ours - want_theirs, cov, rtol=1e-4, atol=1e-9)
   # Mixtral -> lostjax (transformers' own saved layout) reproduces transformers' function
   saved = str(tmp_path / "saved")
   theirs.save_pretrained(saved, safe_serialization=True)
   back, back_cfg = export.load_hf(saved)
   assert back.cfg.moe_experts == 4 and back.cfg.moe_top_k == 2 and back.cfg.moe_capacity_factor == 0.0
+  assert back.cfg.moe_aux_weight == pytest.approx(model.cfg.moe_aux_weight)   # the weight survives the round trip
   close(lj_logits(back, TOKENS[:, :24]), hf_logits(theirs, TOKENS[:, :24]))
 
 
@@ -221,3 +233,52 @@ def test_capacity_moe_refuses_mixtral_export(tmp_path):
   with pytest.raises(ValueError, match="moe_capacity_factor=1.25.*no equivalent") as e:
     export.write_hf(model, str(tmp_path / "out"))
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "out")
+
+
+def _aux_oracle(probs, ids, weight):
+  """(lostjax's term, transformers' term at coef = weight / k) in float64 from per-layer probs [L, T, E], ids
+  [L, T, k], written from the two definitions (export module docstring)."""
+  n_layers, t, e = probs.shape
+  k = ids.shape[-1]
+  f = np.stack([np.bincount(ids[l].reshape(-1), minlength=e) / (t * k) for l in range(n_layers)])   # [L, E]
+  p = probs.mean(axis=1)                                                                             # [L, E]
+  ours = weight * np.mean([e * np.sum(f[l] * p[l]) for l in range(n_layers)])
+  theirs = weight / k * k * e * np.sum(f.mean(0) * p.mean(0))
+  return ours, theirs, weight * e * np.sum((f * p).mean(0) - f.mean(0) * p.mean(0))
+
+
+def test_mixtral_load_balancing_weight_maps_with_top_k():
+  from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+  from lostjax.models import LlamaConfig, moe
+  rng = np.random.default_rng(0)
+  E, k, T, w = 4, 2, 96, 0.06
+  mcfg = LlamaConfig(**{**MOE, "moe_aux_weight": w})
+  written = export.hf_config(mcfg)
+  assert written["router_aux_loss_coef"] == pytest.approx(w / k)
+  for n_layers in (1, 3):
+    logits = rng.normal(size=(n_layers, T, E)) * 1.5 + rng.normal(size=(n_layers, 1, E))  # layers favour experts
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    ids = np.asarray(jax.lax.top_k(jnp.asarray(probs), k)[1])
+    per_layer = [{"aux_loss": moe.load_balancing_loss(jnp.asarray(probs[l]), jnp.asarray(ids[l])),
+                  "dropped_frac": jnp.float32(0)} for l in range(n_layers)]
+    ours = float(moe.reduce_aux(mcfg, per_layer)["moe_aux_loss"])
+    theirs = written["router_aux_loss_coef"] * float(load_balancing_loss_func(
+        tuple(torch.tensor(logits[l], dtype=torch.float32) for l in range(n_layers)), E, k))
+    want_ours, want_theirs, cov = _aux_oracle(probs.astype(np.float64), ids, w)
+    np.testing.assert_allclose([ours, theirs], [want_ours, want_theirs], rtol=1e-5)
+    if n_layers == 1:
+      np.testing.assert_allclose(ours, theirs, rtol=1e-5)       # one layer: the same term
+    else:
+      assert abs(cov) > 1e-3 * ours                               # several layers: they differ, by the covariance
+      np.testing.assert_allclose(ours - theirs, cov, rtol=1e-4)
+  # import: moe_aux_weight = k · router_aux_loss_coef (transformers' default 0.001 when the key is absent)
+  for coef, want in ((w / k, w), (0.02, 0.04), (None, 0.002)):
+    hf = {**written, "router_aux_loss_coef": coef}
+    if coef is None:
+      del hf["router_aux_loss_coef"]
+    cfg, _ = export.hf_run_config(hf)
+    assert cfg.model.moe_top_k == k and cfg.model.moe_aux_weight == pytest.approx(want)
+  for bad in (-0.1, float("nan"), float("inf"), "0.01"):
+    with pytest.raises(ValueError, match=rf"^router_aux_loss_coef={bad!r} must be a finite non-negative number$"):
+      export.hf_run_config({**written, "router_aux_loss_coef": bad})

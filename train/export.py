@@ -35,8 +35,21 @@ float32, takes the top-k of p and renormalises them to sum to one, then Σ g_e �
 expert: exactly `lostjax.models.moe` in dropless mode (moe_capacity_factor = 0). Export writes the per-expert
 layout of the released checkpoints (block_sparse_moe.gate, experts.{e}.w1 = gate, w2 = down, w3 = up), which
 transformers >= 5 fuses on load; import reads it or transformers' fused experts.gate_up_proj / down_proj. A run in
-capacity mode is refused: its dropped assignments have no Mixtral equivalent. The load-balancing weight
-(router_aux_loss_coef ↔ model.moe_aux_weight) is a training setting and does not change the function.
+capacity mode is refused: its dropped assignments have no Mixtral equivalent.
+
+The load-balancing weight is a training setting (it does not change the function) and maps with a factor k =
+top-k: router_aux_loss_coef = model.moe_aux_weight / k on export, moe_aux_weight = k · router_aux_loss_coef on
+import (transformers' default 0.001 when the key is absent). Per layer l, with f_le the fraction of the T·k
+assignments that go to expert e and P_le the mean router probability of e,
+    lostjax:       moe_aux_weight · mean_l E·Σ_e f_le·P_le                       (1 for uniform routing)
+    transformers:  router_aux_loss_coef · k·E·Σ_e F_e·P̄_e,  F, P̄ = f, P averaged over the layers   (k uniform)
+(transformers' `load_balancing_loss_func` counts the assignments per token, summing to k, and pools the layers
+before the product). With one MoE layer, or the same statistics in every layer, the two terms are equal; otherwise
+lostjax's minus transformers' is moe_aux_weight · E·Σ_e cov_l(f_le, P_le) (covariance over the layers): lostjax
+penalises each layer's imbalance, transformers the imbalance left after pooling the layers (layers that favour
+different experts can cancel). transformers leaves padding out when given an attention mask (lostjax's packed
+batches have none) and adds its term only with output_router_logits=True (written False, as in the released
+Mixtral checkpoints).
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ import numpy as np
 ATTN = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"))
 MLP = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
 MIXTRAL_MLP = (("gate", "w1"), ("down", "w2"), ("up", "w3"))   # Mixtral's per-expert names of the SwiGLU
+MIXTRAL_AUX_COEF = 0.001   # transformers' MixtralConfig default router_aux_loss_coef
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -155,7 +169,7 @@ def hf_config(mcfg, eos_id: int | None = None, bos_id: int | None = None) -> dic
     del out["mlp_bias"]
     out.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                 "num_local_experts": mcfg.moe_experts, "num_experts_per_tok": mcfg.moe_top_k,
-                "router_aux_loss_coef": mcfg.moe_aux_weight, "output_router_logits": False,
+                "router_aux_loss_coef": mcfg.moe_aux_weight / mcfg.moe_top_k, "output_router_logits": False,
                 "router_jitter_noise": 0.0, "sliding_window": None, "attention_dropout": 0.0})
   return out
 
@@ -293,6 +307,9 @@ def _check_hf(hf: dict) -> None:
   if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
     raise ValueError(f"sliding_window={hf['sliding_window']} is not supported (lostjax attends to the whole causal "
                      f"context)")
+  coef = hf.get("router_aux_loss_coef", MIXTRAL_AUX_COEF)
+  if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+    raise ValueError(f"router_aux_loss_coef={coef!r} must be a finite non-negative number")
   if hf.get("router_jitter_noise"):
     raise ValueError(f"router_jitter_noise={hf['router_jitter_noise']} is not supported (lostjax's router is "
                      f"deterministic)")
@@ -358,8 +375,9 @@ def hf_run_config(hf: dict, *, method: str = "dense", rank: int = 0, sparsity: f
   m.rope_scaling.update(rope_scaling)
   # an HF Llama has one dense SwiGLU MLP per block; a Mixtral one dropless top-k MoE (softmax, top-k, renormalised)
   m.update(moe_experts=hf["num_local_experts"] if moe else 0, moe_capacity_factor=0.0)
-  if moe:
-    m.moe_top_k = hf["num_experts_per_tok"]
+  if moe:   # the load-balancing weight: transformers' per-token assignment count sums to k (module docstring)
+    m.update(moe_top_k=hf["num_experts_per_tok"],
+             moe_aux_weight=hf["num_experts_per_tok"] * float(hf.get("router_aux_loss_coef", MIXTRAL_AUX_COEF)))
   if method == "lost":
     m.update(attn_rank=rank, mlp_rank=rank, sparsity=float(sparsity), gamma=float(gamma))
   cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
