@@ -164,9 +164,15 @@ def test_refusals_name_the_key(tmp_path):
   cases = {"attention_bias": (True, "attention_bias=true"), "mlp_bias": (True, "mlp_bias=true"),
            "sliding_window": (16, "sliding_window=16"), "head_dim": (16, "head_dim=16"),
            "rope_parameters": ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type='yarn'"),
-           "num_key_value_heads": (4, "num_key_value_heads=4"), "model_type": ("qwen2", "model_type='qwen2'")}
+           "num_key_value_heads": (4, "num_key_value_heads=4"), "model_type": ("qwen2", "model_type='qwen2'"),
+           "hidden_act": ("gelu", "hidden_act='gelu'"), "router_jitter_noise": (0.1, "router_jitter_noise=0.1"),
+           "router_aux_loss_coef": (-1.0, "router_aux_loss_coef=-1.0")}
+  rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+  cases.update({"partial_rotary_factor": ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+                                          "partial_rotary_factor=0.5"),
+                "llama3_incomplete": (rope, "rope_type='llama3' without low_freq_factor")})
   for key, (value, words) in cases.items():
-    json.dump({**original, key: value}, open(path, "w"))
+    json.dump({**original, ("rope_parameters" if isinstance(value, dict) else key): value}, open(path, "w"))
     with pytest.raises(ValueError, match=words.replace("[", r"\[")) as e:
       export.import_hf(folder, str(tmp_path / f"run_{key}"))
     assert "\n" not in str(e.value)
