@@ -211,6 +211,18 @@ def test_import_errors(tmp_path):
   (tmp_path / "busy" / "x").write_text("x")
   with pytest.raises(ValueError, match="not empty"):
     export.import_hf(gqa, str(tmp_path / "busy"))
+  # the export side: a non-empty --out is refused unless --overwrite, a file in its place always
+  with pytest.raises(ValueError, match="refusing to overwrite it"):
+    export._check_out(str(tmp_path / "busy"), overwrite=False)
+  export._check_out(str(tmp_path / "busy"), overwrite=True)
+  export._check_out(str(tmp_path / "new"), overwrite=False)
+  with pytest.raises(ValueError, match="not a directory"):
+    export._check_out(str(tmp_path / "busy" / "x"), overwrite=True)
+  with pytest.raises(ValueError, match="refusing to overwrite it"):   # write_hf and export do not overwrite by
+    export.write_hf(None, str(tmp_path / "busy"))                   # default (the folder is checked before the
+  with pytest.raises(ValueError, match="refusing to overwrite it"):   # model is read)
+    export.export(str(tmp_path / "no_run"), str(tmp_path / "busy"))
+  assert os.listdir(tmp_path / "busy") == ["x"]
 
 
 def test_sentencepiece_tokenizer_files(tmp_path):
@@ -225,6 +237,9 @@ def test_sentencepiece_tokenizer_files(tmp_path):
   out.mkdir()
   data = ml_collections.ConfigDict(dict(tokenizer="sentencepiece", tokenizer_path=sp))
   assert "tokenizer.model" in export.write_tokenizer(data, str(out), 64)
+  tok_cfg = json.load(open(out / "tokenizer_config.json"))     # the special pieces: unk 0, bos 1, eos 2, no pad
+  assert (tok_cfg["unk_token"], tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["pad_token"]) == (
+      "<unk>", "<s>", "</s>", None)
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
   ours = make_tokenizer("sentencepiece", sp)
   for text in ["hello world", "def f3(x): return y"]:

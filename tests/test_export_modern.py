@@ -239,6 +239,8 @@ def test_capacity_moe_refuses_mixtral_export(tmp_path):
   with pytest.raises(ValueError, match="moe_capacity_factor=1.25.*no equivalent") as e:
     export.write_hf(model, str(tmp_path / "out"))
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "out")
+  with pytest.raises(ValueError, match="moe_capacity_factor=0.5"):   # a factor below 1 drops assignments too
+    export.write_hf(random_moe(moe_capacity_factor=0.5), str(tmp_path / "out"))
 
 
 def _aux_oracle(probs, ids, weight):
