@@ -371,6 +371,13 @@ def test_stream_aligned_epochs_give_stable_ids_and_resume_exactly(docs_dir):
     np.testing.assert_array_equal(x["ids"], want_ids)
     np.testing.assert_array_equal(x["tokens"], [per[i % S][i // S] for i in want_ids])
   assert max(int(x["epoch"]) for x in run) >= 2
+  # two processes, one shard each: the same id range, and their rows are the 1-process batch
+  parts = [make_data(cfg, seq_len=L, global_batch=B, seed=0, process_index=p, process_count=2) for p in (0, 1)]
+  assert [p.info["num_train_sequences"] for p in parts] == [a.info["num_train_sequences"]] * 2
+  for k in range(steps):
+    ys = [next(p.train) for p in parts]
+    np.testing.assert_array_equal(np.concatenate([y["ids"] for y in ys]), run[k]["ids"])
+    np.testing.assert_array_equal(np.concatenate([y["tokens"] for y in ys]), run[k]["tokens"])
   # shuffled: the same (id, tokens) pairs; interrupted anywhere (across epoch boundaries) = uninterrupted
   for K, stops in ((0, (7, 10)), (4, (5, 13))):
     cfg = stream_cfg(tmp_path, stream_shards=S, stream_aligned_epochs=True, shuffle_buffer=K, prefetch=0)
