@@ -246,3 +246,10 @@ def test_sentencepiece_tokenizer_files(tmp_path):
     ids = [int(i) for i in ours.encode(text)]
     assert hf_tok(text)["input_ids"] == ids
     assert hf_tok.decode(ids) == text
+
+
+def test_cli_export_needs_a_workdir(tmp_path, capsys):
+  assert export.main(["export", f"--out={tmp_path / 'out'}"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --workdir is required"
+  assert export.main(["export", f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'out'}"]) == 2
+  assert "no config.json in workdir" in capsys.readouterr().err

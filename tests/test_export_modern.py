@@ -290,3 +290,32 @@ def test_mixtral_load_balancing_weight_maps_with_top_k():
   for bad in (-0.1, float("nan"), float("inf"), "0.01"):
     with pytest.raises(ValueError, match=rf"^router_aux_loss_coef={bad!r} must be a finite non-negative number$"):
       export.hf_run_config({**written, "router_aux_loss_coef": bad})
+
+
+def test_mixtral_tensor_layouts_read_alike():
+  """A Mixtral layer in the per-expert layout of the released checkpoints (w1/w2/w3 [out, in]) and in transformers'
+  fused one (gate_up_proj [E, 2·ff, d], down_proj [E, d, ff]) gives the same router and expert kernels [in, out]."""
+  rng = np.random.default_rng(0)
+  E, d, ff = 3, 5, 4                         # d > E: the expert count must come from the router's first axis
+  router = rng.normal(size=(E, d))
+  w1, w3, w2 = rng.normal(size=(E, ff, d)), rng.normal(size=(E, ff, d)), rng.normal(size=(E, d, ff))
+  per_expert = {"model.layers.0.block_sparse_moe.gate.weight": router}
+  for e in range(E):
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+      per_expert[f"model.layers.0.block_sparse_moe.experts.{e}.{name}.weight"] = w[e]
+  fused = {"model.layers.0.mlp.gate.weight": router, "model.layers.0.mlp.experts.down_proj": w2,
+           "model.layers.0.mlp.experts.gate_up_proj": np.concatenate([w1, w3], axis=1)}
+  for tensors in (per_expert, fused):
+    r, experts = export._mixtral_layer(tensors, "model.layers.0.")
+    np.testing.assert_array_equal(r, router.T)
+    for ours, w in (("gate", w1), ("up", w3), ("down", w2)):
+      np.testing.assert_array_equal(experts[ours], np.swapaxes(w, 1, 2), err_msg=ours)
+
+
+def test_hf_config_defaults_follow_transformers():
+  """Keys a config.json may omit take transformers' LlamaConfig defaults (rms_norm_eps 1e-6)."""
+  hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 64}
+  cfg, _ = export.hf_run_config(hf)
+  assert cfg.model.norm_eps == 1e-6          # transformers.LlamaConfig().rms_norm_eps
+
