@@ -389,3 +389,24 @@ def test_eval_batches_of_one_target():
   np.testing.assert_array_equal(batch["tokens"][0], [10, 11, 0, 0, 0])
   np.testing.assert_array_equal(batch["mask"], [[1, 0, 0, 0], [0, 0, 0, 0]])
   assert list(make_eval_batches(stream, seq_len=4, global_batch=2, num_targets=0)()) == []
+
+
+def test_stream_dtype_holds_every_id():
+  """Token streams are uint16 while every id (0 .. vocab_size-1) fits, uint32 from a vocabulary of 65537 on."""
+  class Tok:
+    eos_id = 0
+    def __init__(self, n):
+      self.vocab_size = n
+  for n, want in ((256, "uint16"), (65536, "uint16"), (65537, "uint32")):
+    (train, _, _), stats = corpus_lib.write_streams(Tok(n), [], [], 0.0, 0, None)
+    assert stats["dtype"] == want and train.dtype == np.dtype(want), n
+
+
+def test_write_streams_statistics():
+  from train.data.tokenizers import make_tokenizer
+  docs = [b"first line\nsecond line\n", b"short\n", b"a b c\nd e f\n"]
+  (train, val, vbytes), stats = corpus_lib.write_streams(make_tokenizer("byte"), docs, None, 0.5, 0, None)
+  assert stats["num_docs"] == 3
+  assert stats["train_text_bytes"] + stats["val_text_bytes"] == sum(len(d) for d in docs)
+  assert (stats["train_tokens"], stats["val_tokens"]) == (train.shape[0], val.shape[0])
+  assert int(vbytes.sum()) == stats["val_text_bytes"]       # each byte token stands for one byte of text

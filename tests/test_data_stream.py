@@ -240,14 +240,14 @@ class FakeTfds:
     return rows
 
   def load(self, name, split, data_dir=None, shuffle_files=True):
-    self.calls.append(("load", name, split, shuffle_files))
+    self.calls.append(("load", name, split, shuffle_files, data_dir))
     return self._rows(split)
 
   def as_numpy(self, ds):
     return iter(ds)
 
   def _data_source(self, name, split, data_dir=None):
-    self.calls.append(("data_source", name, split))
+    self.calls.append(("data_source", name, split, data_dir))
     return self._rows(split)
 
 
@@ -259,7 +259,8 @@ def test_tfds_stream_with_fake_module(monkeypatch, random_access):
   fake = FakeTfds({"train": tr, "validation": va}, random_access)
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
   c = default_data_config()
-  c.update(source="tfds", tfds_name="fake/en", stream_shards=2, eval_max_tokens=50, cache_dir="")
+  c.update(source="tfds", tfds_name="fake/en", stream_shards=2, eval_max_tokens=50, cache_dir="",
+           tfds_data_dir="/data/tfds")
   b = make_data(c, seq_len=16, global_batch=4, seed=0)
   assert b.info["pipeline"] == "stream"
   bounds = [0, 4, 9]  # even_splits of 9 documents into 2 parts
@@ -271,6 +272,7 @@ def test_tfds_stream_with_fake_module(monkeypatch, random_access):
   assert b.eval_num_tokens == 50
   kind = "data_source" if random_access else "load"
   assert any(x[:3] == (kind, "fake/en", "train[1/2]") for x in fake.calls)
+  assert {x[-1] for x in fake.calls} == {"/data/tfds"}       # the configured data_dir reaches every read
   state = json.loads(json.dumps(b.train.get_state()))
   d = make_data(c, seq_len=16, global_batch=4, seed=0)
   d.train.set_state(state)
