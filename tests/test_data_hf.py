@@ -65,6 +65,8 @@ def test_hf_tokenizer_matches_library(hf_tok, tmp_path):
     lens = t.token_byte_lengths(ids, len(s.encode("utf-8")))
     assert lens.shape == ids.shape and (lens >= 0).all()
     assert int(lens.sum()) == (len(s.encode("utf-8")) if ids.size else 0)
+  ids = np.concatenate([[t.eos_id], t.encode("alpha beta")])      # a special token stands for no text
+  assert t.token_byte_lengths(ids, 10)[0] == 0 and t.token_byte_lengths(ids, 10).sum() == 10
   batch = texts(4, seed=4)
   assert [list(x) for x in t.encode_batch(batch)] == [ref.encode(x, add_special_tokens=False).ids for x in batch]
   assert t.decode(t.encode("alpha beta")) == ref.decode(ref.encode("alpha beta").ids)

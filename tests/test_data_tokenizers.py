@@ -46,6 +46,7 @@ def test_byte_tokenizer_against_utf8():
     assert t.decode(ids) == s
     assert t.decode(np.append(ids, t.eos_id)) == s  # EOS is dropped when decoding.
     assert t.token_byte_lengths(np.append(ids, 256), 0).sum() == len(s.encode("utf-8"))
+  assert t.decode([0, 65, 255, 256]) == "\x00A\ufffd"     # the byte 0 is text too; 255 alone is invalid UTF-8
 
 
 @pytest.fixture(scope="module")
