@@ -136,5 +136,7 @@ def test_train_tokenizer_cli(tmp_path, sp_model):
   assert lines and not any("HELDOUT" in l for l in lines)
   with pytest.raises(ValueError, match="vocab_size"):
     train_tokenizer.train_sentencepiece(["a"], str(tmp_path / "x.model"), 100)
-  with pytest.raises(ValueError, match="empty corpus"):
-    train_tokenizer.train_sentencepiece([], str(tmp_path / "x.model"), 300)
+  with pytest.raises(ValueError, match="vocab_size=259"):
+    train_tokenizer.train_sentencepiece([], str(tmp_path / "x.model"), 259)
+  with pytest.raises(ValueError, match="empty corpus"):         # 260, the smallest vocabulary, passes that check
+    train_tokenizer.train_sentencepiece([], str(tmp_path / "x.model"), 260)
