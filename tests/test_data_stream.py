@@ -302,7 +302,7 @@ def test_prefetch_threads_end_with_the_iterator(docs_dir):
   tmp_path, _ = docs_dir
   count = lambda: sum(t.name.startswith("grain") for t in threading.enumerate())
   before = count()
-  b = make_data(stream_cfg(tmp_path, prefetch=2), seq_len=8, global_batch=4, seed=0)
+  b = make_data(stream_cfg(tmp_path, prefetch=1), seq_len=8, global_batch=4, seed=0)   # 1: the smallest prefetch
   next(b.train)
   assert count() > before
   del b
