@@ -372,3 +372,15 @@ def test_mesa_apply_kl_against_ema_teacher():
   same, _, _ = objectives.apply(cfg, per_token_loss=per_token, mask=mask, logits=forward(student),
                                 ids=jnp.arange(b), step=jnp.int32(5), obj_state={"ema": student}, forward=forward)
   np.testing.assert_allclose(float(same), float((per_token * mask).sum() / mask.sum()), rtol=1e-6)
+
+
+def test_saf_on_synthetic_data_is_refused_at_config_time():
+  """SAF's store is indexed by example id; synthetic batches have none, so the config check names both fields."""
+  from train import state
+  from train.configs.base import base_config
+  c = base_config()
+  c.data.source = "synthetic"
+  state.validate_config(c)                       # SAF off: fine
+  c.objectives.saf.enabled = True
+  with pytest.raises(ValueError, match=r"^objectives.saf.enabled=True .* data.source='synthetic' has none"):
+    state.validate_config(c)
