@@ -9,9 +9,9 @@ token, `train.flops.flops_per_token`), and what `--summary_only` estimates and a
     python3 bench/scale_plan.py                        # every row (slow: 7B on 64 devices compiles for minutes)
     python3 bench/scale_plan.py --rows 1b-lost-v5e16   # one row (names: --list)
 
-Prints one JSON line per row. Caveats: XLA:CPU's memory analysis, not the TPU/GPU compiler's (the CPU step keeps
-full-size gradients under fsdp, no reduce-scatter; docs/benchmarks/sharding.md), so figures are conservative for
-fsdp meshes; compute in bfloat16 with float32 master weights.
+Prints one JSON line per row. Caveats: XLA:CPU's memory analysis, not the TPU/GPU compiler's (XLA:CPU keeps
+float32-sized temporaries under bfloat16 compute, docs/benchmarks/memory.md); compute in bfloat16 with float32
+master weights.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Memory estimate per device (bytes), for the chosen config and mesh (data × fsdp
 rows per device = global_batch / grad_accum / (data·fsdp·expert), tokens = rows · seq_len, t = tensor):
   params      = the bytes of every parameter one device holds, placed exactly as `lostjax.sharding.state_shardings`
                 places it on that mesh (param_dtype; a dimension a mesh axis does not divide stays whole)
-  grads       = params (float32 gradients of float32 parameters); with fsdp > 1 the full-size gradient (split only
-                by tensor), which the compiled step forms before each device keeps its shard
+  grads       = params (float32 gradients of float32 parameters; under fsdp each is reduce-scattered onto the
+                parameter's shards as its layer's backward produces it)
   optimizer   = optimizer-state bytes (exact, from `optim.state_size`) × the share of the parameters one device holds
   activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4/t + 2·d·act_bytes)
 with, per token and layer, the values the backward pass keeps (no rematerialisation):
@@ -158,17 +158,18 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
   model_shards, batch_shards = _shards(cfg, n_dev)
   tensor = axes["tensor"]
   local = param_bytes_per_device(params, axes) if params is not None else param_bytes / model_shards
-  # Under fsdp the compiled CPU step issues every weight's all-gather before its first matmul, so a gathered
-  # (full-size, split only by `tensor`) copy of every weight is alive through the step
-  # (docs/benchmarks/sharding.md). Counted here in place of the sharded gradients: conservative on backends that
-  # schedule the gathers layer by layer.
-  unsharded = dict(axes, fsdp=1)
-  grads = (param_bytes_per_device(params, unsharded) if params is not None
-           else param_bytes / axes["tensor"]) if axes["fsdp"] > 1 else local
+  # Under fsdp each weight is gathered for its layer only (lostjax.sharding.gathered_call) and its gradient
+  # reduce-scattered onto the weight's shards: gradients take the parameters' per-device bytes.
+  grads = local
   act_bytes = np.dtype(resolve_dtype(mc.dtype)).itemsize
   rows = t.global_batch / t.grad_accum / batch_shards
   tokens = rows * t.seq_len
-  per_layer = activation_values_per_token_layer(mc, tensor) * tokens * act_bytes
+  values = activation_values_per_token_layer(mc, tensor)
+  if axes["fsdp"] > 1 and not mc.remat and not mc.moe_experts:
+    # each projection runs inside gathered_call's checkpoint, which keeps only its input: the low-rank / LOST
+    # intermediates are recomputed in the backward instead of kept
+    values -= sum(_factor_values(mc))
+  per_layer = values * tokens * act_bytes
   scores = attention_score_bytes(mc, rows, t.seq_len, tensor)
   if mc.remat:
     saved = saved_values_per_token_layer(mc, tensor) * tokens * act_bytes

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lostjax import sharding
+from lostjax import remat, sharding
 from lostjax.layers import common, make_linear
 from lostjax.models.config import LlamaConfig
 from lostjax.models.mlp import Mlp, linear as _linear, project as _project
@@ -198,7 +198,8 @@ class Block(nnx.Module):
 
 
 def remat_block(block: Block, x: jax.Array, positions: jax.Array, policy: str = "nothing_saveable"):
-  """block(x, positions, return_aux=True) under `jax.checkpoint` with the named `jax.checkpoint_policies` policy.
+  """block(x, positions, return_aux=True) under `jax.checkpoint` with the named `jax.checkpoint_policies` policy,
+  its recomputation ordered after the block's cotangent (`lostjax.remat.checkpoint`).
 
   The block's variables go in as a plain state pytree and the block is rebuilt inside the checkpointed function,
   so nothing created outside the checkpoint's trace is written from inside it (the LOST channel indices, a
@@ -209,7 +210,7 @@ def remat_block(block: Block, x: jax.Array, positions: jax.Array, policy: str = 
   def run(state, x, positions):
     return nnx.merge(graphdef, state)(x, positions, return_aux=True)
 
-  return jax.checkpoint(run, policy=getattr(jax.checkpoint_policies, policy))(state, x, positions)
+  return remat.checkpoint(run, getattr(jax.checkpoint_policies, policy))(state, x, positions)
 
 
 class Embed(nnx.Module):

@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from lostjax import remat
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
@@ -112,9 +114,10 @@ def gathered_call(fn, weights: Sequence, *args, scatter_grad: bool = True):
   (fsdp) and its tensor-parallel split kept: how a layer reads its weights under ZeRO-3.
 
   weights: nnx.Variables carrying logical `out_sharding` names. The gathers and `fn` run inside a
-  `jax.checkpoint` that saves nothing, so no gathered weight lives from the forward to the backward pass: the
-  backward gathers it again (the matmuls themselves are not recomputed: their outputs are not needed there), and
-  the weight's gradient is reduce-scattered onto its shards. Without a mesh, or when no weight is sharded over
+  checkpoint that saves nothing, so no gathered weight lives from the forward to the backward pass: the
+  backward gathers it again when the layer's cotangent arrives (`lostjax.remat.checkpoint`; with a plain
+  `jax.checkpoint` XLA:CPU issued every re-gather at the start of the step, keeping a gathered copy of the whole
+  model alive), and the weight's gradient is reduce-scattered onto its shards. Without a mesh, or when no weight is sharded over
   fsdp, plainly fn(*values, *args).
 
   scatter_grad=False: the gradient is all-reduced in the gathered layout and then sliced onto the shards. For a
@@ -142,7 +145,7 @@ def gathered_call(fn, weights: Sequence, *args, scatter_grad: bool = True):
     return fn(*(v if s is None else _gather(v, s[0], s[1] if scatter_grad else None)
                 for v, s in zip(values, specs)), *args)
 
-  return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(values, args)
+  return remat.checkpoint(run)(values, args)
 
 
 def constrain_saved(x: jax.Array) -> jax.Array:
