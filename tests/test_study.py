@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from train import stats, study
 from train.configs import study as grids
@@ -244,6 +245,40 @@ def test_tail_drop_measures_the_last_quarter():
   assert best["dense"]["tail_drop"] == pytest.approx(want)
   md = study.markdown(rows, best, study.verdicts(best), "## t")
   assert f"| reference | – | {want:.1%} |" in md
+
+
+def test_ablation_findings_against_the_paper():
+  # three seeds; per-seed losses of LOST and its variants (the seed effect is shared, as with the same data order)
+  base = {0: 2.00, 1: 2.05, 2: 1.98}
+  shift = {"lost": (0.0, 0.0, 0.0), "lost_score_l1": (0.004, -0.002, 0.001),       # same within ±2 %: agrees
+           "lost_score_random": (0.09, 0.11, 0.10),                                   # ~5 % worse: disagrees
+           "lost_gamma90": (0.01, 0.06, -0.04),                                       # wide: inconclusive
+           "lost_s01": (0.2, 0.21, 0.19), "dense": (0.5, 0.5, 0.5)}                    # no paper value / not ablation
+  rows = [_row(run, 3e-3, base[s] + d[s], method="lost", linear=100 + i, seed=s, phase="sweep" if s == 0 else
+               "confirm") for i, (run, d) in enumerate(shift.items()) for s in base]
+  best = study.pick_best(rows)
+  got = {f["run"]: f for f in study.ablation_findings(best)}
+  assert set(got) == {"lost_score_l1", "lost_score_random", "lost_gamma90", "lost_s01"}
+  assert got["lost_score_l1"]["verdict"] == study.AGREES
+  assert got["lost_score_random"]["verdict"] == study.DISAGREES
+  assert got["lost_gamma90"]["verdict"] == stats.INCONCLUSIVE
+  assert got["lost_s01"]["verdict"] == "–" and got["lost_s01"]["paper"] == ""
+  # the interval is scipy's paired t-test interval of variant − LOST
+  d = np.array(shift["lost_score_random"])
+  lo, hi = scipy.stats.ttest_rel(d + np.array(list(base.values())), np.array(list(base.values()))).confidence_interval()
+  assert got["lost_score_random"]["interval"]["lo"] == pytest.approx(lo) and got["lost_score_random"]["interval"]["hi"] == pytest.approx(hi)
+  # γ 0.9 at most 2 % worse: a tight interval a little above zero agrees, one wholly above +2 % disagrees, and a
+  # clearly better γ 0.9 agrees too (a one-sided claim, unlike the two-sided "do not differ")
+  for shifts, want in (((0.01, 0.012, 0.011), study.AGREES), ((0.08, 0.09, 0.085), study.DISAGREES),
+                       ((-0.1, -0.09, -0.11), study.AGREES)):
+    rows2 = [r for r in rows if r["run"] != "lost_gamma90"] + [
+        _row("lost_gamma90", 3e-3, base[s] + shifts[s], method="lost", seed=s, phase="sweep" if s == 0 else "confirm")
+        for s in base]
+    assert {f["run"]: f for f in study.ablation_findings(study.pick_best(rows2))}["lost_gamma90"]["verdict"] == want
+  md = study.markdown(rows, best, study.verdicts(best), "## t", reference="lost")
+  assert "### Ablations against the LOST paper" in md and "| lost_score_l1 | 101 |" in md and "**agrees**" in md
+  assert "**disagrees**" in md and "### Ablations" not in study.markdown(rows, best, study.verdicts(best), "## t")
+  assert study.ablation_findings({k: v for k, v in best.items() if k != "lost"}) == []
 
 
 def test_collect_row_reads_metrics(tmp_path):

@@ -67,6 +67,19 @@ def test_three_way_verdicts():
   assert stats.all_of([n, f]) == f and stats.all_of([h, n]) == n
 
 
+def test_within_is_an_equivalence_test():
+  # inside on both sides (bounds included), beyond one side, straddling a bound or zero-width at a bound
+  assert stats.within({"lo": -0.02, "hi": 0.02}, 0.02) == stats.HOLDS
+  assert stats.within({"lo": -0.01, "hi": 0.005}, 0.02) == stats.HOLDS
+  assert stats.within({"lo": 0.021, "hi": 0.05}, 0.02) == stats.FAILS
+  assert stats.within({"lo": -0.05, "hi": -0.021}, 0.02) == stats.FAILS
+  assert stats.within({"lo": 0.01, "hi": 0.03}, 0.02) == stats.INCONCLUSIVE
+  assert stats.within({"lo": -0.03, "hi": -0.01}, 0.02) == stats.INCONCLUSIVE
+  assert stats.within({"lo": -0.03, "hi": 0.03}, 0.02) == stats.INCONCLUSIVE   # wider than the margin
+  assert stats.within({"lo": None, "hi": None}, 0.02) == stats.INCONCLUSIVE
+  assert stats.within(None, 0.02) == stats.NOT_MEASURED
+
+
 def _best(losses_by_run, linear=None, state=None):
   linear = linear or {"dense": 1000, "lost": 500, "lowrank": 300, "dense_galore": 1000, "dense_frugal": 1000}
   state = state or {"dense": 800, "dense_galore": 400, "dense_frugal": 500}

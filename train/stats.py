@@ -68,6 +68,20 @@ def at_most(iv: dict | None, margin: float) -> str:
   return INCONCLUSIVE
 
 
+def within(iv: dict | None, margin: float) -> str:
+  """Verdict of "the mean lies within ±`margin`" (an equivalence test): the whole interval inside [−margin, margin]
+  holds, the whole interval beyond one side fails, anything else is inconclusive."""
+  if iv is None:
+    return NOT_MEASURED
+  if iv["lo"] is None:
+    return INCONCLUSIVE
+  if -margin <= iv["lo"] and iv["hi"] <= margin:
+    return HOLDS
+  if iv["lo"] > margin or iv["hi"] < -margin:
+    return FAILS
+  return INCONCLUSIVE
+
+
 def above(iv: dict | None, margin: float) -> str:
   """Verdict of "the mean is above `margin`": the whole interval > margin holds, the whole interval ≤ margin fails."""
   v = at_most(iv, margin)

@@ -545,6 +545,43 @@ def verdicts(best: dict, steps: int | None = None, min_steps: int = 0) -> list[t
   return out
 
 
+# The LOST paper's ablation findings that a run of the `ablate` grid can check: variant -> (the paper's statement,
+# the test applied to the paired difference variant − LOST over seeds: "same" = within ±TOLERANCE, "at_most" = at
+# most TOLERANCE worse). The other variants have no reported value to compare with; they are measured only.
+ABLATION_CLAIMS = {
+    "lost_score_l1": ("L1 and L2 channel scores do not differ significantly (60M: SVD_l1^rem 32.33 vs SVD_l2^rem "
+                      "32.25 ppl)", "same"),
+    "lost_score_random": ("the channel-selection strategies do not differ significantly", "same"),
+    "lost_gamma90": ("a mostly low-rank LOST, γ = 0.9, still trains well (130M: 24.51 ppl)", "at_most"),
+}
+AGREES, DISAGREES = "agrees", "disagrees"
+
+
+def ablation_findings(best: dict, ref: str = "lost") -> list[dict]:
+  """One row per ablation variant measured beside `ref` (run names starting with 'lost_'): the paired difference
+  variant − ref over shared seeds (`train.stats.paired`), and, where the LOST paper reports a finding
+  (ABLATION_CLAIMS), whether the measurement agrees, disagrees or is inconclusive at the TOLERANCE margin:
+  "same" agrees when the whole 95 % interval lies within ±TOLERANCE of the reference's mean loss and disagrees
+  when it lies wholly beyond one side; "at_most" agrees when the whole interval is at or below +TOLERANCE and
+  disagrees when it is wholly above."""
+  out = []
+  if ref not in best:
+    return out
+  for name in best:
+    if name == ref or not name.startswith("lost_"):
+      continue
+    iv = stats.paired(_losses(best[name]), _losses(best[ref]))
+    paper, test = ABLATION_CLAIMS.get(name, ("", ""))
+    if test:
+      v = (stats.within if test == "same" else stats.at_most)(iv, _margin(iv))
+      here = {stats.HOLDS: AGREES, stats.FAILS: DISAGREES}.get(v, v)
+    else:
+      here = "–"
+    out.append({"run": name, "interval": iv, "paper": paper, "verdict": here,
+                "params_linear": best[name].get("params_linear"), "ref_params_linear": best[ref].get("params_linear")})
+  return out
+
+
 def differences(best: dict, ref: str = "dense") -> list[tuple[str, dict]]:
   """(run, paired interval of run − ref over shared seeds) for every other run with a best learning rate."""
   if ref not in best:
@@ -638,6 +675,22 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
     mark = {stats.HOLDS: "**holds**", stats.FAILS: "**does not hold**", stats.INCONCLUSIVE: "**inconclusive**",
             stats.NOT_MEASURED: "not measured"}[verdict]
     buf.write(f"* {claim}: {mark} — {detail}\n")
+  findings = ablation_findings(best, reference) if reference == "lost" else []
+  if findings:
+    buf.write(f"\n### Ablations against the LOST paper\n\nEach variant against {reference} (paired over the same "
+              f"seeds); a reported finding agrees or disagrees only when the whole 95 % interval is on one side of "
+              f"the {TOLERANCE:.0%} margin, and is inconclusive otherwise.\n\n| variant | linear params | vs {reference} "
+              f"| 95 % interval | paper | here |\n|---|---|---|---|---|---|\n")
+    for f in findings:
+      iv = f["interval"]
+      if iv is None:
+        d, ci = "no shared seed", "–"
+      else:
+        d = f"{iv['mean']:+.4f} ({iv['mean'] / iv['ref_mean']:+.1%})"
+        ci = ("– (one seed)" if iv["lo"] is None else
+              f"[{iv['lo'] / iv['ref_mean']:+.1%}, {iv['hi'] / iv['ref_mean']:+.1%}]")
+      verdict = f"**{f['verdict']}**" if f["verdict"] in (AGREES, DISAGREES) else f["verdict"]
+      buf.write(f"| {f['run']} | {_fmt(f['params_linear'])} | {d} | {ci} | {f['paper'] or '–'} | {verdict} |\n")
   buf.write("\n### All runs (learning-rate sweep, then confirmation seeds)\n\n| run dir | lr | seed | phase | status "
             "| step | eval loss | bpb | tokens/s | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
   for r in rows:
