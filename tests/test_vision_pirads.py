@@ -3,6 +3,8 @@ identical paths give a zero co-training term, signed distance maps vs brute forc
 steps on one phantom lower the two-stage loss."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,23 +76,49 @@ def test_combine_paths():
     P.combine_paths(pa[..., :4], pb[..., :4], cfg)
 
 
+@functools.partial(nnx.jit, static_argnames="train")
+def _forward(model, x, train=False):     # one compilation per model structure, shared by the tests below
+  return model(x, train=train)
+
+
+def _volumes():
+  return jnp.asarray(phantom_batch(2, shape=(4, 8, 8))[0])
+
+
 def test_forward_shapes_and_identical_paths():
-  cfg = P.PiradsConfig(filters=2)
-  model = P.DualPathUNet(cfg, rngs=rngs())
-  x = jnp.asarray(phantom_batch(2, shape=(8, 32, 32))[0])
-  graphdef, state = nnx.split(model)
-  fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
-  out = fwd(state, x)
-  assert out["logits_a"].shape == out["logits_b"].shape == (2, 8, 32, 32, 5)
-  assert out["sdm_a"].shape == (2, 8, 32, 32, 2) and float(jnp.abs(out["sdm_a"]).max()) <= 1.0
+  model = P.DualPathUNet(P.PiradsConfig(filters=1), rngs=rngs())
+  x = _volumes()
+  out = _forward(model, x)
+  assert out["logits_a"].shape == out["logits_b"].shape == (2, 4, 8, 8, 5)
+  assert out["sdm_a"].shape == (2, 4, 8, 8, 2) and float(jnp.abs(out["sdm_a"]).max()) <= 1.0
   assert float(L.pirads_consistency_loss(jax.nn.softmax(out["logits_a"]), jax.nn.softmax(out["logits_b"]))) > 0
   # path B a copy of path A: the two predictions coincide and the co-training term vanishes
   model.encoder_b = nnx.clone(model.encoder_a)
   model.decoder_b = nnx.clone(model.decoder_a)
   model.head_b = nnx.clone(model.head_a)
-  out = fwd(nnx.state(model), x)
+  out = _forward(model, x)
   np.testing.assert_array_equal(out["logits_a"], out["logits_b"])
   assert float(L.pirads_consistency_loss(jax.nn.softmax(out["logits_a"]), jax.nn.softmax(out["logits_b"]))) == 0.0
+
+
+def test_recompute_batch_stats_makes_eval_mode_match_training_normalisation():
+  # the dual-path model (dropout 0.5, initial running statistics): after re-estimation on x, evaluation mode equals
+  # the training-mode (batch-statistics) forward of the same weights without dropout, and the model is unchanged
+  x = _volumes()
+  model = P.DualPathUNet(P.PiradsConfig(filters=1), rngs=rngs())
+  twin = P.DualPathUNet(P.PiradsConfig(filters=1, dropout=0.0), rngs=rngs())     # same weights, no dropout
+  before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+  stats = nnx.jit(P.recompute_batch_stats)(model, x)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), before)
+  stale = _forward(model, x)
+  nnx.update(model, stats)
+  fresh, want = _forward(model, x), _forward(twin, x, train=True)
+  for k in ("logits_a", "logits_b", "sdm_a"):
+    np.testing.assert_allclose(fresh[k], want[k], rtol=2e-4, atol=2e-4)
+  assert float(jnp.abs(stale["logits_a"] - want["logits_a"]).max()) > 1e-2   # the initial statistics do not match
+  h = np.asarray(jax.nn.relu(twin.encoder_b.d1a.conv(x)))        # first BatchNorm input: mean and biased variance
+  np.testing.assert_allclose(stats["encoder_b"]["d1a"]["bn"]["mean"][...], h.mean((0, 1, 2, 3)), rtol=1e-5)
+  np.testing.assert_allclose(stats["encoder_b"]["d1a"]["bn"]["var"][...], h.var((0, 1, 2, 3)), rtol=1e-4)
 
 
 def test_bad_volumes():
@@ -186,6 +214,7 @@ def test_phantom_example_tiny(tmp_path):
   for m in out["models"].values():
     assert set(m["argmax"]) == {"PZ", "TZ", "DPU", "AFS"} and 0 <= m["argmax"]["PZ"]["dice"]["mean"] <= 1
   assert np.isfinite(out["loss"]["dual_stage2_first_last"]).all()
+  assert set(out["test_dice_by_bn_stats"]["dual_path"]) == {"running", "precise"}
   for f in ("results.json", "results.md", "pirads_phantom.png"):
     assert os.path.getsize(tmp_path / f) > 0
   with pytest.raises(SystemExit, match="already holds"):

@@ -35,6 +35,8 @@ is active when `train=True` or `mc_dropout=True` (the lab keeps it on at test ti
 unless asked). The modules are used functionally: `nnx.split(model, nnx.Param, nnx.BatchStat)` outside, `nnx.merge`
 inside a jitted step; dropout takes a `key` argument instead of holding RNG state. On CPU, initialise with an 'rbg'
 key (`nnx.Rngs(jax.random.key(0, impl="rbg"))`): threefry initialisers of 3-D kernels take seconds to compile.
+`recompute_batch_stats` re-estimates the BatchNorm statistics on a set of volumes after training ("precise BN"):
+after a short run the momentum-0.99 running averages are far from the trained network's statistics.
 """
 from __future__ import annotations
 
@@ -243,6 +245,28 @@ class DualPathUNet(nnx.Module):
       out["sdm_a"] = jnp.tanh(self.sdm_a(h_a))
       out["sdm_b"] = jnp.tanh(self.sdm_b(h_b))
     return out
+
+
+def recompute_batch_stats(model, volumes, *, key: Optional[jax.Array] = None):
+  """BatchNorm statistics of `model` (UNet3D or DualPathUNet) re-estimated on `volumes`, dropout off.
+
+  Returns the new `nnx.BatchStat` state (apply it with `nnx.update(model, stats)`); `model` is not changed. Every
+  BatchNorm layer's running mean and variance become the mean and (biased) variance of its input over all of
+  `volumes` [B, z, y, x, C], computed in one forward pass with the dropout rate set to 0, so evaluation mode then
+  normalises exactly as training mode would on that set. This is "precise BN" (Wu & Johnson, "Rethinking 'Batch'
+  in BatchNorm", arXiv:2105.07576): after a short training run the exponential running averages (momentum 0.99)
+  still carry their initial values and the statistics of early weights, and the features behind a dropout layer
+  have a larger variance in training than at test time; both make evaluation mode disagree with what was trained.
+  Jit-compatible (call it on a merged model inside `jax.jit`). `key` is unused (dropout is off); it defaults to a
+  fixed key so the dual-path model's key check passes."""
+  m = nnx.clone(model)
+  for _, node in nnx.iter_graph(m):
+    if isinstance(node, nnx.BatchNorm):
+      node.momentum = 0.0
+    elif isinstance(node, (Encoder3D, Decoder3D)):
+      node.dropout = 0.0
+  m(volumes, train=True, key=jax.random.key(0) if key is None else key)
+  return nnx.state(m, nnx.BatchStat)
 
 
 def combine_paths(probs_a, probs_b, cfg: PiradsConfig):
