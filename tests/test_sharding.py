@@ -29,7 +29,7 @@ def _cfg(mesh: dict, *, devices=8, d=128, ff=344, layers=1, seq=128, batch=16, m
                       sparsity=0.25, max_seq_len=seq, vocab_size=256))
   c.mesh.num_devices = devices
   c.mesh.data = mesh.get("data", -1)
-  c.mesh.fsdp, c.mesh.tensor = mesh.get("fsdp", 1), mesh.get("tensor", 1)
+  c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = mesh.get("fsdp", 1), mesh.get("tensor", 1), mesh.get("expert", 1)
   c.train.update(dict(global_batch=batch, seq_len=seq, steps=10))
   c.optim.name = opt
   return c
@@ -76,7 +76,7 @@ def _train(cfg, steps=3):
       state, metrics = step(state, run.rest, {"tokens": tokens, "ids": jnp.arange(b, dtype=jnp.int32)})
       losses.append(float(metrics["loss"]))
   assert log.getvalue().count("Involuntary full rematerialization") == 0, (cfg.mesh, log.getvalue()[:2000])
-  return np.array(losses), jax.tree.map(np.asarray, state["params"])
+  return np.array(losses), jax.tree.map(np.asarray, state["params"]), state["params"]
 
 
 # small ranks and refresh periods so that the projections are rebuilt within the 3 steps
@@ -94,13 +94,57 @@ def test_sharded_training_equals_one_device(opt):
     if opt in OPT_OVERRIDES:
       c.optim[opt].update(OPT_OVERRIDES[opt])
     return c
-  ref_losses, ref_params = _train(cfg({}, devices=1))
+  ref_losses, ref_params, _ = _train(cfg({}, devices=1))
   meshes = [{"data": 2, "fsdp": 2, "tensor": 2}] + ([{"fsdp": 8}, {"data": 4, "tensor": 2}] if opt != "adamw" else [])
   for mesh in meshes:
-    losses, params = _train(cfg(mesh))
+    losses, params, _ = _train(cfg(mesh))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(mesh))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(mesh))
+
+
+@pytest.mark.slow   # two compiled runs each; the default set checks GaLore's state placement below
+@pytest.mark.parametrize("opt", ["frugal", "galore"])
+def test_projection_optimizers_on_data_fsdp_tensor_equal_one_device(opt):
+  """FRUGAL / GaLore on data 2 × fsdp 2 × tensor 2: the losses and parameters of one device after 3 steps (the
+  projections rebuilt at step 2) and no involuntary rematerialisation."""
+  def cfg(mesh, devices=8):
+    c = _cfg(mesh, devices=devices, d=32, ff=64, layers=1, seq=16, batch=8, method="dense", opt=opt)
+    c.optim[opt].update(OPT_OVERRIDES[opt])
+    return c
+  ref_losses, ref_params, _ = _train(cfg({}, devices=1))
+  c = cfg({"data": 2, "fsdp": 2, "tensor": 2})
+  losses, params, _ = _train(c)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_galore_projection_states_are_split():
+  """GaLore's projections [d, r] (a d_out-side one stored [d_out, r] too) and projected moments [r, d] on
+  data 2 × fsdp 2 × tensor 2 take their parameter's split of the side they share: none is replicated whole."""
+  c = _cfg({"data": 2, "fsdp": 2, "tensor": 2}, d=32, ff=64, layers=1, seq=16, batch=8, opt="galore")
+  c.optim.galore.update(OPT_OVERRIDES["galore"])
+  run = state_lib.abstract_train_state(c, mesh=state_lib.make_mesh(c), model_cfg=state_lib.llama_config(c))
+  low = [leaf for leaf in jax.tree.leaves(run.state["opt"]) if getattr(leaf, "ndim", 0) == 2 and 2 in leaf.shape]
+  assert len(low) == 21 and all(any(e is not None for e in leaf.sharding.spec) for leaf in low), low
+
+
+@pytest.mark.slow   # tests/test_moe.py checks an expert mesh against one device in the default set
+def test_mixture_of_experts_on_an_expert_axis_equals_one_device():
+  """A mixture of experts on data 4 × expert 2: the experts' weights split over the expert axis, the losses and
+  parameters of one device after 3 steps, no involuntary rematerialisation."""
+  def cfg(mesh, devices=8):
+    c = _cfg(mesh, devices=devices, d=32, ff=64, layers=1, seq=16, batch=8, method="dense")
+    c.model.update(dict(moe_experts=4, moe_top_k=2))
+    return c
+  ref_losses, ref_params, _ = _train(cfg({}, devices=1))
+  losses, params, placed = _train(cfg({"data": 4, "expert": 2}))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  experts = [leaf for leaf in jax.tree.leaves(placed) if leaf.ndim == 3 and leaf.shape[0] == 4]
+  assert experts and all(leaf.sharding.spec[0] == "expert" for leaf in experts), [l.sharding for l in experts]
 
 
 def test_activation_constraints_follow_the_rules():
@@ -135,11 +179,13 @@ def test_optimizer_state_follows_its_parameter():
   opt = {"mu": {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32)},
          "proj": {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32)},
          "low": {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)},
+         "proj_t": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)},   # a d_out-side projection stored [d_out, r]
          "count": jax.ShapeDtypeStruct((), jnp.int32)}
   got = state_lib.optimizer_shardings(opt, params, mesh)
   assert got["mu"]["w"].spec == jax.P("fsdp", "tensor")
   assert got["proj"]["w"].spec == jax.P("fsdp", None)
   assert got["low"]["w"].spec == jax.P(None, "tensor")
+  assert got["proj_t"]["w"].spec == jax.P("tensor", None)
   assert got["count"].spec == jax.P()
 
 

@@ -142,7 +142,8 @@ def optimizer_shardings(opt_shapes, params, mesh):
   parameter tree inside its states, e.g. `.../mu/layers/0/attn/q/kernel`). A leaf laid out like its parameter
   (Adam moments, FRUGAL/GaLore moments of full-size matrices) gets the parameter's sharding. A leaf of another
   shape (a GaLore/FRUGAL projection [d_in, r] or [r, d_out], moments in the projected space) keeps the parameter's
-  split on each dimension of the same position and size (the d_in or d_out side) and is replicated on the others,
+  split on each dimension of the same position and size, or else of the same size when only one parameter
+  dimension has it (the d_in or d_out side, a transposed [d_out, r] projection too), replicated on the others,
   so no per-matrix state is replicated whole on every device. Leaves no parameter path matches (counters, keys)
   are replicated."""
   by_path = {path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -160,7 +161,14 @@ def optimizer_shardings(opt_shapes, params, mesh):
       if tuple(p.shape) == tuple(leaf.shape):
         return sh
       spec = tuple(sh.spec) + (None,) * (len(p.shape) - len(sh.spec))
-      dims = [spec[d] if d < len(p.shape) and leaf.shape[d] == p.shape[d] else None for d in range(len(leaf.shape))]
+      dims, used = [], set()
+      for d, n in enumerate(leaf.shape):
+        # the parameter's dimension of the same position and size; else the only one of that size (a GaLore
+        # projection of the d_out side is stored [d_out, r])
+        same = [d] if d < len(p.shape) and n == p.shape[d] else [e for e, m in enumerate(p.shape) if m == n]
+        axes = sharding.spec_axes(spec[same[0]]) if len(same) == 1 else ()
+        dims.append(sharding.spec_entry(axes) if axes and not used & set(axes) else None)
+        used |= set(axes) if dims[-1] is not None else set()
       return jax.sharding.NamedSharding(mesh, jax.P(*dims))
     return replicated
 

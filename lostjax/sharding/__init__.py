@@ -201,6 +201,16 @@ def _spec_entry(axes: tuple[str, ...]):
   return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, an axis name or a tuple of names) as a tuple of mesh axis names."""
+  return _entry_axes(entry)
+
+
+def spec_entry(axes: tuple[str, ...]):
+  """A tuple of mesh axis names as a PartitionSpec entry (None, one name, or the tuple): `spec_axes`'s inverse."""
+  return _spec_entry(axes)
+
+
 def _axis_size(mesh, axes) -> int:
   return int(math.prod(mesh.shape[a] for a in _entry_axes(axes)))
 
@@ -311,5 +321,5 @@ def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
   return _axis_size(mesh, batch_axes(mesh, rules))
 
 
-__all__ = ["constrain_saved", "splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
+__all__ = ["spec_axes", "spec_entry", "constrain_saved", "splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
            "MESH_AXES", "batch_divisor", "batch_axes"]
