@@ -3,12 +3,13 @@
 Options that work alone can fail together (a remat policy that does not know a layer kind, an optimizer whose
 decomposition deadlocks on a sharded mesh). Testing the full product (4·5·4·4·2·2·2·3 = 7680 runs) is out of
 reach, so the rows form a covering design: every pair of values of two options appears in at least one row
-(`pairwise_rows`, a deterministic greedy construction). Each row trains 2 steps with finite losses, or, if listed in
-`REFUSED`, is refused before anything runs with one error line that names the conflicting fields. Every run is a subprocess with
-a time limit, so that a hang fails its row instead of blocking the suite. The design and its outcome are recorded
-in docs/testing.md. (`optim/normalized_gd.py` is not a training optimizer: it needs per-sample margins.) Rows train on
-synthetic data, except SAF rows: SAF's store is keyed by example id, so they read a small generated text file
-(SAF on synthetic data is refused by the config check, tested in tests/test_objectives_saf.py).
+(`pairwise_rows`, a deterministic greedy construction). Each row trains 2 steps with finite losses, or, if listed
+in `REFUSED`, is refused before anything runs with one error line that names the conflicting fields. Every run is a
+subprocess with a time limit, so that a hang fails its row instead of blocking the suite. The design and its
+outcome are recorded in docs/testing.md. (`optim/normalized_gd.py` is not a training optimizer: it needs
+per-sample margins.) Rows train on synthetic data, except SAF rows: SAF's store is keyed by example id, so they
+read a small generated text file (SAF on synthetic data is refused by the config check, tested in
+tests/test_objectives_saf.py).
 """
 from __future__ import annotations
 

@@ -219,12 +219,25 @@ def test_tables_csv_and_plots(tmp_path):
   assert ("| dense | 0.003 | 3 | 1.9993 ± 0.0310 | [1.9223, 2.0764] | 0: 2.0000, 1: 1.9680, 2: 2.0300 | reference |"
           in md)
   assert "| lost | 0.001 | 3 | 2.0300 ± 0.0280 | [1.9604, 2.0996] |" in md and "+0.0307 (+1.5%) |" in md
-  assert "| dense_frugal_lr0.001_s2 | 0.001 | 2 | confirm | ok ★ |" in md
+  assert "| dense_frugal_lr0.001_s2 | 0.001 | 2 | confirm | ok ★ | 10 | 2.2320 | – | 1 | 1.0 |" in md
   short = study.markdown(rows, best, study.verdicts(best, steps=30, min_steps=240), "## t")
   assert "too short to conclude anything" in short and short.count("**inconclusive**") == 4
-  study.plot(rows, best, str(tmp_path))
-  for name in ("curves.png", "lr.png"):
-    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  part = {k: v for k, v in best.items() if k != "dense_galore"}    # too short, and one claim not measured
+  short = study.markdown(rows, part, study.verdicts(part, steps=30, min_steps=240), "## t")
+  assert "too short to conclude anything" in short and short.count("**inconclusive**") == 3
+  import matplotlib.figure
+  figures = []
+  save = matplotlib.figure.Figure.savefig
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    study.plot(rows, best, str(tmp_path))
+  for name, size in (("curves.png", (1100, 400)), ("lr.png", (600, 400))):   # figsize in inches at 100 dpi
+    png = (tmp_path / name).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == size    # IHDR width, height
+  # the lr figure: one line per run with a finished run, one star per run with a best learning rate
+  ok_runs = {r["run"] for r in rows if study._ok(r)}
+  assert len(figures[1].axes[0].get_lines()) == len(ok_runs) + len(best)
 
 
 def test_tail_drop_measures_the_last_quarter():
@@ -299,6 +312,8 @@ def test_collect_row_reads_metrics(tmp_path):
   assert row["peak_bytes"] == 123 and row["peak_source"] == "compiled memory_analysis"
   row = study.collect_row(spec, str(rdir), {"status": "ok", "peak_bytes_in_use": 456}, mem)
   assert row["peak_bytes"] == 456 and row["peak_source"] == "device memory_stats"
+  assert study.collect_row(spec, str(rdir), {"status": "failed", "error": "boom"}, mem)["error"] == "boom"
+  assert study.collect_row(spec, str(rdir), {"status": "ok"}, {**mem, "error": "oom"})["error"] == "oom"
   assert type(row["final_step"]) is int and row["final_step"] == 30    # from the tokens when the result has none
 
 
