@@ -157,3 +157,13 @@ def test_fingerprint_compares_what_names_select():
   new.data.source = "tfds"
   assert wd.diff(wd.fingerprint(wd.upgrade_config(old)), wd.fingerprint(new)) == [
       "data.pipeline: 'cached' -> 'stream'"]
+
+
+def test_fingerprint_and_defaults_of_partial_configs():
+  """Sections or fields missing from a stored config (hand-written, or from an older release) are compared as
+  absent, and filling defaults keeps every stored value, also where its type differs from the default's."""
+  assert wd.fingerprint({}) == {key: None for key in wd.FINGERPRINT}
+  fp = wd.fingerprint({"model": {"d_model": 8}, "data": {"source": "stdlib"}})
+  assert fp["model"] == {"d_model": 8} and fp["data"] == {"source": "stdlib"}
+  merged = wd._merge_defaults({"a": 1, "b": {"x": 1}}, {"a": {"y": 2}, "b": 3, "c": {"z": 1}})
+  assert merged == {"a": 1, "b": {"x": 1}, "c": {"z": 1}}
