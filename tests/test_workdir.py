@@ -167,3 +167,20 @@ def test_fingerprint_and_defaults_of_partial_configs():
   assert fp["model"] == {"d_model": 8} and fp["data"] == {"source": "stdlib"}
   merged = wd._merge_defaults({"a": 1, "b": {"x": 1}}, {"a": {"y": 2}, "b": 3, "c": {"z": 1}})
   assert merged == {"a": 1, "b": {"x": 1}, "c": {"z": 1}}
+
+
+def test_prepare_workdir_writes_rewrites_and_protects(tmp_path):
+  """An existing folder without a checkpoint takes (and retakes) config.json; with a checkpoint, the same config
+  resumes and another one is refused, leaving config.json as it was."""
+  a, b = base_config(), base_config()
+  b.optim.name = "galore"
+  run = tmp_path / "run"
+  run.mkdir()                                                   # e.g. made by a job script
+  assert wd.prepare_workdir(a, str(run), has_checkpoint=False) is False
+  assert wd.prepare_workdir(b, str(run), has_checkpoint=False) is False    # nothing to protect: replaced
+  assert wd.read_config(str(run)).optim.name == "galore"
+  assert wd.prepare_workdir(b, str(run), has_checkpoint=True) is True
+  before = (run / "config.json").read_text()
+  with pytest.raises(ValueError, match="optim.name: 'galore' -> 'adamw'"):
+    wd.prepare_workdir(a, str(run), has_checkpoint=True)
+  assert (run / "config.json").read_text() == before
