@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lostjax.metrics import overlap
+
 
 def _float(x):
   x = jnp.asarray(x)
@@ -120,10 +122,8 @@ def iou(a, b):
 
 
 def dice(a, b):
-  """2 |A n B| / (|A| + |B|) of two binary masks (0 when both are empty)."""
-  a, b = jnp.asarray(a) != 0, jnp.asarray(b) != 0
-  total = jnp.sum(a) + jnp.sum(b)
-  return jnp.where(total > 0, 2 * jnp.sum(a & b) / jnp.maximum(total, 1), 0.)
+  """2 |A n B| / (|A| + |B|) of two binary masks (0 when both are empty; `lostjax.metrics.overlap.dice`)."""
+  return overlap.dice(a, b, empty=0.)
 
 
 def rvd(original, fake):

@@ -41,6 +41,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from lostjax.metrics import overlap
+
 EMPTY_MODES = ("nan", "zero")
 
 
@@ -87,10 +89,9 @@ def _check_empty(empty):
 
 
 def dice(pred, gt) -> float:
-  """Dice overlap 2|P∩G| / (|P| + |G|) of two binary masks; 1.0 when both are empty."""
+  """Dice overlap 2|P∩G| / (|P| + |G|) of two binary masks; 1.0 when both are empty (`overlap.dice`, float64)."""
   p, g = _pair(pred, gt)
-  den = p.sum() + g.sum()
-  return 1.0 if den == 0 else float(2.0 * np.logical_and(p, g).sum() / den)
+  return float(overlap.dice(p, g, empty=1.0, xp=np))
 
 
 def ravd(pred, gt) -> float:
