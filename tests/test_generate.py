@@ -133,7 +133,11 @@ def test_sampling_reproducible_topk1_is_greedy_and_eos():
   greedy = np.asarray(gen.generate(model, prompt, 12, temperature=0))
   np.testing.assert_array_equal(np.asarray(gen.generate(model, prompt, 12, temperature=1.3, top_k=1, seed=3)),
                                 greedy)
-  assert gen.generate(model, prompt, 12, temperature=0, eos_id=0).shape == (2, 12)   # 0 is a valid id
+  # eos_id 0 is a valid id, also as the first new token: seed 49 at T = 50 samples 0 first in row 1
+  free = np.asarray(gen.generate(model, prompt, 12, temperature=50.0, seed=49))
+  assert free[1, 0] == 0 and (free[1, 1:] != 0).any()
+  stop = np.asarray(gen.generate(model, prompt, 12, temperature=50.0, seed=49, eos_id=0))
+  assert (stop[1] == 0).all()
   eos = int(greedy[0, 2])
   out = np.asarray(gen.generate(model, prompt, 12, temperature=0, eos_id=eos))
   first = np.argmax(greedy == eos, axis=1)
