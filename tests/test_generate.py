@@ -273,6 +273,8 @@ def test_bad_prompts():
   # boundaries: the id vocab_size is out of range, a length 0 in any row is refused
   with pytest.raises(ValueError, match="token ids"):
     gen.generate(model, np.array([[1, model.cfg.vocab_size]]), 2)
+  with pytest.raises(ValueError, match="token ids"):
+    gen.generate(model, np.array([[-1, 5]]), 2)
   with pytest.raises(ValueError, match="prompt_lengths"):
     gen.generate(model, np.array([[1, 2, 3], [4, 5, 6]]), 2, prompt_lengths=[3, 0])
 
