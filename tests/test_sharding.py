@@ -172,7 +172,7 @@ def test_activation_constraints_follow_the_rules():
 
 def test_optimizer_state_follows_its_parameter():
   """Moments shaped like the parameter take its sharding; a projection [d_in, r] or [r, d_out] keeps the split of
-  the side it shares with the parameter; counters are replicated."""
+  the side it shares with the parameter and is spread over fsdp if that side was not; counters are replicated."""
   mesh = sharding.make_mesh(2, 2, 2)
   sh = jax.sharding.NamedSharding(mesh, jax.P("fsdp", "tensor"))
   params = {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=sh)}
@@ -180,12 +180,15 @@ def test_optimizer_state_follows_its_parameter():
          "proj": {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32)},
          "low": {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)},
          "proj_t": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)},   # a d_out-side projection stored [d_out, r]
+         "stacked": jax.ShapeDtypeStruct((2, 16, 8), jnp.float32),   # no parameter's path (FRUGAL's stacked moments)
          "count": jax.ShapeDtypeStruct((), jnp.int32)}
   got = state_lib.optimizer_shardings(opt, params, mesh)
   assert got["mu"]["w"].spec == jax.P("fsdp", "tensor")
   assert got["proj"]["w"].spec == jax.P("fsdp", None)
-  assert got["low"]["w"].spec == jax.P(None, "tensor")
-  assert got["proj_t"]["w"].spec == jax.P("tensor", None)
+  # a side the parameter splits keeps that split; fsdp then spreads what it did not reach (ZeRO-3)
+  assert got["low"]["w"].spec == jax.P("fsdp", "tensor")
+  assert got["proj_t"]["w"].spec == jax.P(("tensor", "fsdp"), None)
+  assert got["stacked"].spec == jax.P(None, "fsdp", None)
   assert got["count"].spec == jax.P()
 
 

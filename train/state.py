@@ -144,8 +144,9 @@ def optimizer_shardings(opt_shapes, params, mesh):
   shape (a GaLore/FRUGAL projection [d_in, r] or [r, d_out], moments in the projected space) keeps the parameter's
   split on each dimension of the same position and size, or else of the same size when only one parameter
   dimension has it (the d_in or d_out side, a transposed [d_out, r] projection too), replicated on the others,
-  so no per-matrix state is replicated whole on every device. Leaves no parameter path matches (counters, keys)
-  are replicated."""
+  and then split over fsdp on its largest dimension if no dimension took fsdp (`sharding.complete_fsdp`), so no
+  per-matrix state is replicated whole on every device. Leaves no parameter path matches are split over fsdp on
+  their largest dimension it divides (stacked moments), else replicated (counters, keys)."""
   by_path = {path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   replicated = sharding.replicated(mesh)
 
@@ -169,7 +170,11 @@ def optimizer_shardings(opt_shapes, params, mesh):
         axes = sharding.spec_axes(spec[same[0]]) if len(same) == 1 else ()
         dims.append(sharding.spec_entry(axes) if axes and not used & set(axes) else None)
         used |= set(axes) if dims[-1] is not None else set()
-      return jax.sharding.NamedSharding(mesh, jax.P(*dims))
+      # spread over fsdp like every parameter (ZeRO-3), e.g. projected moments [r, d_out] of a weight whose d_out
+      # is not the fsdp-split side
+      return jax.sharding.NamedSharding(mesh, sharding.complete_fsdp(jax.P(*dims), leaf.shape, mesh))
+    if getattr(leaf, "shape", None):   # e.g. FRUGAL's moments stacked over the parameters of one shape
+      return jax.sharding.NamedSharding(mesh, sharding.complete_fsdp(jax.P(), leaf.shape, mesh))
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)

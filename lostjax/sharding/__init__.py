@@ -117,8 +117,8 @@ def gathered_call(fn, weights: Sequence, *args, scatter_grad: bool = True):
   checkpoint that saves nothing, so no gathered weight lives from the forward to the backward pass: the
   backward gathers it again when the layer's cotangent arrives (`lostjax.remat.checkpoint`; with a plain
   `jax.checkpoint` XLA:CPU issued every re-gather at the start of the step, keeping a gathered copy of the whole
-  model alive), and the weight's gradient is reduce-scattered onto its shards. Without a mesh, or when no weight is sharded over
-  fsdp, plainly fn(*values, *args).
+  model alive), and the weight's gradient is reduce-scattered onto its shards. Without a mesh, or when no weight
+  is sharded over fsdp, plainly fn(*values, *args).
 
   scatter_grad=False: the gradient is all-reduced in the gathered layout and then sliced onto the shards. For a
   table lookup (the embedding): its gradient is a scatter-add of the batch-sharded rows, which XLA cannot write
@@ -240,7 +240,15 @@ def param_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh,
   size, ...), the largest dimension that fsdp (times what already splits it) divides is split over fsdp too,
   so every weight is spread over the fsdp devices, not only those with an `embed` dimension."""
   spec = logical_to_mesh(logical, shape, mesh, rules)
-  if logical is None or mesh.shape.get("fsdp", 1) == 1:
+  if logical is None:
+    return spec
+  return complete_fsdp(spec, shape, mesh)
+
+
+def complete_fsdp(spec: P, shape: Sequence[int], mesh) -> P:
+  """ZeRO-3's completion of a state array's PartitionSpec: when no dimension is split over `fsdp`, the largest
+  dimension that fsdp (times what already splits it) divides is split over fsdp too; unchanged otherwise."""
+  if mesh.shape.get("fsdp", 1) == 1:
     return spec
   entries = [_entry_axes(e) for e in spec]
   entries += [()] * (len(shape) - len(entries))
@@ -321,5 +329,5 @@ def batch_divisor(mesh, rules=DEFAULT_RULES) -> int:
   return _axis_size(mesh, batch_axes(mesh, rules))
 
 
-__all__ = ["spec_axes", "spec_entry", "constrain_saved", "splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
+__all__ = ["complete_fsdp", "spec_axes", "spec_entry", "constrain_saved", "splits_features", "param_spec", "gathered_call", "constrain", "constrain_tokens", "activation_axis", "PARAM_RULES", "ACTIVATION_RULES", "init_module", "make_mesh", "logical_to_mesh", "state_shardings", "batch_sharding", "replicated", "DEFAULT_RULES",
            "MESH_AXES", "batch_divisor", "batch_axes"]
