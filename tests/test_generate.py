@@ -133,6 +133,8 @@ def test_sampling_reproducible_topk1_is_greedy_and_eos():
   greedy = np.asarray(gen.generate(model, prompt, 12, temperature=0))
   np.testing.assert_array_equal(np.asarray(gen.generate(model, prompt, 12, temperature=1.3, top_k=1, seed=3)),
                                 greedy)
+  zeros = np.array([[0, 20, 30], [40, 50, 0]])                      # 0 is a valid prompt id
+  assert gen.generate(model, zeros, 12, temperature=0).shape == (2, 12)
   # eos_id 0 is a valid id, also as the first new token: seed 49 at T = 50 samples 0 first in row 1
   free = np.asarray(gen.generate(model, prompt, 12, temperature=50.0, seed=49))
   assert free[1, 0] == 0 and (free[1, 1:] != 0).any()
