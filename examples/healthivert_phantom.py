@@ -6,19 +6,22 @@ the real vertebra. Here the CT is replaced by phantoms with known heights:
 
 1. Phantom (`--size` px square, default 64, hole `--band` rows, default 10 = 40 px at 256 scaled by 1/4): five
    rounded rectangles (cortical rim 200, interior 150, grey levels of a uint8 CT window), discs (80) between them,
-   soft tissue 30, noise; healthy heights 7-9 px, widths 26-32 px; `--slices` sagittal slices per volume whose
-   widths shrink away from the mid-sagittal slice. The target is vertebra 1, 2 or 3; the others are the
-   neighbours the coarse stage segments.
+   soft tissue 30, noise; healthy heights grow smoothly down the spine (a start of 6.5-8.5 px plus 0.2-0.5 px per
+   level, rounded), so a vertebra's healthy height follows from its neighbours; widths 26-32 px; `--slices`
+   sagittal slices per volume whose widths shrink away from the mid-sagittal slice. The target is vertebra 1, 2
+   or 3; the others are the neighbours the coarse stage segments.
 2. Training (healthy spines only, as the method): `--steps` iterations of the reference's update order on batches
    of `--batch` random slices: one generator forward (spectral-norm vectors updated), one Adam step for each of
    the three PatchGAN discriminators, then one generator step through the updated discriminators with every loss
    term at its official weight (`losses.healthivert`); Adam 2e-4, beta1 0.5. The HGAM input is zero (no fracture
    classifier is trained here) and the local discriminator's window is scaled with the image.
-3. Evaluation: `--n_grade` phantoms with a crush, wedge or biconcave fracture of known height loss r in [0, 0.6]
-   (Genant-like grade = digitize(r, [0.2, 0.25, 0.4])); the generator (eval mode) synthesises every slice, the
-   synthesised mask (rows [u, b) of the SHRM composition) and the real one give pre / mid / post RHLV
-   (`lostjax.metrics.healthivert.rhlv`), which the reference's SVM protocol grades (`svm_grading`, needs
-   scikit-learn). The same is done with the known healthy mask in place of the synthesised one (the RHLV upper
+3. Evaluation: `--n_grade` phantoms, a quarter healthy and a quarter each with a crush, wedge or biconcave fracture
+   of requested height loss in [0.05, 0.6]; heights are whole pixels, so the grade is that of the drawn loss
+   r = 1 - (smallest fractured column) / (healthy height) in the mid slice: Genant-like grade = digitize(r, [0.2,
+   0.25, 0.4]). Every fourth group of four phantoms (one of each kind) is the SVM's validation set. The generator
+   (eval mode) synthesises every slice, the synthesised mask (rows [u, b) of the SHRM composition) and the real one
+   give pre / mid / post RHLV (`lostjax.metrics.healthivert.rhlv`), which the reference's SVM protocol grades
+   (`svm_grading`, needs scikit-learn). The same is done with the known healthy mask in place of the synthesised one (the RHLV upper
    bound). Healthy validation phantoms give the generation metrics (PSNR, SSIM, IoU, Dice, RVD).
 
 Writes `<outdir>/healthivert_phantom.png` (inputs, syntheses, RHLV against the true height loss),
@@ -92,10 +95,14 @@ def make_phantom(rng, size=64, n_slices=10, target=2, fracture=None, loss=0.):
   """A spine volume [S, S, Z]: CT (uint8 scale), masks of the 5 vertebrae [5, S, S, Z] and the healthy target.
 
   fracture: None, "crush" (uniform), "wedge" (anterior = low columns lose `loss` of the height, posterior intact)
-  or "biconcave" (middle columns lose `loss`). Returns dict(ct, masks, healthy_target, heights).
+  or "biconcave" (middle columns lose `loss`). Heights are whole pixels, so the drawn loss differs from `loss`:
+  `height_loss` is the realised one, 1 - (smallest fractured column height) / (healthy height), in the
+  mid-sagittal slice. Returns dict(ct, masks, healthy_target, heights, height_loss).
   """
   scale = size / 64
-  heights = rng.integers(round(7 * scale), round(9 * scale) + 1, 5)
+  # heights change smoothly along the spine (a start height and a per-level increase, rounded), as in real spines,
+  # so the healthy height of a vertebra can be inferred from its neighbours
+  heights = np.round((rng.uniform(6.5, 8.5) + rng.uniform(0.2, 0.5) * np.arange(5)) * scale).astype(int)
   width = int(rng.integers(round(26 * scale), round(32 * scale) + 1))
   discs = rng.integers(max(round(3 * scale), 2), round(4 * scale) + 1, 4)
   top0 = int((size - heights.sum() - discs.sum()) // 2)
@@ -103,6 +110,7 @@ def make_phantom(rng, size=64, n_slices=10, target=2, fracture=None, loss=0.):
   ct = np.zeros((size, size, n_slices))
   masks = np.zeros((5, size, size, n_slices), bool)
   healthy = np.zeros((size, size, n_slices), bool)
+  realised = 0.
   for z in range(n_slices):
     w = max(int(width * np.sqrt(max(1 - ((z - z_mid) / (n_slices * 0.75)) ** 2, 0.2))), 6)
     c0 = size // 2 - w // 2
@@ -120,6 +128,8 @@ def make_phantom(rng, size=64, n_slices=10, target=2, fracture=None, loss=0.):
         elif fracture == "biconcave":
           hb = base * (1 - loss * np.clip(1 - np.abs(cols - 0.5) * 3, 0, 1))
         hb = np.maximum(np.round(hb), 2)
+      if i == target and z == n_slices // 2:
+        realised = 1. - hb.min() / base.max()
       if i == target:
         healthy[:, :, z], _ = _vertebra(size, top, base, c0, c0 + w)
       m, bottom = _vertebra(size, top + int(base.max() - hb.max()), hb, c0, c0 + w)
@@ -130,7 +140,7 @@ def make_phantom(rng, size=64, n_slices=10, target=2, fracture=None, loss=0.):
         img[bottom:bottom + discs[i], c0:c0 + w] = 80.
         top = bottom + discs[i]
     ct[:, :, z] = np.clip(img + rng.normal(0, 5, img.shape), 0, 255)
-  return {"ct": ct, "masks": masks, "healthy_target": healthy, "heights": heights}
+  return {"ct": ct, "masks": masks, "healthy_target": healthy, "heights": heights, "height_loss": float(realised)}
 
 
 def slice_sample(ph, z, target, band):
@@ -282,7 +292,9 @@ def evaluate(run, args, rng):
     label = ph["masks"][target]
     r = {k: float(v) for k, v in rhlv_j(synth, label).items()}
     ideal = {k: float(v) for k, v in rhlv_j(ph["healthy_target"], label).items()}
-    rows.append({"kind": kind, "loss": loss, "grade": grade_of(loss), "rhlv": r, "ideal": ideal})
+    # the grade of the drawn (whole-pixel) height loss, not of the requested one
+    rows.append({"kind": kind, "loss": ph["height_loss"], "grade": grade_of(ph["height_loss"]), "rhlv": r,
+                 "ideal": ideal})
     if len(examples) < 4 and kind != "none":
       examples.append((ph, synth, fake_ct, kind, loss))
   gen = []
@@ -293,10 +305,18 @@ def evaluate(run, args, rng):
   return rows, examples, gen
 
 
+def validation_split(n):
+  """[n] bool: every fourth group of four consecutive phantoms (one of each fracture kind) is held out."""
+  return (np.arange(n) // 4) % 4 == 3
+
+
 def grading_scores(rows, key):
-  feats = np.array([[r[key]["pre"], r[key]["mid"], r[key]["post"]] for r in rows])
+  # RHLV = (H_fake - H_label) / (H_fake + 1e-6) is about -1e6 H_label when no synthesised column of a region passes
+  # the height threshold; clipped to [-1, 1] (a real height loss lies in [0, 1)) so one such case does not set
+  # the SVM's feature scaling
+  feats = np.clip([[r[key]["pre"], r[key]["mid"], r[key]["post"]] for r in rows], -1., 1.)
   grades = np.array([r["grade"] for r in rows])
-  is_val = np.arange(len(rows)) % 4 == 3
+  is_val = validation_split(len(rows))
   try:
     out = svm_grading(feats, grades, is_val, n_splits=min(5, max(2, int(np.bincount(grades[~is_val]).min()))))
   except (ImportError, ValueError) as e:
@@ -323,10 +343,10 @@ def figure(path, examples, rows, args):
     a.axis("off")
   loss = np.array([r["loss"] for r in rows])
   for key, mk, lab in (("rhlv", "o", "synthesised"), ("ideal", "x", "true healthy mask")):
-    ax[0, n].scatter(loss, [r[key]["mid"] for r in rows], marker=mk, s=12, label=lab)
+    ax[0, n].scatter(loss, np.clip([r[key]["mid"] for r in rows], -1, 1), marker=mk, s=12, label=lab)
   ax[0, n].plot([0, 0.6], [0, 0.6], "k:", lw=0.8)
   ax[0, n].set_xlabel("true height loss")
-  ax[0, n].set_ylabel("mid RHLV")
+  ax[0, n].set_ylabel("mid RHLV (clipped to [-1, 1])")
   ax[0, n].legend(fontsize=7)
   ax[1, n].axis("off")
   fig.tight_layout()
@@ -359,23 +379,28 @@ def main(argv=None):
   finite = all(np.isfinite(v) for h in history for v in h.values())
   run = make_synthesise(g_def, state["g"], args)
   rows, examples, gen = evaluate(run, args, rng)
+  from scipy.stats import spearmanr
   loss = np.array([r["loss"] for r in rows])
+  mid, ideal_mid = np.array([r["rhlv"]["mid"] for r in rows]), np.array([r["ideal"]["mid"] for r in rows])
   result = {
       "steps": args.steps, "batch": args.batch, "size": args.size, "train_seconds": round(t_train, 1),
       "setup_seconds": round(marks[0][0] - t0, 1), "setup_cpu_seconds": round(marks[0][1] - c0, 1),
       "step_seconds": round((marks[1][0] - marks[0][0]) / n_after, 3),
       "step_cpu_seconds": round((marks[1][1] - marks[0][1]) / n_after, 3),
       "losses_finite": bool(finite), "first": history[0], "last": history[-1],
+      "grade_counts": np.bincount([r["grade"] for r in rows], minlength=len(GRADE_CUTS) + 1).tolist(),
       "grading_synthesised": grading_scores(rows, "rhlv"), "grading_true_healthy": grading_scores(rows, "ideal"),
-      "mid_rhlv_corr": round(float(np.corrcoef(loss, [r["rhlv"]["mid"] for r in rows])[0, 1]), 4)
-      if np.std([r["rhlv"]["mid"] for r in rows]) > 0 else 0.,
-      "mid_rhlv_mae_vs_ideal": round(float(np.mean([abs(r["rhlv"]["mid"] - r["ideal"]["mid"]) for r in rows])), 4),
+      "mid_rhlv_spearman": round(float(spearmanr(loss, mid).statistic), 4) if np.std(mid) > 0 else 0.,
+      "mid_rhlv_median_abs_error_vs_ideal": round(float(np.median(np.abs(mid - ideal_mid))), 4),
+      "n_without_synthesised_columns": int(sum(min(r["rhlv"][k] for k in ("pre", "mid", "post")) < -1.
+                                               for r in rows)),
       "generation": {k: round(float(np.mean([g[k] for g in gen])), 4) for k in gen[0]},
       "total_seconds": round(time.time() - t0, 1), "total_cpu_seconds": round(time.process_time() - c0, 1)}
   figure(os.path.join(args.outdir, "healthivert_phantom.png"), examples, rows, args)
   with open(os.path.join(args.outdir, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(args.outdir, "results.md"), "w") as f:
+    f.write(f"Graded phantoms per grade 0-3: {result['grade_counts']}.\n\n")
     f.write("| features | macro F1 | precision | recall | accuracy |\n|---|---|---|---|---|\n")
     for key, name in (("grading_synthesised", "RHLV, synthesised healthy mask"),
                       ("grading_true_healthy", "RHLV, true healthy mask (upper bound)")):

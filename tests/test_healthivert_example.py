@@ -29,6 +29,26 @@ def test_phantom_heights_and_fracture_loss():
   cols = healthy > 0
   assert healthy[cols].max() == ph["heights"][2]
   np.testing.assert_allclose(real[cols][1:-1], np.round(ph["heights"][2] * 0.5), atol=1)
+  # the grade comes from the drawn whole-pixel loss: 1 - smallest fractured column / healthy height (mid slice)
+  for kind in ("crush", "wedge", "biconcave"):
+    ph = ex.make_phantom(rng, 64, 10, target=2, fracture=kind, loss=0.22)
+    h = ph["masks"][2][:, :, 5].sum(axis=0)
+    assert ph["height_loss"] == 1 - h[h > 0][1:-1].min() / ph["heights"][2]     # corners are rounded
+    assert ph["height_loss"] != 0.22
+  assert ex.make_phantom(rng, 64, 10, target=2)["height_loss"] == 0.
+  # neighbours predict the target's healthy height: heights never fall down the spine and change by <= 1 px
+  for seed in range(20):
+    steps = np.diff(ex.make_phantom(np.random.default_rng(seed), 64, 4, target=2)["heights"])
+    assert steps.min() >= 0 and steps.max() <= 1
+
+
+def test_validation_split_holds_every_fracture_kind():
+  ex = _example()
+  val = ex.validation_split(80)
+  assert val.sum() == 20
+  kinds = np.arange(80) % 4        # the kind cycle of the graded phantoms
+  for k in range(4):
+    assert (val & (kinds == k)).sum() == 5 and (~val & (kinds == k)).sum() == 15
 
 
 @pytest.mark.slow
