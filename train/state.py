@@ -145,8 +145,9 @@ def optimizer_shardings(opt_shapes, params, mesh):
   split on each dimension of the same position and size, or else of the same size when only one parameter
   dimension has it (the d_in or d_out side, a transposed [d_out, r] projection too), replicated on the others,
   and then split over fsdp on its largest dimension if no dimension took fsdp (`sharding.complete_fsdp`), so no
-  per-matrix state is replicated whole on every device. Leaves no parameter path matches are split over fsdp on
-  their largest dimension it divides (stacked moments), else replicated (counters, keys)."""
+  per-matrix state is replicated whole on every device. Leaves no parameter path matches are replicated
+  (counters, keys, and FRUGAL's moments stacked over the parameters of one shape: split over fsdp, they are
+  gathered per parameter with "Involuntary full rematerialization" on data × fsdp × tensor)."""
   by_path = {path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   replicated = sharding.replicated(mesh)
 
@@ -173,8 +174,6 @@ def optimizer_shardings(opt_shapes, params, mesh):
       # spread over fsdp like every parameter (ZeRO-3), e.g. projected moments [r, d_out] of a weight whose d_out
       # is not the fsdp-split side
       return jax.sharding.NamedSharding(mesh, sharding.complete_fsdp(jax.P(*dims), leaf.shape, mesh))
-    if getattr(leaf, "shape", None):   # e.g. FRUGAL's moments stacked over the parameters of one shape
-      return jax.sharding.NamedSharding(mesh, sharding.complete_fsdp(jax.P(), leaf.shape, mesh))
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)
