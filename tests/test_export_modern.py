@@ -264,6 +264,7 @@ def test_mixtral_load_balancing_weight_maps_with_top_k():
   mcfg = LlamaConfig(**{**MOE, "moe_aux_weight": w})
   written = export.hf_config(mcfg)
   assert written["router_aux_loss_coef"] == pytest.approx(w / k)
+  assert written["output_router_logits"] is False     # as in the released checkpoints (docs/export.md)
   for n_layers in (1, 3):
     logits = rng.normal(size=(n_layers, T, E)) * 1.5 + rng.normal(size=(n_layers, 1, E))  # layers favour experts
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
