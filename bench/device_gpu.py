@@ -12,7 +12,8 @@ is rewritten after every part, so a run cut short keeps what finished):
              `jax.profiler` trace of 3 steps, device ops summed by name, the top 15 by time (falling back to the
              compiled HLO's op counts and cost analysis when tracing fails)
   model_350m train step (AdamW, bf16 compute, f32 master weights, 16384 tokens, seq 1024): dense and LOST on
-             every sparse path of `lostjax.kernels.registry` that runs on the backend, q/k/v and gate/up grouped
+             every sparse path of `lostjax.kernels.registry` that runs on the backend, q/k/v and gate/up grouped;
+             LOST also with `model.lost_contiguous_down` ('+contiguous_down': down's gather a slice)
   grouped    the same model with q/k/v and gate/up one by one (`fuse_projections=False`), dense and the fused paths
   torch      Hugging Face `LlamaForCausalLM` with the 350M dense shape, `torch.compile`d (and eager for reference)
   model_1b   as model_350m at 1B (8192 tokens per step so that it fits an 80 GB card beside the optimizer state)
@@ -102,15 +103,15 @@ def _model_rows(lg, plan, deadline, peak, tokens):
 
 
 def _model_plan(size, seq, backend, separate=False, smoke=False):
-  if smoke:  # one row per code path: dense, LOST 'auto', one grouped path one by one
+  if smoke:  # one row per code path: dense, LOST 'auto' (contiguous down channels), one grouped path one by one
     return ([(size, "lost", seq, "fused_concat-sep")] if separate else
-            [(size, "dense", seq, "auto"), (size, "lost", seq, "auto")])
+            [(size, "dense", seq, "auto"), (size, "lost", seq, "auto+contiguous_down")])
   if separate:  # dense and the fused paths (the ones that share work across q/k/v and gate/up), one by one
     from lostjax.kernels.registry import IMPLS
     return [(size, "dense", seq, "auto"), (size, "dense", seq, "auto-sep")] + [
         (size, "lost", seq, n + suffix) for n in _sparse_paths(backend) if IMPLS[n].fused for suffix in ("", "-sep")]
-  return [(size, "dense", seq, "auto"), (size, "lost", seq, "auto")] + [
-      (size, "lost", seq, n) for n in _sparse_paths(backend)]
+  return [(size, "dense", seq, "auto"), (size, "lost", seq, "auto"), (size, "lost", seq, "auto+contiguous_down")] + [
+      (size, "lost", seq, n) for n in _sparse_paths(backend)] + [(size, "lost", seq, "fused_concat+contiguous_down")]
 
 
 def part_model_350m(smoke, deadline, peak):

@@ -309,7 +309,8 @@ def _fast_init(cfg, llama_cls, nnx):
 
 def jax_train_step_bench(size, kind, seq, batch, sparse_impl="auto", attention_impl=None):
   """sparse_impl: a model.sparse_impl (sparse-path registry name, lostjax.kernels.registry), optionally with the
-  suffix '-sep' (model.fuse_projections=False: q/k/v and gate/up one by one)."""
+  suffix '-sep' (model.fuse_projections=False: q/k/v and gate/up one by one), then optionally '+contiguous_down'
+  (model.lost_contiguous_down=True: down's sparse channels a slice)."""
   return _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, sparse_impl)
 
 
@@ -317,12 +318,14 @@ def _jax_train_step_bench(size, kind, seq, batch, sparse_impl, attention_impl, l
   from flax import nnx
 
   from lostjax.models import Llama, preset
+  contiguous = sparse_impl.endswith("+contiguous_down")  # model.lost_contiguous_down (LOST MLP)
+  sparse_impl = sparse_impl.removesuffix("+contiguous_down")
   separate = sparse_impl.endswith("-sep")
   overrides = dict(dtype="bfloat16", param_dtype="float32", max_seq_len=max(1024, seq),
                    sparse_impl=sparse_impl.removesuffix("-sep"), attention_impl=attention_impl,
                    fuse_projections=not separate)
   if kind != "dense":
-    overrides.update(attn_kind=kind, mlp_kind=kind)
+    overrides.update(attn_kind=kind, mlp_kind=kind, lost_contiguous_down=contiguous and kind == "lost")
   overrides.update(getattr(ARGS, "model_overrides", None) or {})  # e.g. n_layers=1 for smoke runs
   cfg = preset(size, **overrides)
   t0 = time.perf_counter()

@@ -26,7 +26,10 @@ FLOPs per step (stated, counted explicitly from the built parameter trees):
   python bench/train_step.py                       # batch 4 x seq 256, 2 warm-up + 4 timed rounds, ~5 min idle
   python bench/train_step.py --batch 8 --steps 7   # more tokens per step / more samples
   python bench/train_step.py --variants tiny/dense,tiny/lost --no-torch   # quick smoke
-  Variant syntax: <size>/<method>[-sep][@<sparse_impl>]; "-sep" computes q/k/v and gate/up one by one
+  Variant syntax: <size>/<method>[-sep][@<sparse_impl>][%<field>=<value>...][+<xla_option>=<value>...]; "+" compiles
+  the step with
+  XLA compiler options (e.g. 60m/dense+xla_cpu_use_onednn=true), "%<field>=<value>" sets a model config field
+  (e.g. 60m/lost%lost_contiguous_down=true); "-sep" computes q/k/v and gate/up one by one
   (model.fuse_projections=False) instead of together; <sparse_impl> is a sparse-path name of
   lostjax.kernels.registry (auto, gather_xla, gather_onehot_grad, fused_concat, fused_onehot, pallas_gpu,
   pallas_tpu), e.g. 60m/lost@gather_xla.
@@ -77,12 +80,16 @@ def _matmul_params(params) -> int:
 
 def build_lostjax(size: str, method: str, batch: int, seq: int, seed: int = 0):
   """(step_fn, state, rest, batch, info): the jitted, donating train step exactly as trainer.train builds it."""
+  method, *opts = method.split("+")                # e.g. "dense+xla_cpu_use_onednn=true": XLA compiler options
+  method, *fields = method.split("%")              # e.g. "lost%lost_contiguous_down=true": model config fields
   method, _, sparse_impl = method.partition("@")   # e.g. "lost@fused_onehot" sets model.sparse_impl
   separate = method.endswith("-sep")               # e.g. "dense-sep": model.fuse_projections=False
   method = method.removesuffix("-sep")
   cfg = get_config(f"{size},{method}")
   if sparse_impl:
     cfg.model.sparse_impl = sparse_impl
+  for name, _, value in (f.partition("=") for f in fields):
+    cfg.model[name] = type(cfg.model[name])(value.lower() == "true" if isinstance(cfg.model[name], bool) else value)
   cfg.model.fuse_projections = not separate
   cfg.train.global_batch = batch
   cfg.train.seq_len = seq
@@ -99,6 +106,9 @@ def build_lostjax(size: str, method: str, batch: int, seq: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   data = {"tokens": jnp.asarray(rng.integers(0, model_cfg.vocab_size, (batch, seq + 1)), jnp.int32),
           "ids": jnp.arange(batch, dtype=jnp.int32)}
+  if opts:  # the same step compiled with XLA options (DebugOptions fields), for in-process A/B timings
+    options = {k: {"true": True, "false": False}.get(v.lower(), v) for k, _, v in (o.partition("=") for o in opts)}
+    step_fn = step_fn.lower(state, rest, data).compile(compiler_options=options)
   n_mm = _matmul_params(params)
   n_total = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
   flops_per_token = 6 * n_mm + 12 * model_cfg.n_layers * model_cfg.d_model * seq

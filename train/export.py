@@ -415,7 +415,23 @@ def hf_values(tensors: dict, mcfg, hf_dir: str, *, method: str, rank: int, spars
       for leaf in ("a", "b", "w_sparse", "idx"):
         leaves = np.stack([np.asarray(getattr(dec, leaf)) for dec in decs])
         values[("layers", i, *key, leaf)] = leaves if w.ndim == 3 else leaves[0]
+    if method == "lost" and mcfg.lost_contiguous_down:
+      _down_channels_first(values, i)
   return values
+
+
+def _down_channels_first(values: dict, i: int) -> None:
+  """Layer i's MLP values in the order `model.lost_contiguous_down` builds (as `Mlp` does at init with
+  `lostjax.layers.lost.move_sparse_channels_first` and `permute_outputs`): down's sparse channels first."""
+  key = lambda proj, leaf: ("layers", i, "mlp", proj, leaf)
+  idx = np.asarray(values[key("down", "idx")])
+  a = np.asarray(values[key("down", "a")])
+  perm = np.concatenate([idx, np.setdiff1d(np.arange(a.shape[0]), idx)])
+  values[key("down", "a")] = a[perm]
+  values[key("down", "idx")] = np.arange(idx.shape[0], dtype=idx.dtype)
+  for proj in ("gate", "up"):
+    for leaf in ("b", "w_sparse"):
+      values[key(proj, leaf)] = np.asarray(values[key(proj, leaf)])[:, perm]
 
 
 def fill_state(state, values: dict):

@@ -29,6 +29,11 @@ Deliberate deviations from the authors' development code (github.com/JiaxiLi1/Lo
     γ·A·B + (1−γ)·S(W0[I]) is exactly the decomposition the sparse part was chosen against;
   * no bias (LLaMA linears have none; the dev code adds a trainable zero bias).
 With k = 0 (s·d_in < 1) the layer has no sparse branch and is γ-scaled low rank.
+
+Contiguous sparse channels (our addition, a re-parameterisation of the same function): when whatever produces the
+layer's input can permute its output features for free (the SwiGLU MLP: gate/up columns, elementwise product, then
+down), `move_sparse_channels_first` reorders the inputs so that I = 0..k-1; x[..., I] is then a slice, whose
+gradient is a pad instead of a scatter-add (`LlamaConfig.lost_contiguous_down`).
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ class Lost(nnx.Module):
     self.b = common.param(dec.b.astype(pdt), ("rank", axes[1]))
     self.w_sparse = common.param(dec.w_sparse.astype(pdt), ("sparse", axes[1]))
     self.idx = SparseIndex(dec.idx, out_sharding=("sparse",), eager_sharding=False)
+    self.prefix = False  # True: idx is 0..k-1 (set by `move_sparse_channels_first`), the gather is a slice
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = sharding.gathered_call(self._apply, (self.a, self.b, self.w_sparse), x, self.idx[...])
@@ -150,6 +156,8 @@ class Lost(nnx.Module):
   def _apply(self, a, b, w_sparse, x, idx):
     dt = self.dtype
     x, a, b, w_sparse = x.astype(dt), a.astype(dt), b.astype(dt), w_sparse.astype(dt)
+    if self.prefix and self.k:
+      return self._apply_prefix(a, b, w_sparse, x)
     if IMPLS[self.sparse_impl].fused and self.k:
       from lostjax import kernels
       return kernels.lost_matmul(x, a, b, idx, w_sparse, self.gamma, act=self.act, impl=self.sparse_impl)
@@ -160,6 +168,39 @@ class Lost(nnx.Module):
     if self.k:
       y = y + (1.0 - self.gamma) * sparse_matmul(x, idx, w_sparse, impl=self.sparse_impl)
     return y
+
+
+  def _apply_prefix(self, a, b, w_sparse, x):
+    """The layer when its sparse channels are the first k inputs: x[..., :k] is a slice (its gradient a pad, no
+    scatter). On a fused path both branches are one GEMM over [σ(x A), x[..., :k]], as in `kernels.lost_matmul`."""
+    h = sharding.constrain_tokens(common.matmul(x, a), "activation_rank")
+    if self.act is not None:
+      h = self.act(h)
+    xs = x[..., :self.k]
+    if IMPLS[self.sparse_impl].fused:
+      w = jnp.concatenate([self.gamma * b, (1.0 - self.gamma) * w_sparse], axis=0)
+      return common.matmul(jnp.concatenate([h, xs], axis=-1), w)
+    return self.gamma * common.matmul(h, b) + (1.0 - self.gamma) * common.matmul(xs, w_sparse)
+
+
+def move_sparse_channels_first(layer: Lost) -> jax.Array:
+  """Reorders the inputs of a LOST layer so that its k sparse channels come first, in their order: the rows of A
+  are permuted, I becomes 0..k-1 and the layer gathers with a slice. Returns the permutation `perm` [d_in]
+  (new input j = old input perm[j]); the layer computes the same function of the permuted input x[..., perm],
+  so whatever produces x must permute its outputs the same way (`permute_outputs`)."""
+  idx = layer.idx[...]
+  chosen = jnp.zeros((layer.d_in,), jnp.int32).at[idx].set(1)
+  perm = jnp.argsort(1 - chosen, stable=True).astype(jnp.int32)  # the chosen channels (ascending), then the rest
+  layer.a[...] = layer.a[...][perm]
+  layer.idx[...] = jnp.arange(layer.k, dtype=idx.dtype)
+  layer.prefix = True
+  return perm
+
+
+def permute_outputs(layer: Lost, perm: jax.Array) -> None:
+  """Permutes the output features of a LOST layer (columns of B and W_s): y_new = y[..., perm]."""
+  layer.b[...] = layer.b[...][:, perm]
+  layer.w_sparse[...] = layer.w_sparse[...][:, perm]
 
 
 def sparse_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: str = "gather_xla") -> jax.Array:

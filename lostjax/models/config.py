@@ -104,6 +104,10 @@ class LlamaConfig:
   # q/k/v and gate/up read the same input: compute them together (lostjax.layers.group: one GEMM for dense
   # kernels and for the low-rank down-projections, one gather for LOST channel sets). Same parameters either way.
   fuse_projections: bool = True
+  # LOST MLP (mlp_kind='lost', no experts): permute the d_ff channels once at init so that down's sparse channels
+  # are the first k (lostjax.layers.lost.move_sparse_channels_first; gate/up output columns permuted to match).
+  # The same function and initial values up to that order; down's gather becomes a slice.
+  lost_contiguous_down: bool = False
   # Numerics: parameters in param_dtype, matmuls in dtype (bf16 compute with float32 master weights).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -152,6 +156,11 @@ class LlamaConfig:
       raise ValueError(f"unknown model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"model.fuse_projections must be a bool, got {self.fuse_projections!r}")
+    if not isinstance(self.lost_contiguous_down, bool):
+      raise ValueError(f"model.lost_contiguous_down must be a bool, got {self.lost_contiguous_down!r}")
+    if self.lost_contiguous_down and (self.mlp_kind != "lost" or self.moe_experts):
+      raise ValueError(f"model.lost_contiguous_down=True needs the dense-MLP LOST model (mlp_kind='lost', "
+                       f"moe_experts=0), got mlp_kind={self.mlp_kind!r}, moe_experts={self.moe_experts}")
     try:  # a legacy name (config.json of an older run) is stored as its registry name: the same model
       object.__setattr__(self, "sparse_impl", canonical_name(self.sparse_impl))
       # (no backend query here: building a config must not start JAX, e.g. before jax.distributed.initialize;

@@ -12,6 +12,7 @@ from flax import nnx
 from lostjax import sharding
 from lostjax.layers import make_linear
 from lostjax.layers.group import grouped_call
+from lostjax.layers.lost import move_sparse_channels_first, permute_outputs
 from lostjax.models.config import LlamaConfig
 
 
@@ -41,6 +42,12 @@ class Mlp(nnx.Module):
     self.gate = linear(cfg, "mlp", cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
     self.up = linear(cfg, "mlp", cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
     self.down = linear(cfg, "mlp", cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
+    if cfg.lost_contiguous_down and self.down.k:
+      # d_ff channels reordered (down's sparse channels first); silu(gate) * up is elementwise per channel, so
+      # permuting gate's and up's output columns the same way leaves the MLP's function unchanged.
+      perm = move_sparse_channels_first(self.down)
+      permute_outputs(self.gate, perm)
+      permute_outputs(self.up, perm)
 
   def __call__(self, x):
     gate, up = project(self.cfg, (self.gate, self.up), x)
