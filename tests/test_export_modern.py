@@ -313,10 +313,22 @@ def test_mixtral_tensor_layouts_read_alike():
       np.testing.assert_array_equal(experts[ours], np.swapaxes(w, 1, 2), err_msg=ours)
 
 
-def test_hf_config_defaults_follow_transformers():
-  """Keys a config.json may omit take transformers' LlamaConfig defaults (rms_norm_eps 1e-6)."""
+def test_hf_config_defaults_follow_transformers_and_the_lost_rank():
+  """Keys a config.json may omit take transformers' LlamaConfig defaults (rms_norm_eps 1e-6). A LOST import's rank
+  defaults to min(d_model // 4, narrowest // 2), narrowest = min(hidden, intermediate, K/V width), and must lie in
+  (0, narrowest); 0 means that default in load_hf, import_hf and the --rank flag alike."""
+  import inspect
   hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
         "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 64}
-  cfg, _ = export.hf_run_config(hf)
+  cfg, rank = export.hf_run_config(hf)
   assert cfg.model.norm_eps == 1e-6          # transformers.LlamaConfig().rms_norm_eps
+  assert cfg.model.attn_kind == "dense"
+  cfg, rank = export.hf_run_config(hf, method="lost")
+  assert rank == cfg.model.attn_rank == cfg.model.mlp_rank == 8 and cfg.model.attn_kind == "lost"
+  gqa = {**hf, "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 1}     # K/V 8 wide
+  assert export.hf_run_config(gqa, method="lost")[1] == 4
+  with pytest.raises(ValueError, match=r"--rank=8 must be in \(0, 8\)"):
+    export.hf_run_config(gqa, method="lost", rank=8)
+  assert (inspect.signature(export.load_hf).parameters["rank"].default
+          == inspect.signature(export.import_hf).parameters["rank"].default == export._flags()["rank"].default == 0)
 
