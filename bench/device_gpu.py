@@ -97,9 +97,30 @@ def _model_rows(lg, plan, deadline, peak, tokens):
   if peak:
     lg.RESULT["peak"] = {"jax_bf16_tflops": peak}
   lg.ARGS.model_tokens = tokens
-  out = lg.model_section(deadline, plan)
-  out["backend"] = jax.default_backend()
-  return out
+  rows = []
+  for item in plan:  # row by row, each finished row written at once: a part killed at its limit keeps them
+    rows += lg.model_section(deadline, [item])["rows"]
+    _speedups(rows)
+    _partial({"rows": rows, "tokens_per_step": tokens, "partial": "rows finished before the part's time limit"})
+  return {"tokens_per_step": tokens, "rows": rows, "backend": jax.default_backend()}
+
+
+def _speedups(rows):
+  """speedup_vs_dense of every row: tokens/s over the dense 'auto' row of the same size and seq."""
+  dense = {(r["size"], r["seq"]): r["tokens_per_s"] for r in rows
+           if r.get("kind") == "dense" and r.get("sparse_impl") == "auto" and "tokens_per_s" in r}
+  for r in rows:
+    if "tokens_per_s" in r and (r["size"], r["seq"]) in dense:
+      r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense[(r["size"], r["seq"])], 4)
+
+
+PART_OUT = None  # the child's result file (partial results are written there as they come)
+
+
+def _partial(res):
+  if PART_OUT:
+    with open(PART_OUT, "w") as f:
+      json.dump(res, f, default=str)
 
 
 def _model_plan(size, seq, backend, separate=False, smoke=False):
@@ -308,16 +329,21 @@ def _child(name, args, limit_s, peak):
     cmd.append("--smoke")
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # one framework per process: most of the card
+  if name == "torch":  # JAX must not take the card from PyTorch there
+    env["JAX_PLATFORMS"] = "cpu"
+  timeout = None
   try:
     proc = subprocess.run(cmd, env=env, timeout=limit_s, capture_output=True, text=True)
   except subprocess.TimeoutExpired as e:
-    tail = (e.stderr or b"")[-800:] if isinstance(e.stderr, bytes) else (e.stderr or "")[-800:]
-    return {"error": f"timed out after {limit_s:.0f} s", "stderr_tail": str(tail)}
+    tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    timeout = {"error": f"timed out after {limit_s:.0f} s", "stderr_tail": tail[-800:]}
   try:
     with open(path) as f:
       res = json.load(f)
+    if timeout:  # the rows the part had finished
+      res.update(timeout)
   except (OSError, ValueError):
-    res = {"error": f"exit status {proc.returncode}, no result", "stderr_tail": proc.stderr[-1500:]}
+    res = timeout or {"error": f"exit status {proc.returncode}, no result", "stderr_tail": proc.stderr[-1500:]}
   finally:
     if os.path.exists(path):
       os.remove(path)
@@ -361,6 +387,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   if args.part:  # child: one part, its result as JSON
+    global PART_OUT
+    PART_OUT = args.part_out
     res = run_part(args.part, args.smoke, args.part_deadline, args.peak or None)
     with open(args.part_out, "w") as f:
       json.dump(res, f, default=str)
