@@ -152,6 +152,11 @@ def test_best_edge_and_verdicts():
   assert b2["dense"]["lr"] == 3e-3 and b2["dense"]["eval_loss_mean"] == pytest.approx(8.0 / 3)
   assert "0.55× dense" in v[0][2] and "no more than 2%" in v[0][0] and "GaLore" in v[2][0] and "FRUGAL" in v[3][0]
   assert "0.39 MiB" not in v[2][2] and "vs 0.00 MiB" in v[2][2]
+  # a failed memory measurement leaves the size half of the LOST claim unknown, not satisfied
+  for missing in ("lost", "dense"):
+    part = {**best, missing: {**best[missing], "params_linear": None}}
+    claim = study.verdicts(part)[0]
+    assert claim[1] == stats.NOT_MEASURED and "linear parameters not measured" in claim[2], claim
   # 2 % boundaries: LOST 2.1 % above dense on every seed does not hold; low-rank only 1 % above dense is not
   # "clearly worse".
   best = study.pick_best(_confirm(_rows(lost_loss=2.042, low_loss=2.02), jitter=0.0))

@@ -520,9 +520,14 @@ def verdicts(best: dict, steps: int | None = None, min_steps: int = 0) -> list[t
     finish(claim, stats.NOT_MEASURED, "dense or lost not measured")
   else:
     iv = pair("lost", "dense")
-    ratio = (best["lost"]["params_linear"] or 0) / max(best["dense"]["params_linear"] or 1, 1)
-    v = stats.all_of([stats.at_most(iv, _margin(iv)), stats.HOLDS if ratio <= 0.6 else stats.FAILS])
-    finish(claim, v, _diff_text("LOST", "dense", iv) + f"; linear parameters {ratio:.2f}× dense")
+    lost_p, dense_p = best["lost"]["params_linear"], best["dense"]["params_linear"]
+    if lost_p and dense_p:
+      ratio = lost_p / dense_p
+      size, size_text = (stats.HOLDS if ratio <= 0.6 else stats.FAILS), f"linear parameters {ratio:.2f}× dense"
+    else:   # a failed memory measurement: the size half of the claim is unknown
+      size, size_text = stats.NOT_MEASURED, "linear parameters not measured"
+    v = stats.all_of([stats.at_most(iv, _margin(iv)), size])
+    finish(claim, v, _diff_text("LOST", "dense", iv) + f"; {size_text}")
   claim = f"low-rank clearly worse: more than {tol:.0%} higher eval loss than dense and than LOST (GaLore, LOST papers)"
   if "lowrank" not in best or "dense" not in best:
     finish(claim, stats.NOT_MEASURED, "lowrank or dense not measured")
