@@ -127,12 +127,15 @@ def _model_plan(size, seq, backend, separate=False, smoke=False):
   if smoke:  # one row per code path: dense, LOST 'auto' (contiguous down channels), one grouped path one by one
     return ([(size, "lost", seq, "fused_concat-sep")] if separate else
             [(size, "dense", seq, "auto"), (size, "lost", seq, "auto+contiguous_down")])
-  if separate:  # dense and the fused paths (the ones that share work across q/k/v and gate/up), one by one
-    from lostjax.kernels.registry import IMPLS
+  from lostjax.kernels.registry import IMPLS, resolve_sparse_impl
+  if separate:  # dense and the fused paths (the ones that share work across q/k/v and gate/up) one by one; their
+    # grouped rows are in the model parts
     return [(size, "dense", seq, "auto"), (size, "dense", seq, "auto-sep")] + [
-        (size, "lost", seq, n + suffix) for n in _sparse_paths(backend) if IMPLS[n].fused for suffix in ("", "-sep")]
+        (size, "lost", seq, n + "-sep") for n in _sparse_paths(backend) if IMPLS[n].fused]
+  auto = resolve_sparse_impl("auto", backend).name
   return [(size, "dense", seq, "auto"), (size, "lost", seq, "auto"), (size, "lost", seq, "auto+contiguous_down")] + [
-      (size, "lost", seq, n) for n in _sparse_paths(backend)] + [(size, "lost", seq, "fused_concat+contiguous_down")]
+      (size, "lost", seq, n) for n in _sparse_paths(backend) if n != auto] + [
+      (size, "lost", seq, "fused_concat+contiguous_down")]
 
 
 def part_model_350m(smoke, deadline, peak):
