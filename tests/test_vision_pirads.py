@@ -85,12 +85,23 @@ def _volumes():
   return jnp.asarray(phantom_batch(2, shape=(4, 8, 8))[0])
 
 
-def test_forward_shapes_and_identical_paths():
+def test_forward_shapes():                 # traced only (jax.eval_shape): nothing is compiled
+  cfg = P.PiradsConfig(filters=1)
+  x = jax.ShapeDtypeStruct((2, 4, 8, 8, 1), jnp.float32)
+  for train in (False, True):
+    out = jax.eval_shape(lambda x: P.DualPathUNet(cfg, rngs=rngs())(x, train=train, key=jax.random.key(0)), x)
+    assert {k: v.shape for k, v in out.items()} == {"logits_a": (2, 4, 8, 8, 5), "logits_b": (2, 4, 8, 8, 5),
+                                                     "sdm_a": (2, 4, 8, 8, 2), "sdm_b": (2, 4, 8, 8, 2)}
+  out = jax.eval_shape(lambda x: P.UNet3D(5, filters=1, rngs=rngs())(x), x)
+  assert out.shape == (2, 4, 8, 8, 5)
+
+
+@pytest.mark.slow  # default set: test_forward_shapes, test_recompute_batch_stats_... (a compiled U-Net forward)
+def test_forward_values_and_identical_paths():     # and the co-training term in tests/test_loss_pirads.py
   model = P.DualPathUNet(P.PiradsConfig(filters=1), rngs=rngs())
   x = _volumes()
   out = _forward(model, x)
-  assert out["logits_a"].shape == out["logits_b"].shape == (2, 4, 8, 8, 5)
-  assert out["sdm_a"].shape == (2, 4, 8, 8, 2) and float(jnp.abs(out["sdm_a"]).max()) <= 1.0
+  assert float(jnp.abs(out["sdm_a"]).max()) <= 1.0
   assert float(L.pirads_consistency_loss(jax.nn.softmax(out["logits_a"]), jax.nn.softmax(out["logits_b"]))) > 0
   # path B a copy of path A: the two predictions coincide and the co-training term vanishes
   model.encoder_b = nnx.clone(model.encoder_a)
@@ -99,26 +110,32 @@ def test_forward_shapes_and_identical_paths():
   out = _forward(model, x)
   np.testing.assert_array_equal(out["logits_a"], out["logits_b"])
   assert float(L.pirads_consistency_loss(jax.nn.softmax(out["logits_a"]), jax.nn.softmax(out["logits_b"]))) == 0.0
+  # re-estimated BatchNorm statistics of the dual-path model (key check passes with dropout switched off)
+  stats = nnx.jit(P.recompute_batch_stats)(model, x)
+  nnx.update(model, stats)
+  twin = P.DualPathUNet(P.PiradsConfig(filters=1, dropout=0.0), rngs=rngs())
+  nnx.update(twin, nnx.state(model, nnx.Param))
+  fresh, want = _forward(model, x), _forward(twin, x, train=True)
+  np.testing.assert_allclose(fresh["logits_b"], want["logits_b"], rtol=2e-4, atol=2e-4)
 
 
 def test_recompute_batch_stats_makes_eval_mode_match_training_normalisation():
-  # the dual-path model (dropout 0.5, initial running statistics): after re-estimation on x, evaluation mode equals
+  # a U-Net with dropout 0.5 and its initial running statistics: after re-estimation on x, evaluation mode equals
   # the training-mode (batch-statistics) forward of the same weights without dropout, and the model is unchanged
   x = _volumes()
-  model = P.DualPathUNet(P.PiradsConfig(filters=1), rngs=rngs())
-  twin = P.DualPathUNet(P.PiradsConfig(filters=1, dropout=0.0), rngs=rngs())     # same weights, no dropout
+  model = P.UNet3D(5, filters=1, rngs=rngs())
+  twin = P.UNet3D(5, filters=1, dropout=0.0, rngs=rngs())     # same weights, no dropout
   before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
   stats = nnx.jit(P.recompute_batch_stats)(model, x)
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), before)
   stale = _forward(model, x)
   nnx.update(model, stats)
   fresh, want = _forward(model, x), _forward(twin, x, train=True)
-  for k in ("logits_a", "logits_b", "sdm_a"):
-    np.testing.assert_allclose(fresh[k], want[k], rtol=2e-4, atol=2e-4)
-  assert float(jnp.abs(stale["logits_a"] - want["logits_a"]).max()) > 1e-2   # the initial statistics do not match
-  h = np.asarray(jax.nn.relu(twin.encoder_b.d1a.conv(x)))        # first BatchNorm input: mean and biased variance
-  np.testing.assert_allclose(stats["encoder_b"]["d1a"]["bn"]["mean"][...], h.mean((0, 1, 2, 3)), rtol=1e-5)
-  np.testing.assert_allclose(stats["encoder_b"]["d1a"]["bn"]["var"][...], h.var((0, 1, 2, 3)), rtol=1e-4)
+  np.testing.assert_allclose(fresh, want, rtol=2e-4, atol=2e-4)
+  assert float(jnp.abs(stale - want).max()) > 1e-2              # the initial statistics do not match
+  h = np.asarray(jax.nn.relu(twin.encoder.d1a.conv(x)))         # first BatchNorm input: mean and biased variance
+  np.testing.assert_allclose(stats["encoder"]["d1a"]["bn"]["mean"][...], h.mean((0, 1, 2, 3)), rtol=1e-5)
+  np.testing.assert_allclose(stats["encoder"]["d1a"]["bn"]["var"][...], h.var((0, 1, 2, 3)), rtol=1e-4)
 
 
 def test_bad_volumes():
