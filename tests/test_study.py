@@ -182,6 +182,10 @@ def test_confirmation_specs():
     study.confirm_seeds(cfg)
   with pytest.raises(ValueError, match="jobs=0"):
     study.run_study(grids.get_config("cpu"), "/nonexistent/never", jobs=0)
+  bad = grids.get_config("cpu")
+  bad.only = "nosuch"
+  with pytest.raises(ValueError, match="only='nosuch'"):        # jobs=1 passes; the grid is checked next
+    study.run_study(bad, "/nonexistent/never", jobs=1)
 
 
 def test_edge_needs_two_learning_rates_and_low_rank_must_lose_to_both():
