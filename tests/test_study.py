@@ -269,7 +269,7 @@ def test_tail_drop_measures_the_last_quarter():
   assert f"| reference | – | {want:.1%} |" in md
 
 
-def test_ablation_findings_against_the_paper():
+def test_ablation_findings_against_the_paper(tmp_path):
   # three seeds; per-seed losses of LOST and its variants (the seed effect is shared, as with the same data order)
   base = {0: 2.00, 1: 2.05, 2: 1.98}
   shift = {"lost": (0.0, 0.0, 0.0), "lost_score_l1": (0.004, -0.002, 0.001),       # same within ±2 %: agrees
@@ -301,6 +301,8 @@ def test_ablation_findings_against_the_paper():
   assert "### Ablations against the LOST paper" in md and "| lost_score_l1 | 101 |" in md and "**agrees**" in md
   assert "**disagrees**" in md and "### Ablations" not in study.markdown(rows, best, study.verdicts(best), "## t")
   assert study.ablation_findings({k: v for k, v in best.items() if k != "lost"}) == []
+  path = study.plot_ablations(study.ablation_findings(best), str(tmp_path))
+  assert open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n" and study.plot_ablations([], str(tmp_path)) is None
 
 
 def test_collect_row_reads_metrics(tmp_path):

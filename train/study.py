@@ -696,6 +696,7 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
               f"[{iv['lo'] / iv['ref_mean']:+.1%}, {iv['hi'] / iv['ref_mean']:+.1%}]")
       verdict = f"**{f['verdict']}**" if f["verdict"] in (AGREES, DISAGREES) else f["verdict"]
       buf.write(f"| {f['run']} | {_fmt(f['params_linear'])} | {d} | {ci} | {f['paper'] or '–'} | {verdict} |\n")
+    buf.write("\nFigure: `ablations.png` (each variant's difference with its interval and the margin).\n")
   buf.write("\n### All runs (learning-rate sweep, then confirmation seeds)\n\n| run dir | lr | seed | phase | status "
             "| step | eval loss | bpb | tokens/s | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
   for r in rows:
@@ -758,6 +759,37 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "lr.png"), dpi=100)
   plt.close(fig)
+
+
+def plot_ablations(findings: list[dict], workdir: str, ref: str = "lost") -> str | None:
+  """`ablations.png`: each variant's paired difference to `ref` in % of ref's mean loss, with its 95 % interval
+  (a point without a bar: one seed) and the ±TOLERANCE margin; returns the path, or None without findings."""
+  pts = [(f["run"], f["interval"]) for f in findings if f["interval"] is not None]
+  if not pts:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 0.35 * len(pts) + 1.2))
+  for i, (name, iv) in enumerate(reversed(pts)):
+    m = 100 * iv["mean"] / iv["ref_mean"]
+    if iv["lo"] is None:
+      ax.plot([m], [i], "o", color="C0")
+    else:
+      lo, hi = 100 * iv["lo"] / iv["ref_mean"], 100 * iv["hi"] / iv["ref_mean"]
+      ax.errorbar([m], [i], xerr=[[m - lo], [hi - m]], fmt="o", color="C0", capsize=3)
+  ax.set_yticks(range(len(pts)), [name for name, _ in reversed(pts)], fontsize=8)
+  ax.axvline(0.0, color="k", lw=0.8)
+  for x in (-100 * TOLERANCE, 100 * TOLERANCE):
+    ax.axvline(x, color="gray", ls="--", lw=0.8)
+  ax.set_xlabel(f"final eval loss − {ref}'s, % of {ref}'s (paired over seeds; 95 % interval)")
+  ax.grid(alpha=0.3, axis="x")
+  fig.tight_layout()
+  path = os.path.join(workdir, "ablations.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def _train_all(specs: list[dict], workdir: str, jobs: int, log, done: int, total: int) -> list[dict]:
@@ -827,6 +859,8 @@ def run_study(cfg, workdir: str, log=print, jobs: int = 1) -> list[dict]:
     f.write(markdown(rows, best, verdicts(best, steps=steps, min_steps=min_steps), header,
                      reference=study_option(cfg, "reference")))
   plot(rows, best, workdir)
+  if study_option(cfg, "reference") == "lost":
+    plot_ablations(ablation_findings(best), workdir)
   log(f"study wall time {wall:.1f} s ({_load()})")
   return rows
 
