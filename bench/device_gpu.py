@@ -62,7 +62,8 @@ def _err(e):
 
 def _setup(smoke):
   """Imports bench/layers_gpu.py and gives it the settings its functions read."""
-  sys.path[:0] = [ROOT, HERE]
+  sys.path[:0] = [ROOT]
+  sys.path.append(HERE)   # after the repo root: bench/losses.py must not shadow the losses package
   import layers_gpu as lg
   s = SMOKE if smoke else FULL
   lg.ARGS = argparse.Namespace(model_steps=s["steps"], model_tokens=s["tokens"], tokens=s["layer_tokens"],

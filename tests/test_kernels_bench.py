@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
-sys.path.insert(0, BENCH)
+sys.path.append(BENCH)   # after the repo root: bench/losses.py must not shadow the losses package
 import layers as layer_bench  # noqa: E402
 
 
