@@ -191,28 +191,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   return jax.make_mesh((data, fsdp, tensor, expert), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
-def _entry_axes(e) -> tuple[str, ...]:
-  """A PartitionSpec entry (None, an axis name or a tuple of names) as a tuple of mesh axis names."""
-  return () if e is None else ((e,) if isinstance(e, str) else tuple(e))
-
-
-def _spec_entry(axes: tuple[str, ...]):
-  """The inverse of `_entry_axes`: None, one name, or a tuple of names."""
-  return None if not axes else (axes[0] if len(axes) == 1 else axes)
-
-
 def spec_axes(entry) -> tuple[str, ...]:
   """A PartitionSpec entry (None, an axis name or a tuple of names) as a tuple of mesh axis names."""
-  return _entry_axes(entry)
+  return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def spec_entry(axes: tuple[str, ...]):
   """A tuple of mesh axis names as a PartitionSpec entry (None, one name, or the tuple): `spec_axes`'s inverse."""
-  return _spec_entry(axes)
+  return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
 def _axis_size(mesh, axes) -> int:
-  return int(math.prod(mesh.shape[a] for a in _entry_axes(axes)))
+  return int(math.prod(mesh.shape[a] for a in spec_axes(axes)))
 
 
 def logical_to_mesh(logical: Sequence[str | None] | None, shape: Sequence[int], mesh,
@@ -225,10 +215,10 @@ def logical_to_mesh(logical: Sequence[str | None] | None, shape: Sequence[int], 
   for name, dim in zip(logical, shape):
     axes = table.get(name) if name is not None else None
     if axes is not None:
-      tup = tuple(a for a in _entry_axes(axes) if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+      tup = tuple(a for a in spec_axes(axes) if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
       if tup and dim % _axis_size(mesh, tup) == 0:
         used.update(tup)
-        out.append(_spec_entry(tup))
+        out.append(spec_entry(tup))
         continue
     out.append(None)
   return P(*out)
@@ -250,7 +240,7 @@ def complete_fsdp(spec: P, shape: Sequence[int], mesh) -> P:
   dimension that fsdp (times what already splits it) divides is split over fsdp too; unchanged otherwise."""
   if mesh.shape.get("fsdp", 1) == 1:
     return spec
-  entries = [_entry_axes(e) for e in spec]
+  entries = [spec_axes(e) for e in spec]
   entries += [()] * (len(shape) - len(entries))
   if any("fsdp" in e for e in entries):
     return spec
@@ -263,11 +253,11 @@ def complete_fsdp(spec: P, shape: Sequence[int], mesh) -> P:
   if best is None:
     return spec
   entries[best] = entries[best] + ("fsdp",)
-  return P(*[_spec_entry(e) for e in entries])
+  return P(*[spec_entry(e) for e in entries])
 
 
 def _without_fsdp(spec: P) -> P:
-  return P(*[_spec_entry(tuple(a for a in _entry_axes(e) if a != "fsdp")) for e in spec])
+  return P(*[spec_entry(tuple(a for a in spec_axes(e) if a != "fsdp")) for e in spec])
 
 
 def state_shardings(state, mesh, rules=DEFAULT_RULES):
@@ -310,7 +300,7 @@ def init_module(build, mesh=None, *, sharded: bool = False, rules=DEFAULT_RULES)
 def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
   """The mesh axes the batch dimension is sharded over: those of the 'batch' rule that the mesh (concrete or
   abstract) has with size > 1. The one place the batch placement is decided (step inputs, SAF store, kernels)."""
-  return tuple(a for a in _entry_axes(dict(rules)["batch"]) if mesh.shape.get(a, 1) > 1)
+  return tuple(a for a in spec_axes(dict(rules)["batch"]) if mesh.shape.get(a, 1) > 1)
 
 
 def batch_sharding(mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
