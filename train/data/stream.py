@@ -50,6 +50,11 @@ from train.data.pipeline import check_vocab
 DOCS_PER_CHUNK = 64  # Documents tokenized per tokenizer batch call.
 
 
+def _train_text(doc, val_fraction) -> str:
+  """The training part of one document as the packer reads it (cleaned; the last `val_fraction` held out)."""
+  return sources.split_document(sources.clean(bytes(doc)), float(val_fraction))[0]
+
+
 class PackedShardIterator(grain.DatasetIterator):
   """Windows of L+1 tokens (stride L) of one document shard; checkpointable (see module docstring)."""
 
@@ -78,7 +83,7 @@ class PackedShardIterator(grain.DatasetIterator):
       self._open(self._next_doc, self._state["src"] if first else None)
     raw = []
     for d, token in self._docs:
-      raw.append((self._next_doc, token, sources.split_document(sources.clean(bytes(d)), self._val_fraction)[0]))
+      raw.append((self._next_doc, token, _train_text(d, self._val_fraction)))
       self._next_doc += 1
       if len(raw) == DOCS_PER_CHUNK:
         break
@@ -179,7 +184,7 @@ def count_epoch_windows(shard, tokenizer, seq_len, val_fraction) -> int:
       texts.clear()
 
   for d, _ in shard.open(0, None):
-    text = sources.split_document(sources.clean(bytes(d)), float(val_fraction))[0]
+    text = _train_text(d, val_fraction)
     if text:
       texts.append(text)
     if len(texts) == DOCS_PER_CHUNK:
