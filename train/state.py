@@ -100,11 +100,12 @@ def check_saf_ids(cfg) -> None:
   """SAF's store is keyed by example id: synthetic data has no finite set of examples, and the streaming pipeline
   gives an example one id only with aligned epochs."""
   d = cfg.data
-  if cfg.objectives.saf.enabled and d.source == "synthetic":
+  if not cfg.objectives.saf.enabled:
+    return
+  if d.source == "synthetic":
     raise ValueError("objectives.saf.enabled=True needs a finite training set with example ids, and "
                      "data.source='synthetic' has none; use objectives.mesa.enabled=True or a corpus source")
-  if (cfg.objectives.saf.enabled and d.source != "synthetic" and resolve_pipeline(d) == "stream"
-      and not d.get("stream_aligned_epochs", False)):
+  if resolve_pipeline(d) == "stream" and not d.get("stream_aligned_epochs", False):
     raise ValueError("objectives.saf.enabled=True with data.pipeline='stream' needs data.stream_aligned_epochs=True "
                      "(otherwise a re-read shard is packed into new windows with new ids and the store never hits); "
                      "or use data.pipeline='cached'")
