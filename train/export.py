@@ -423,10 +423,11 @@ def hf_values(tensors: dict, mcfg, hf_dir: str, *, method: str, rank: int, spars
 def _down_channels_first(values: dict, i: int) -> None:
   """Layer i's MLP values in the order `model.lost_contiguous_down` builds (as `Mlp` does at init with
   `lostjax.layers.lost.move_sparse_channels_first` and `permute_outputs`): down's sparse channels first."""
+  from lostjax.layers.lost import sparse_first_permutation
   key = lambda proj, leaf: ("layers", i, "mlp", proj, leaf)
   idx = np.asarray(values[key("down", "idx")])
   a = np.asarray(values[key("down", "a")])
-  perm = np.concatenate([idx, np.setdiff1d(np.arange(a.shape[0]), idx)])
+  perm = np.asarray(sparse_first_permutation(idx, a.shape[0]))
   values[key("down", "a")] = a[perm]
   values[key("down", "idx")] = np.arange(idx.shape[0], dtype=idx.dtype)
   for proj in ("gate", "up"):

@@ -183,14 +183,21 @@ class Lost(nnx.Module):
     return self.gamma * common.matmul(h, b) + (1.0 - self.gamma) * common.matmul(xs, w_sparse)
 
 
+def sparse_first_permutation(idx, d_in: int) -> jax.Array:
+  """The input order that puts the sparse channels first: idx (in its own order, matching the rows of W_s), then
+  the other d_in − k channels ascending; new input j = old input perm[j]."""
+  k = idx.shape[0]
+  rank = jnp.full((d_in,), k, jnp.int32).at[jnp.asarray(idx)].set(jnp.arange(k, dtype=jnp.int32))
+  return jnp.argsort(rank, stable=True).astype(jnp.int32)
+
+
 def move_sparse_channels_first(layer: Lost) -> jax.Array:
   """Reorders the inputs of a LOST layer so that its k sparse channels come first, in their order: the rows of A
   are permuted, I becomes 0..k-1 and the layer gathers with a slice. Returns the permutation `perm` [d_in]
   (new input j = old input perm[j]); the layer computes the same function of the permuted input x[..., perm],
   so whatever produces x must permute its outputs the same way (`permute_outputs`)."""
   idx = layer.idx[...]
-  chosen = jnp.zeros((layer.d_in,), jnp.int32).at[idx].set(1)
-  perm = jnp.argsort(1 - chosen, stable=True).astype(jnp.int32)  # the chosen channels (ascending), then the rest
+  perm = sparse_first_permutation(idx, layer.d_in)
   layer.a[...] = layer.a[...][perm]
   layer.idx[...] = jnp.arange(layer.k, dtype=idx.dtype)
   layer.prefix = True
