@@ -67,6 +67,9 @@ def parse_args(argv=None):
   p.add_argument("--bn_stats", default="precise", choices=("precise", "running"),
                  help="BatchNorm statistics used at test time")
   p.add_argument("--jitter", type=float, default=0.1)
+  p.add_argument("--dpu_radius", type=float, default=1.5,
+                 help="DPU tube radius in voxels of the 16 x 64 x 64 reference grid (1.5 = 0.75 mm, at least one "
+                      "voxel of the example's grid)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   args.shape = tuple(int(v) for v in args.shape.split(","))
@@ -129,8 +132,9 @@ def main(argv=None):
   cfg = P.PiradsConfig(partition=args.partition, filters=args.filters)
   os.makedirs(args.out, exist_ok=True)
   spacing = tuple(s * r / n for s, r, n in zip(REFERENCE_SPACING, REFERENCE_SHAPE, args.shape))
-  x_tr, y_tr = phantom_batch(args.n_train, args.seed, shape=args.shape, jitter=args.jitter)
-  x_te, y_te = phantom_batch(args.n_test, args.seed + 10_000, shape=args.shape, jitter=args.jitter)
+  kw = dict(shape=args.shape, jitter=args.jitter, dpu_radius=args.dpu_radius)
+  x_tr, y_tr = phantom_batch(args.n_train, args.seed, **kw)
+  x_te, y_te = phantom_batch(args.n_test, args.seed + 10_000, **kw)
   own_ids = [[cfg.zones.index(z) for z in part] for part in cfg.partition]
   sdm = [P.signed_distance_maps(y_tr, ids, spacing) for ids in own_ids]
   onehot = np.eye(cfg.num_classes, dtype=np.float32)[y_tr]

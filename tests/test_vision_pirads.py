@@ -185,6 +185,20 @@ def test_phantom_zones():
     prostate_phantom(0, num_zones=3)
 
 
+def test_phantom_dpu_radius():
+  """The DPU tube: default radius 1.5 reference voxels (a 3 x 3 disk per slice at the reference grid); a larger
+  `dpu_radius` widens it (in reference voxels, scaled with the grid)."""
+  per_slice = lambda lab: np.bincount(np.nonzero(lab == 2)[0])[4:12]
+  _, lab = prostate_phantom(0)
+  np.testing.assert_array_equal(per_slice(lab), 9)                        # |dy|, |dx| <= 1: r^2 <= 2.25
+  _, wide = prostate_phantom(0, dpu_radius=4.0)
+  np.testing.assert_array_equal(per_slice(wide), 49)                      # lattice points with dy^2 + dx^2 <= 16
+  _, half = prostate_phantom(0, shape=(8, 32, 32), dpu_radius=4.0)        # radius 2 voxels at half the grid
+  assert np.bincount(np.nonzero(half == 2)[0])[2:6].tolist() == [13] * 4
+  with pytest.raises(ValueError, match="dpu_radius"):
+    prostate_phantom(0, dpu_radius=0.0)
+
+
 @pytest.mark.slow
 def test_adam_steps_lower_two_stage_loss():
   cfg = P.PiradsConfig(filters=4)

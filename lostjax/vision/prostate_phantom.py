@@ -6,10 +6,13 @@ the reference grid 16 x 64 x 64 (z, y, x; spacing 3.0 x 0.5 x 0.5 mm; y grows to
   PZ   posterior half (y > 34) of the ellipsoid centre (8, 34, 32), radii (6, 16, 18), minus the TZ dilated by one
        voxel (so PZ and TZ are separated by a thin gap, as a capsule would)
   AFS  anterior cap: ellipsoid centre (8, 20, 32), radii (4, 6, 12), minus TZ
-  DPU  cylinder of radius 1.5 along z through (y, x) = (34, 32) in slices 4..11
+  DPU  cylinder of radius `dpu_radius` (default 1.5) along z through (y, x) = (34, 32) in slices 4..11
 with priority DPU > TZ > AFS > PZ > background, and T2-like intensities PZ 0.8, TZ 0.5, AFS 0.2, DPU 0.9,
 background 0.3 plus Gaussian noise. Not every slice holds DPU or AFS, as in real data. Other grid shapes scale the
-geometry; `jitter` moves centres and radii by a random relative amount per case. Labels follow the class order of
+geometry (the DPU radius scales with the in-plane grid and is at least one voxel); `jitter` moves centres and
+radii by a random relative amount per case. The real distal prostatic urethra is a tube of a few millimetres
+around the urethral lumen; the default radius (0.75 mm at the reference spacing) keeps the reference phantom's
+thin column, a larger `dpu_radius` draws a tube several voxels wide. Labels follow the class order of
 `PiradsConfig`: [PZ, TZ, DPU, AFS, BG] = 0..4, or [PZ, TZ, BG] = 0..2 for the two-zone variant.
 """
 from __future__ import annotations
@@ -25,13 +28,16 @@ INTENSITY = {"PZ": 0.8, "TZ": 0.5, "AFS": 0.2, "DPU": 0.9, "BG": 0.3}
 
 
 def prostate_phantom(seed: int = 0, *, shape: Tuple[int, int, int] = REFERENCE_SHAPE, num_zones: int = 4,
-                     jitter: float = 0.0, noise: float = 0.05):
+                     jitter: float = 0.0, noise: float = 0.05, dpu_radius: float = 1.5):
   """(image float32 [z, y, x], labels int32 [z, y, x]) of one phantom case.
 
   num_zones: 4 (PZ, TZ, DPU, AFS) or 2 (PZ, TZ only; DPU and AFS are not drawn). jitter: relative random change
-  of every centre and radius (0 = the reference geometry). noise: std of the added Gaussian noise."""
+  of every centre and radius (0 = the reference geometry). noise: std of the added Gaussian noise. dpu_radius:
+  radius of the DPU cylinder in voxels of the reference grid (1.5 = 0.75 mm)."""
   if num_zones not in (2, 4):
     raise ValueError(f"num_zones must be 2 or 4, got {num_zones!r}")
+  if not dpu_radius > 0:
+    raise ValueError(f"dpu_radius must be positive, got {dpu_radius!r}")
   if len(shape) != 3 or min(shape) < 4:
     raise ValueError(f"shape must be three sizes >= 4 (z, y, x), got {shape!r}")
   rng = np.random.default_rng(seed)
@@ -50,7 +56,7 @@ def prostate_phantom(seed: int = 0, *, shape: Tuple[int, int, int] = REFERENCE_S
   pz = outer & (grid[..., 1] > c_tz[1]) & ~ndimage.binary_dilation(tz)
   afs = ellipsoid(jit((8, 20, 32)), jit((4, 6, 12))) & ~tz
   axis = jit((0, 34, 32))
-  r_dpu = max(1.5 * min(f[1], f[2]), 1.0)
+  r_dpu = max(dpu_radius * min(f[1], f[2]), 1.0)
   z_lo, z_hi = int(round(4 * f[0])), int(round(11 * f[0]))
   dpu = ((grid[..., 1] - axis[1]) ** 2 + (grid[..., 2] - axis[2]) ** 2 <= r_dpu ** 2)
   dpu &= (grid[..., 0] >= z_lo) & (grid[..., 0] <= z_hi)
