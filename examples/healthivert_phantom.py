@@ -60,7 +60,12 @@ def parse_args(argv=None):
   p.add_argument("--slices", type=int, default=10, help="sagittal slices per phantom volume")
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--lr", type=float, default=2e-4)
+  p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of the generator")
+  p.add_argument("--lr_d", type=float, default=2e-4, help="Adam learning rate of the discriminators")
+  p.add_argument("--warmup", type=int, default=0,
+                 help="first steps without the adversarial term and the discriminators (generator only)")
+  p.add_argument("--cnum", type=int, default=16, help="generator width (16 = the reference's 986,888 parameters)")
+  p.add_argument("--ndf", type=int, default=64, help="discriminator width (64 = the reference's 2,763,585)")
   p.add_argument("--mask_mode", default="soft", choices=("soft", "hard"))
   p.add_argument("--n_grade", type=int, default=80, help="phantoms for the grading (a quarter healthy)")
   p.add_argument("--n_val", type=int, default=8, help="healthy phantoms for the generation metrics")
@@ -179,20 +184,26 @@ def training_batch(rng, args):
 
 def build(args, key):
   """Graph definitions, initial states and optimizers of G and D1..D3 (created under jit: one compilation)."""
-  make_g = lambda k: Generator(rngs=nnx.Rngs(k))
-  make_d = lambda k: PatchDiscriminator(rngs=nnx.Rngs(k))
+  make_g = lambda k: Generator(args.cnum, rngs=nnx.Rngs(k))
+  make_d = lambda k: PatchDiscriminator(ndf=args.ndf, rngs=nnx.Rngs(k))
   g_def = nnx.split(nnx.eval_shape(lambda: make_g(0)), nnx.Param, ...)[0]
   d_def = nnx.split(nnx.eval_shape(lambda: make_d(0)), nnx.Param, ...)[0]
   kg, *kd = jax.random.split(key, 4)
   g = jax.jit(lambda k: nnx.split(make_g(k), nnx.Param, ...)[1:])(kg)
   ds = [jax.jit(lambda k: nnx.split(make_d(k), nnx.Param, ...)[1:])(k) for k in kd]
-  tx = optax.adam(args.lr, b1=0.5, b2=0.999)
-  state = {"g": g, "d": ds, "opt_g": tx.init(g[0]), "opt_d": [tx.init(d[0]) for d in ds]}
-  return g_def, d_def, tx, state
+  tx_g = optax.adam(args.lr, b1=0.5, b2=0.999)
+  tx_d = optax.adam(args.lr_d, b1=0.5, b2=0.999)
+  state = {"g": g, "d": ds, "opt_g": tx_g.init(g[0]), "opt_d": [tx_d.init(d[0]) for d in ds]}
+  return g_def, d_def, (tx_g, tx_d), state
 
 
-def make_train_step(g_def, d_def, tx, args):
-  half = max(1, round(35 * args.size / 256))
+def _local_half_width(args):
+  return max(1, round(35 * args.size / 256))
+
+
+def make_train_step(g_def, d_def, txs, args):
+  tx_g, tx_d = txs
+  half = _local_half_width(args)
   d_inputs = (("real", "fake"), ("real_mask", "fake_mask"), ("real_local", "fake_local"))
 
   def apply_d(d, x):
@@ -219,7 +230,7 @@ def make_train_step(g_def, d_def, tx, args):
         fake_logits, rest = apply_d((params, rest), jax.lax.stop_gradient(out[fk]))
         return discriminator_loss(real_logits, fake_logits), rest
       (ld, rest), (grads, _) = jax.value_and_grad(d_obj, argnums=(0, 1), has_aux=True)(*d)
-      upd, opt = tx.update(grads, opt, d[0])
+      upd, opt = tx_d.update(grads, opt, d[0])
       new_d.append((optax.apply_updates(d[0], upd), rest))
       new_opt_d.append(opt)
       d_losses.append(ld)
@@ -236,11 +247,37 @@ def make_train_step(g_def, d_def, tx, args):
     (total, (terms, d_rests)), (g_out, _) = jax.value_and_grad(g_obj, argnums=(0, 1), has_aux=True)(
         out, [d[1] for d in new_d])
     g_grads, _ = pullback(g_out)
-    upd, opt_g = tx.update(g_grads, state["opt_g"], g_params)
+    upd, opt_g = tx_g.update(g_grads, state["opt_g"], g_params)
     new_state = {"g": (optax.apply_updates(g_params, upd), g_rest),
                  "d": [(d[0], r) for d, r in zip(new_d, d_rests)], "opt_g": opt_g, "opt_d": new_opt_d}
     metrics = dict(terms, total=total, d1=d_losses[0], d2=d_losses[1], d3=d_losses[2])
     return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_reconstruction_step(g_def, tx, args, *, weights=None):
+  """Generator-only step of the warm-up: every generator loss term but the adversarial one, no discriminator.
+
+  weights: optional keyword overrides of `healthivert_generator_loss` (diagnostics)."""
+  weights = dict(weights or {})
+  dummy = [jnp.zeros((1, 1, 1, 1))] * 3  # logits of the absent discriminators; their term has weight 0
+
+  def step(state, batch):
+    g_params, g_rest = state["g"]
+
+    def obj(params, rest):
+      g = nnx.merge(g_def, params, rest)
+      out = healthivert_forward(g, batch, band=args.band, mask_mode=args.mask_mode,
+                                local_half_width=_local_half_width(args))
+      total, terms = healthivert_generator_loss(out, batch, dummy, band=args.band, gan_scale=0., **weights)
+      return total, (terms, nnx.state(g, nnx.BatchStat))
+
+    # the spectral-norm vectors written in the call enter as a differentiated argument (see make_train_step)
+    (total, (terms, g_rest)), (grads, _) = jax.value_and_grad(obj, argnums=(0, 1), has_aux=True)(g_params, g_rest)
+    upd, opt_g = tx.update(grads, state["opt_g"], g_params)
+    new_state = dict(state, g=(optax.apply_updates(g_params, upd), g_rest), opt_g=opt_g)
+    return new_state, dict(terms, total=total)
 
   return jax.jit(step, donate_argnums=0)
 
@@ -261,6 +298,29 @@ def make_synthesise(g_def, g_state, args):
     return out
 
   return run
+
+
+def train(state, phases, next_batch, *, log_every=1):
+  """Run the training phases in order; phases: (name, jitted step, number of steps) tuples.
+
+  Returns the state, a history of the logged steps' metrics (every `log_every`-th step, the last step, and the
+  first step of each phase) and per-phase timing after the phase's first (compiling) step."""
+  total = sum(n for _, _, n in phases)
+  history, timing, i = [], {}, 0
+  for name, step, n in phases:
+    for j in range(n):
+      state, m = step(state, next_batch())
+      if i % max(1, log_every) == 0 or i == total - 1 or j == 0:
+        history.append({k: round(float(v), 4) for k, v in m.items()} | {"step": i, "phase": name})
+      if j == 0:  # after the phase's compilation
+        jax.block_until_ready(state)
+        start = (time.time(), time.process_time())
+      i += 1
+    if n:
+      jax.block_until_ready(state)
+      timing[name] = {"steps": n, "step_seconds": round((time.time() - start[0]) / max(n - 1, 1), 3),
+                      "step_cpu_seconds": round((time.process_time() - start[1]) / max(n - 1, 1), 3)}
+  return state, history, timing
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -359,34 +419,28 @@ def main(argv=None):
   if args.size % 8 or args.band >= args.size // 2:
     raise SystemExit(f"--size must be a multiple of 8 and --band smaller than half of it, got {args.size}, "
                      f"{args.band}")
+  if not 0 <= args.warmup <= args.steps:
+    raise SystemExit(f"--warmup must lie in [0, --steps={args.steps}], got {args.warmup}")
+  if args.cnum < 2 or args.cnum % 2:
+    raise SystemExit(f"--cnum must be an even number >= 2, got {args.cnum}")
   os.makedirs(args.outdir, exist_ok=True)
   rng = np.random.default_rng(args.seed)
   t0, c0 = time.time(), time.process_time()
-  g_def, d_def, tx, state = build(args, jax.random.key(args.seed))
-  step = make_train_step(g_def, d_def, tx, args)
-  history, marks = [], []
-  for i in range(args.steps):
-    state, m = step(state, training_batch(rng, args))
-    if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:
-      history.append({k: round(float(v), 4) for k, v in m.items()} | {"step": i})
-    if i == 0:
-      jax.block_until_ready(state)
-      marks.append((time.time(), time.process_time()))  # after init and compilation
-  jax.block_until_ready(state)
-  marks.append((time.time(), time.process_time()))
-  t_train = time.time() - t0
-  n_after = max(args.steps - 1, 1)
-  finite = all(np.isfinite(v) for h in history for v in h.values())
+  g_def, d_def, txs, state = build(args, jax.random.key(args.seed))
+  phases = (("warmup", make_reconstruction_step(g_def, txs[0], args), args.warmup),
+            ("adversarial", make_train_step(g_def, d_def, txs, args), args.steps - args.warmup))
+  state, history, timing = train(state, phases, lambda: training_batch(rng, args), log_every=args.steps // 10)
+  t_train, c_train = time.time() - t0, time.process_time() - c0
+  finite = all(np.isfinite(v) for h in history for k, v in h.items() if k != "phase")
   run = make_synthesise(g_def, state["g"], args)
   rows, examples, gen = evaluate(run, args, rng)
   from scipy.stats import spearmanr
   loss = np.array([r["loss"] for r in rows])
   mid, ideal_mid = np.array([r["rhlv"]["mid"] for r in rows]), np.array([r["ideal"]["mid"] for r in rows])
   result = {
-      "steps": args.steps, "batch": args.batch, "size": args.size, "train_seconds": round(t_train, 1),
-      "setup_seconds": round(marks[0][0] - t0, 1), "setup_cpu_seconds": round(marks[0][1] - c0, 1),
-      "step_seconds": round((marks[1][0] - marks[0][0]) / n_after, 3),
-      "step_cpu_seconds": round((marks[1][1] - marks[0][1]) / n_after, 3),
+      "steps": args.steps, "warmup": args.warmup, "batch": args.batch, "size": args.size, "cnum": args.cnum,
+      "ndf": args.ndf, "lr": args.lr, "lr_d": args.lr_d, "train_seconds": round(t_train, 1),
+      "train_cpu_seconds": round(c_train, 1), "timing": timing,
       "losses_finite": bool(finite), "first": history[0], "last": history[-1],
       "grade_counts": np.bincount([r["grade"] for r in rows], minlength=len(GRADE_CUTS) + 1).tolist(),
       "grading_synthesised": grading_scores(rows, "rhlv"), "grading_true_healthy": grading_scores(rows, "ideal"),

@@ -51,6 +51,30 @@ def test_validation_split_holds_every_fracture_kind():
     assert (val & (kinds == k)).sum() == 5 and (~val & (kinds == k)).sum() == 15
 
 
+def test_training_schedule_runs_the_warmup_first():
+  """`train` runs the generator-only warm-up steps, then the adversarial ones, each phase's step its number of
+  times, on fresh batches; the history logs every phase's first step and the last step."""
+  ex = _example()
+  calls = []
+
+  def fake_step(name):
+    def step(state, batch):
+      calls.append((name, batch))
+      return state + 1, {"loss": float(batch)}
+    return step
+
+  batches = iter(range(100))
+  phases = (("warmup", fake_step("warmup"), 3), ("adversarial", fake_step("adversarial"), 4))
+  state, history, timing = ex.train(0, phases, lambda: next(batches), log_every=5)
+  assert state == 7
+  assert calls == [("warmup", i) for i in range(3)] + [("adversarial", i) for i in range(3, 7)]
+  assert [(h["step"], h["phase"]) for h in history] == [(0, "warmup"), (3, "adversarial"), (5, "adversarial"),
+                                                        (6, "adversarial")]
+  assert {k: v["steps"] for k, v in timing.items()} == {"warmup": 3, "adversarial": 4}
+  _, _, timing = ex.train(0, (("warmup", fake_step("warmup"), 0), phases[1]), lambda: 0)
+  assert set(timing) == {"adversarial"}
+
+
 @pytest.mark.slow
 def test_example_runs_with_tiny_settings(tmp_path):
   ex = _example()
