@@ -19,16 +19,17 @@ from train.configs import study as grids
 def test_cpu_grid_runs_and_sweeps():
   cfg = grids.get_config("cpu")
   specs = study.expand(cfg)
-  assert len(specs) == 40 and len({s["name"] for s in specs}) == 40
+  assert len(specs) == 36 and len({s["name"] for s in specs}) == 36
   runs = {s["run"] for s in specs}
   assert runs == {"dense", "lowrank", "lost", "dense_galore", "dense_frugal", "dense_frugal_rho0", "lost_frugal",
-                  "cola", "sltrain", "dense_galore_mult"}
+                  "cola", "sltrain"}
+  mults = {}
   for s in specs:
     c = s["config"]
     assert c["model"]["attn_kind"] == c["model"]["mlp_kind"] == s["method"]
     assert c["model"]["lowrank_act"] == ("silu" if s["run"] == "cola" else "identity")
     assert c["model"]["sparsity"] == (0.03 if s["run"] == "sltrain" else 0.05)
-    assert c["optim"]["lr_mult"]["norm"] == (0.1 if s["run"] == "dense_galore_mult" else 1.0)
+    assert c["optim"]["lr_mult"] == {"embed": 1.0, "head": 1.0, "norm": 1.0} and s["group_mult"] is None
     assert c["optim"]["name"] == s["optimizer"] and c["optim"]["lr"] == s["lr"]
     assert "grid" not in c and "runs" not in c and "only" not in c
     assert c["data"]["source"] == "stdlib" and c["data"]["tokenizer"] == "byte"
@@ -36,7 +37,21 @@ def test_cpu_grid_runs_and_sweeps():
   assert by[("dense_frugal", 1e-3)]["optim"]["frugal"]["rho"] == 0.25
   assert by[("dense_frugal_rho0", 1e-3)]["optim"]["frugal"]["rho"] == 0.0
   assert by[("dense_galore", 1e-2)]["optim"]["galore"]["rank"] == 32
-  assert by[("dense_galore_mult", 1e-2)]["optim"]["galore"]["rank"] == 32
+  # the `tuned` grid: the same runs with the group multipliers swept; multiplier 1 is the `cpu` grid's run (same
+  # directory name, same config), so sharing the directory reuses it
+  cpu_specs = {s["name"]: s["config"] for s in specs}
+  tuned = study.expand(grids.get_config("tuned"))
+  assert len(tuned) == 5 * 4 * 3 and len({s["name"] for s in tuned}) == 60
+  for s in tuned:
+    m = s["group_mult"]
+    assert s["config"]["optim"]["lr_mult"] == {g: m for g in ("embed", "head", "norm")}
+    if m == 1.0:
+      assert cpu_specs[s["name"]] == s["config"], s["name"]
+    else:
+      assert s["name"].endswith(f"_lr{s['lr']:g}_m{m:g}") and s["name"] not in cpu_specs, s["name"]
+    mults.setdefault(s["run"], set()).add(m)
+  assert mults["dense"] == mults["lost"] == {1.0, 3.0, 10.0} and mults["dense_galore"] == {0.1, 0.3, 1.0}
+  assert set(mults) == {"dense", "lowrank", "lost", "dense_frugal", "dense_galore"}
   # Every run sweeps >= 3 values a factor ~3 apart, including the papers' own learning rates.
   for name, r in cfg.runs.items():
     lrs = sorted(r.lrs)
@@ -54,7 +69,7 @@ def test_other_grids_and_bad_input():
   assert p.train.steps == 20_000 and p.train.global_batch == 512 and p.runs.dense_galore.set.startswith(
       "optim.galore.rank=256")
   assert 1e-3 in p.runs.dense.lrs and 1e-2 in p.runs.dense_galore.lrs
-  assert len(study.expand(p)) == 30
+  assert len(study.expand(p)) == 27
   with pytest.raises(ValueError, match="paper:9b"):
     grids.get_config("paper:9b")
   with pytest.raises(ValueError, match="'gpu'"):
@@ -81,7 +96,7 @@ def test_other_grids_and_bad_input():
   cfg.seeds = (0, 1)
   cfg.train.steps = 30        # a shared override reaches every run
   specs = study.expand(cfg)
-  assert len(specs) == 80 and "dense_lr0.001_s1" in {s["name"] for s in specs}
+  assert len(specs) == 72 and "dense_lr0.001_s1" in {s["name"] for s in specs}
   assert {s["config"]["train"]["steps"] for s in specs} == {30}
   assert study.parse_set("a.b=0.25 c.d=x e.f=True") == [("a.b", 0.25), ("c.d", "x"), ("e.f", True)]
   with pytest.raises(ValueError, match="'oops'"):
@@ -89,9 +104,9 @@ def test_other_grids_and_bad_input():
 
 
 def _row(run, lr, loss, method="dense", optimizer="adamw", linear=1000, state=800, status="ok", seed=0,
-         phase="sweep"):
-  return {"name": f"{run}_lr{lr:g}" + (f"_s{seed}" if seed else ""), "run": run, "method": method,
-          "optimizer": optimizer, "lr": lr, "seed": seed, "phase": phase, "status": status, "best": False,
+         phase="sweep", mult=None):
+  return {"name": f"{run}_lr{lr:g}" + (f"_m{mult:g}" if mult else "") + (f"_s{seed}" if seed else ""), "run": run,
+          "method": method, "optimizer": optimizer, "lr": lr, "group_mult": mult, "seed": seed, "phase": phase, "status": status, "best": False,
           "edge": False, "final_step": 10, "tokens": 100, "eval_loss": loss,
           "eval_ppl": None if loss is None else math.exp(loss), "eval_bpb": None, "train_loss": loss,
           "params_total": 2 * linear, "params_non_embedding": linear + 5, "params_linear": linear,
@@ -186,6 +201,46 @@ def test_confirmation_specs():
   bad.only = "nosuch"
   with pytest.raises(ValueError, match="only='nosuch'"):        # jobs=1 passes; the grid is checked next
     study.run_study(bad, "/nonexistent/never", jobs=1)
+
+
+def test_group_multiplier_sweep_picks_the_best_pair_and_confirms_it():
+  # dense sweeps lr × group multiplier; the best pair is (3e-3, ×3), inside both sweeps
+  losses = {(1e-3, 1.0): 2.10, (3e-3, 1.0): 2.05, (1e-2, 1.0): 2.20,
+            (1e-3, 3.0): 2.06, (3e-3, 3.0): 1.98, (1e-2, 3.0): 2.15,
+            (1e-3, 10.0): 2.30, (3e-3, 10.0): 2.12, (1e-2, 10.0): 2.40}
+  rows = [_row("dense", lr, loss, mult=m) for (lr, m), loss in losses.items()]
+  best = study.pick_best(rows)["dense"]
+  assert (best["lr"], best["group_mult"], best["edge"]) == (3e-3, 3.0, False)
+  assert study.setting_tag(best) == "0.003 ×3"
+  # a best multiplier at the end of its sweep is an edge, as a best learning rate there is
+  rows = [_row("dense", lr, loss - (0.3 if m == 10.0 and lr == 3e-3 else 0.0), mult=m)
+          for (lr, m), loss in losses.items()]
+  best = study.pick_best(rows)["dense"]
+  assert (best["lr"], best["group_mult"], best["edge"]) == (3e-3, 10.0, True)
+  # the confirmation seeds train at the best pair, and their rows join its statistics
+  cfg = grids.get_config("tuned")
+  cfg.only = "dense"
+  specs = study.expand_confirm(cfg, study.pick_best(rows))
+  assert [s["name"] for s in specs] == ["dense_lr0.003_m10_s1", "dense_lr0.003_m10_s2"]
+  assert specs[0]["config"]["optim"]["lr_mult"] == {"embed": 10.0, "head": 10.0, "norm": 10.0}
+  conf = [_row("dense", 3e-3, 1.9 + 0.01 * k, mult=10.0, seed=k, phase="confirm") for k in (1, 2)]
+  conf += [_row("dense", 3e-3, 9.0, mult=1.0, seed=1, phase="confirm")]   # another multiplier's seed: not pooled
+  b = study.pick_best(rows + conf)["dense"]
+  assert sorted(b["losses"]) == [0, 1, 2] and b["losses"][1] == pytest.approx(1.91)
+  # tables say which multiplier won
+  text = study.markdown(rows + conf, study.pick_best(rows + conf), [])
+  assert "| dense | adamw | 0.003 ×10 (edge) |" in text and "| dense_lr0.003_m10_s1 | 0.003 ×10 | 1 |" in text
+  # bad input: one line naming the field
+  cfg = grids.get_config("tuned")
+  cfg.runs.dense.group_mults = (1.0, 0.0)
+  with pytest.raises(ValueError, match=r"runs.dense.group_mults=\(1.0, 0.0\)"):
+    study.expand(cfg)
+  cfg = grids.get_config("tuned")
+  cfg.runs.dense.set = "optim.lr_mult.head=2.0"
+  with pytest.raises(ValueError, match="optim.lr_mult.head and group_mults"):
+    study.expand(cfg)
+  # the capacity grid sweeps no multiplier: its finished runs keep their configs
+  assert all(s["group_mult"] is None for s in study.expand(grids.get_config("capacity")))
 
 
 def test_edge_needs_two_learning_rates_and_low_rank_must_lose_to_both():

@@ -73,7 +73,7 @@ RUN_CONFIG_FILE = "study_config.json"
 LOG_FILE = "study.log"
 TOLERANCE = 0.02  # "close to" / "within": relative eval-loss difference
 
-CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "seed", "phase", "status", "best", "edge", "final_step",
+CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "group_mult", "seed", "phase", "status", "best", "edge", "final_step",
               "tokens",
               "eval_loss", "eval_ppl", "eval_bpb", "train_loss", "params_total", "params_non_embedding",
               "params_linear", "opt_state_bytes", "peak_bytes", "peak_source", "estimate_bytes", "tokens_per_s",
@@ -82,6 +82,32 @@ CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "seed", "phase", "stat
 
 def lr_tag(lr: float) -> str:
   return f"{float(lr):g}"
+
+
+# The parameter groups a run's `group_mults` sweep scales together (train/optimizer.py: optim.lr_mult): everything
+# but the projection matrices.
+MULT_GROUPS = ("embed", "head", "norm")
+
+
+def setting_tag(r: dict) -> str:
+  """A run's swept setting as text: its learning rate, and its group multiplier when one was swept."""
+  m = r.get("group_mult")
+  return lr_tag(r["lr"]) + ("" if m is None else f" ×{m:g}")
+
+
+def _group_mults(name: str, r: dict) -> list:
+  """The run's `group_mults` (the learning-rate multipliers of the embedding, head and norms swept together with
+  the learning rate), or [None] when it sweeps the learning rate only."""
+  mults = r.get("group_mults")
+  if mults is None:
+    return [None]
+  if (not isinstance(mults, (list, tuple)) or not mults
+      or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in mults)):
+    raise ValueError(f"runs.{name}.group_mults={mults!r} must be a non-empty list of positive numbers")
+  clash = [k for k, _ in parse_set(r.get("set", "")) if k.startswith("optim.lr_mult.")]
+  if clash:
+    raise ValueError(f"runs.{name}: set assigns {clash[0]} and group_mults sweeps it; use one of the two")
+  return [float(x) for x in mults]
 
 
 def parse_set(text: str) -> list[tuple[str, object]]:
@@ -143,25 +169,32 @@ def expand(cfg) -> list[dict]:
       raise ValueError(f"runs.{name}.lrs={r.get('lrs')!r} must be a non-empty list of positive numbers")
     if r.get("method") not in METHODS:
       raise ValueError(f"runs.{name}.method={r.get('method')!r}: expected one of {', '.join(METHODS)}")
-    for lr in lrs:
-      for seed in seeds:
-        out.append(_spec(shared, name, r, lr, seed, "sweep"))
+    for mult in _group_mults(name, r):
+      for lr in lrs:
+        for seed in seeds:
+          out.append(_spec(shared, name, r, lr, seed, "sweep", mult))
   if not out:
     raise ValueError("the study selects no runs")
   return out
 
 
-def _spec(shared: dict, name: str, r: dict, lr: float, seed: int, phase: str) -> dict:
+def _spec(shared: dict, name: str, r: dict, lr: float, seed: int, phase: str, mult: float | None = None) -> dict:
+  """One run: the shared config with the run's fields, learning rate, seed and (if swept) group multiplier. The
+  directory is `<run>_lr<lr>[_m<mult>][_s<seed>]`; a multiplier of 1 (the default) adds no `_m`, so a run that
+  starts sweeping multipliers keeps its finished runs."""
   c = copy.deepcopy(shared)
   c["model"]["attn_kind"] = c["model"]["mlp_kind"] = r["method"]
   c["optim"]["name"] = r["optimizer"]
   for key, value in parse_set(r.get("set", "")):
     _assign(c, key, value, f"runs.{name}.set")
   c["optim"]["lr"] = float(lr)
+  if mult is not None:
+    c["optim"]["lr_mult"] = {**c["optim"].get("lr_mult", {}), **{g: float(mult) for g in MULT_GROUPS}}
   c["train"]["seed"] = int(seed)
-  run_name = f"{name}_lr{lr_tag(lr)}" + (f"_s{seed}" if seed != 0 else "")
+  run_name = (f"{name}_lr{lr_tag(lr)}" + (f"_m{lr_tag(mult)}" if mult not in (None, 1.0) else "")
+              + (f"_s{seed}" if seed != 0 else ""))
   return {"name": run_name, "run": name, "method": r["method"], "optimizer": c["optim"]["name"], "lr": float(lr),
-          "seed": int(seed), "phase": phase, "config": c}
+          "group_mult": mult, "seed": int(seed), "phase": phase, "config": c}
 
 
 def study_option(cfg, field: str) -> int:
@@ -193,7 +226,8 @@ def expand_confirm(cfg, best: dict) -> list[dict]:
   out = []
   for name in _run_names(d["runs"]):
     if name in best and (not only or name in only):
-      out += [_spec(shared, name, d["runs"][name], best[name]["lr"], seed, "confirm") for seed in seeds]
+      out += [_spec(shared, name, d["runs"][name], best[name]["lr"], seed, "confirm", best[name].get("group_mult"))
+              for seed in seeds]
   return out
 
 
@@ -401,7 +435,7 @@ def collect_row(spec: dict, rdir: str, result: dict, mem: dict) -> dict:
   status = result.get("status", "not run")
   return {
       "name": spec["name"], "run": spec["run"], "method": spec["method"], "optimizer": spec["optimizer"],
-      "lr": spec["lr"], "seed": spec["seed"], "phase": spec.get("phase", "sweep"), "status": status, "best": False,
+      "lr": spec["lr"], "group_mult": spec.get("group_mult"), "seed": spec["seed"], "phase": spec.get("phase", "sweep"), "status": status, "best": False,
       "edge": False,
       "final_step": result.get("final_step", max(train) // _tokens_per_step(spec) if train else 0),
       "tokens": max(train) if train else 0,
@@ -430,9 +464,11 @@ def _ok(row) -> bool:
 def pick_best(rows: list[dict]) -> dict:
   """run -> its best row; marks best and edge in place.
 
-  The best learning rate is the lowest final eval loss averaged over the sweep seeds (rows of phase "sweep");
-  confirmation rows at that rate join its statistics: `losses` (seed -> final eval loss, every seed at the best
-  rate), `eval_loss_mean` and `interval` (`train.stats.t_interval` of those losses).
+  The best setting (learning rate, and group multiplier where the run sweeps one) is the lowest final eval loss
+  averaged over the sweep seeds (rows of phase "sweep"); confirmation rows at that setting join its statistics:
+  `losses` (seed -> final eval loss, every seed at the best setting), `eval_loss_mean` and `interval`
+  (`train.stats.t_interval` of those losses). `edge`: the best learning rate is the smallest or largest swept at
+  the best multiplier, or the best multiplier is the smallest or largest swept.
   """
   best = {}
   by_run: dict = {}
@@ -440,24 +476,27 @@ def pick_best(rows: list[dict]) -> dict:
     by_run.setdefault(r["run"], []).append(r)
   for run, rs in by_run.items():
     sweep = [r for r in rs if r.get("phase", "sweep") == "sweep"]
-    lrs = sorted({r["lr"] for r in sweep})
+    key = lambda r: (r["lr"], r.get("group_mult"))  # noqa: E731
     means = {}
-    for lr in lrs:
-      ok = [r["eval_loss"] for r in sweep if r["lr"] == lr and _ok(r)]
+    for k in sorted({key(r) for r in sweep}, key=lambda k: (k[0], k[1] or 0.0)):
+      ok = [r["eval_loss"] for r in sweep if key(r) == k and _ok(r)]
       if ok:
-        means[lr] = sum(ok) / len(ok)
+        means[k] = sum(ok) / len(ok)
     if not means:
       continue
-    lr = min(means, key=means.get)
-    edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1])
-    chosen = [r for r in rs if r["lr"] == lr and _ok(r)]
+    lr, mult = min(means, key=means.get)
+    lrs = sorted({r["lr"] for r in sweep if r.get("group_mult") == mult})
+    mults = sorted({r.get("group_mult") or 0.0 for r in sweep})
+    edge = ((len(lrs) > 1 and lr in (lrs[0], lrs[-1]))
+            or (mult is not None and len(mults) > 1 and mult in (mults[0], mults[-1])))
+    chosen = [r for r in rs if key(r) == (lr, mult) and _ok(r)]
     for r in chosen:
       r["best"], r["edge"] = True, edge
     losses = {r["seed"]: r["eval_loss"] for r in chosen}
     iv = stats.t_interval(list(losses.values()))
     drops = [d for d in (tail_drop(r.get("_eval") or {}) for r in chosen) if d is not None]
     best[run] = dict(min(chosen, key=lambda r: r["eval_loss"]), eval_loss_mean=iv["mean"], losses=losses,
-                     interval=iv, sweep_mean=means[lr], tail_drop=sum(drops) / len(drops) if drops else None)
+                     interval=iv, sweep_mean=means[(lr, mult)], tail_drop=sum(drops) / len(drops) if drops else None)
   return best
 
 
@@ -629,7 +668,7 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
   for run in order:
     if run in best:
       r = best[run]
-      lr = lr_tag(r["lr"]) + (" (edge)" if r["edge"] else "")
+      lr = setting_tag(r) + (" (edge)" if r["edge"] else "")
       status = "ok"
     else:
       first = next(x for x in rows if x["run"] == run)
@@ -645,7 +684,8 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
               f"| {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['wall_s'], 1)} | {status} |\n")
   buf.write("\nPeak memory: the compiled step's `memory_analysis()` (arguments + outputs + temporaries − donated "
             "aliases), or the training process's device `peak_bytes_in_use` where marked (device); estimate: "
-            "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept.\n\n")
+            "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept. `×m`: the embedding, head "
+            "and norms trained at m times the learning rate (the best of the run's swept `group_mults`).\n\n")
   buf.write("### Final eval loss over seeds at the best learning rate\n\n")
   buf.write(f"| run | lr | seeds | mean ± std | 95 % interval | per seed | vs {reference} (paired, same seeds) | "
             "95 % interval of the difference | still falling: last ¼ |\n|---|---|---|---|---|---|---|---|---|\n")
@@ -666,7 +706,7 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
       dci = ("– (one seed)" if d["lo"] is None else
              f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ([{d['lo'] / d['ref_mean']:+.1%}, {d['hi'] / d['ref_mean']:+.1%}])")
     tail = "–" if b.get("tail_drop") is None else f"{b['tail_drop']:.1%}"
-    buf.write(f"| {run} | {lr_tag(b['lr'])} | {iv['n']} | {ms} | {ci} | {per} | {dtxt} | {dci} | {tail} |\n")
+    buf.write(f"| {run} | {setting_tag(b)} | {iv['n']} | {ms} | {ci} | {per} | {dtxt} | {dci} | {tail} |\n")
   buf.write("\nStudent-t intervals (`train/stats.py`): mean ± t·s/√n over the seeds at the best learning rate; the "
             f"difference to {reference} is taken seed by seed (same seed: same initialisation stream and data order). "
             "Still falling: how much lower the final eval loss is than the evaluation at ¾ of the tokens, "
@@ -701,7 +741,7 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
             "| step | eval loss | bpb | tokens/s | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
   for r in rows:
     st = r["status"] + (" ★" if r["best"] else "") + (f" ({r['error']})" if r["error"] else "")
-    buf.write(f"| {r['name']} | {lr_tag(r['lr'])} | {r['seed']} | {r.get('phase', 'sweep')} | {st} | "
+    buf.write(f"| {r['name']} | {setting_tag(r)} | {r['seed']} | {r.get('phase', 'sweep')} | {st} | "
               f"{r['final_step']} | "
               f"{_fmt(r['eval_loss'])} | {_fmt(r['eval_bpb'])} | {_fmt(r['tokens_per_s'], 0)} | "
               f"{_fmt(r['wall_s'], 1)} |\n")
@@ -720,7 +760,7 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   for run, r in best.items():
     ev, tr = r["_eval"], r["_train"]
     seeds = [x for x in rows if x["run"] == run and x["best"] and x["seed"] != r["seed"] and x["_eval"]]
-    label = f"{run} (lr {lr_tag(r['lr'])}" + (f", {len(seeds) + 1} seeds)" if seeds else ")")
+    label = f"{run} (lr {setting_tag(r)}" + (f", {len(seeds) + 1} seeds)" if seeds else ")")
     line, = ax1.plot(sorted(ev), [ev[k] for k in sorted(ev)], "o-", label=label)
     ax2.plot(sorted(tr), [tr[k] for k in sorted(tr)], color=line.get_color(), label=label)
     for x in seeds:   # the other seeds at the best learning rate, thin

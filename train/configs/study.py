@@ -4,12 +4,15 @@ A grid is the shared training config of all its runs (every field overridable fo
 `--config.train.steps=30`) plus `runs`: one entry per model method × optimizer, each with its learning-rate sweep
 (`lrs`) and the config fields it changes (`set`: 'section.field=value' pairs separated by spaces, values read as
 Python literals). `seeds` are the seeds of the learning-rate sweep; `confirm_seeds` more seeds then train each run
-at its best learning rate (the intervals and verdicts are over all seeds at that rate); `min_steps` (default: the
+at its best learning rate (the intervals and verdicts are over all seeds at that rate); `group_mults` (optional)
+sweeps the learning-rate multiplier of the embedding, head and norms together with `lrs`; `min_steps` (default: the
 grid's own length) is the shortest run that gets verdicts; `only='dense,lost'` keeps the runs of those names.
-Each (run, lr, seed) trains in `DIR/<run>_lr<lr>[_s<seed>]`. Notes: docs/study.md.
+Each (run, lr, multiplier, seed) trains in `DIR/<run>_lr<lr>[_m<mult>][_s<seed>]`. Notes: docs/study.md.
 
 Grids:
 * `cpu`: byte-level LLaMA on the Python standard library's source (2 CPU cores, ≤ 30 min for the whole grid).
+* `tuned`: the `cpu` grid's dense, low-rank, LOST, FRUGAL and GaLore runs with the learning rate of the embedding,
+  head and norms swept too (`group_mults`); run it in the `cpu` grid's directory.
 * `gpu60m`: the 60M presets on C4 (Hugging Face `allenai/c4`, streamed, T5 tokenizer), about 5 minutes of
   training on one H200 for all runs together (an estimate from the 60M throughput, not measured).
 * `paper:<size>`: the GaLore/LOST C4 protocol at that preset size (`train/configs/llama.py`), full length.
@@ -27,7 +30,7 @@ from train.cli import did_you_mean
 from train.configs import llama
 from train.configs.base import base_config, model_config
 
-GRIDS = ("cpu", "ablate", "capacity", "gpu60m", "paper")
+GRIDS = ("cpu", "tuned", "ablate", "capacity", "gpu60m", "paper")
 
 # LOST's ablations (LOST paper §5 ablation tables), each a variant of the `cpu` grid's LOST run (γ 0.5, s 0.05,
 # rank 32, L2 channel score on the residual, sparse values from W0, σ = identity): name -> 'set' fields. Names
@@ -56,10 +59,14 @@ RUNS = {
     # Baselines of LOST's comparison table (presets of train/configs/base.py: PRESET_METHODS).
     "cola": ("lowrank", "adamw", "adamw", "model.lowrank_act=silu model.lowrank_init=normal"),
     "sltrain": ("sltrain", "adamw", "adamw", "model.sparsity=0.03"),
-    # GaLore with the embedding, head and norms at a tenth of its matrix learning rate (AdamW's range).
-    "dense_galore_mult": ("dense", "galore", "galore", "optim.lr_mult.embed=0.1 optim.lr_mult.head=0.1 "
-                                                      "optim.lr_mult.norm=0.1"),
 }
+
+# The `cpu` grid's per-group learning-rate sweep (`group_mults`: the embedding, head and norms at m × the learning
+# rate, swept together with it): AdamW-based runs try those groups at 1-10× their matrices' rate, GaLore (whose
+# best rate is ~30× AdamW's) at 0.1-1×, so both reach embedding rates of 1e-3 … 3e-2. A verdict then compares each
+# method at its own best pair, not one method's lucky group rate.
+GROUP_MULTS = {"dense": (1.0, 3.0, 10.0), "lowrank": (1.0, 3.0, 10.0), "lost": (1.0, 3.0, 10.0),
+               "dense_frugal": (1.0, 3.0, 10.0), "dense_galore": (0.1, 0.3, 1.0)}
 
 
 def _runs(sweeps: dict, galore_rank: int, update_gap: int) -> ml_collections.ConfigDict:
@@ -88,7 +95,7 @@ def _study_fields(c, grid: str, sweeps: dict, galore_rank: int, update_gap: int,
 def cpu_config():
   """Byte-level model (d 128, 2 layers, rank 32) on the stdlib corpus; sized to the ≤ 30 min CPU budget.
 
-  40 sweep runs (10 × 4 learning rates) and 20 confirmation runs (2 seeds × 10) of 240 steps × 16 × 128 tokens
+  36 sweep runs (9 × 4 learning rates) and 18 confirmation runs (2 seeds × 9) of 240 steps × 16 × 128 tokens
   (0.49M tokens each, the same tokens for all runs of one seed).
   """
   c = base_config()
@@ -120,6 +127,21 @@ def cpu_config():
   # Four values each: with three (1e-3..1e-2 and 3e-3..3e-2) dense AdamW and GaLore were best at an edge.
   sweeps = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "galore": (3e-3, 1e-2, 3e-2, 1e-1)}
   return _study_fields(c, "cpu", sweeps, galore_rank=32, update_gap=50)
+
+
+def tuned_config():
+  """The `cpu` grid's dense, low-rank, LOST, FRUGAL and GaLore runs with the embedding, head and norms' learning
+  rate tuned together with the learning rate (GROUP_MULTS), so that a verdict compares methods at their own best
+  group rates. Meant to share the `cpu` grid's directory: its multiplier-1 runs are the `cpu` grid's runs and are
+  skipped when finished. 60 sweep runs (5 × 4 learning rates × 3 multipliers), then 2 seeds × 5."""
+  c = cpu_config()
+  c.grid = "tuned"
+  runs = ml_collections.ConfigDict()
+  for name, mults in GROUP_MULTS.items():
+    runs[name] = c.runs[name]
+    runs[name].group_mults = mults
+  c.runs = runs
+  return c
 
 
 def ablate_config(question: str = ""):
@@ -216,6 +238,8 @@ def get_config(arg: str = "cpu"):
     return run_config(grid[len("run="):])
   if grid == "cpu":
     return cpu_config()
+  if grid == "tuned":
+    return tuned_config()
   if grid == "capacity":
     return capacity_config()
   if grid == "ablate" or grid.startswith("ablate:"):
@@ -228,6 +252,6 @@ def get_config(arg: str = "cpu"):
       raise ValueError(f"unknown preset size {size!r} in study.py:paper:{size} (sizes: {', '.join(llama.STEPS)})"
                        f"{did_you_mean(size, llama.STEPS, prefix='paper:')}")
     return paper_config(size)
-  names = ["cpu", "capacity", "ablate", "gpu60m"] + [f"paper:{s}" for s in llama.STEPS]
-  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, capacity, ablate[:<question>], gpu60m, paper:<size>)"
+  names = ["cpu", "tuned", "capacity", "ablate", "gpu60m"] + [f"paper:{s}" for s in llama.STEPS]
+  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, tuned, capacity, ablate[:<question>], gpu60m, paper:<size>)"
                    f"{did_you_mean(grid, names)}")
