@@ -78,12 +78,13 @@ def parse_args(argv=None):
 
 def _vertebra(size, top, heights_by_col, c0, c1):
   """Mask of one vertebra: column c in [c0, c1) spans rows [bottom - h(c), bottom), rounded corners."""
+  h = np.asarray(heights_by_col).astype(int)
+  bottom = top + int(h.max())
+  inset = np.zeros(c1 - c0, int)
+  inset[[0, -1]] = 1  # rounded corners
+  rows = np.arange(size)[:, None]
   m = np.zeros((size, size), bool)
-  bottom = top + int(max(heights_by_col))
-  for c in range(c0, c1):
-    h = int(heights_by_col[c - c0])
-    inset = 1 if c in (c0, c1 - 1) else 0  # rounded corners
-    m[max(bottom - h + inset, 0):max(bottom - inset, 0), c] = True
+  m[:, c0:c1] = (rows >= np.maximum(bottom - h + inset, 0)) & (rows < np.maximum(bottom - inset, 0))
   return m, bottom
 
 
@@ -148,26 +149,31 @@ def make_phantom(rng, size=64, n_slices=10, target=2, fracture=None, loss=0.):
   return {"ct": ct, "masks": masks, "healthy_target": healthy, "heights": heights, "height_loss": float(realised)}
 
 
-def slice_sample(ph, z, target, band):
-  """The generator's inputs and targets for slice z (numpy, [S, S, 1] arrays, normalised as the reference)."""
+def slice_sample(ph, z, target):
+  """The unshifted slice z: CT normalised as the reference, neighbour and target masks ([S, S, 1]), positions."""
   tm = ph["masks"][target, :, :, z]
   rows = np.where(tm.any(axis=1))[0]
   x1, x2 = int(rows.min()), int(rows.max())
   neighbours = ph["masks"][[i for i in range(5) if i != target], :, :, z].any(axis=0)
-  real = (ph["ct"][:, :, z] / 127.5 - 1.)[None, :, :, None].astype(np.float32)
-  nv = neighbours[None, :, :, None].astype(np.float32)
-  stacked = np.concatenate([real, nv], -1)
-  shifted, hole, _ = context_shift(stacked, np.array([x1]), np.array([x2]), band=band)
-  shifted, hole = np.asarray(shifted)[0], np.asarray(hole)[0]
   n_slices = ph["ct"].shape[2]
-  return {"masked": shifted[..., :1], "normal_vert": shifted[..., 1:], "mask": hole,
-          "cam": np.zeros_like(hole), "real": real[0], "real_mask": tm[:, :, None].astype(np.float32),
+  return {"real": (ph["ct"][:, :, z] / 127.5 - 1.)[:, :, None].astype(np.float32),
+          "neighbours": neighbours[:, :, None].astype(np.float32), "real_mask": tm[:, :, None].astype(np.float32),
           "slice_ratio": np.float32(abs(z - (n_slices - 1) / 2) / n_slices * 2),
           "height": np.int32(x2 - x1), "x1": np.int32(x1), "x2": np.int32(x2)}
 
 
-def stack(samples):
-  return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+_context_shift = jax.jit(context_shift, static_argnames="band")
+
+
+def stack(samples, band):
+  """A batch of slice samples with the generator's inputs: CT and neighbour masks shifted around the hole
+  (`context_shift`), the hole mask, a zero HGAM map."""
+  b = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+  shifted, hole, _ = _context_shift(np.concatenate([b["real"], b.pop("neighbours")], -1), b["x1"], b["x2"],
+                                    band=band)
+  shifted, hole = np.asarray(shifted), np.asarray(hole)
+  b.update(masked=shifted[..., :1], normal_vert=shifted[..., 1:], mask=hole, cam=np.zeros_like(hole))
+  return b
 
 
 def training_batch(rng, args):
@@ -176,8 +182,8 @@ def training_batch(rng, args):
     target = int(rng.integers(1, 4))
     ph = make_phantom(rng, args.size, args.slices, target)
     z = int(rng.integers(1, args.slices - 1))
-    samples.append(slice_sample(ph, z, target, args.band))
-  return stack(samples)
+    samples.append(slice_sample(ph, z, target))
+  return stack(samples, args.band)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -327,7 +333,7 @@ def train(state, phases, next_batch, *, log_every=1):
 
 def synthesise_volume(run, ph, target, args):
   zs = [z for z in range(args.slices) if ph["masks"][target, :, :, z].any()]
-  out = run(stack([slice_sample(ph, z, target, args.band) for z in zs]))
+  out = run(stack([slice_sample(ph, z, target) for z in zs], args.band))
   synth = np.zeros(ph["ct"].shape, bool)
   fake_ct = np.array(ph["ct"])
   for i, z in enumerate(zs):
