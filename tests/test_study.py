@@ -495,7 +495,7 @@ def test_baseline_presets_and_ablation_grids():
     grids.get_config("ablate:gama")
   cap = grids.get_config("capacity")
   assert cap.model.attn_rank == cap.model.d_model // 4 and cap.min_steps == cap.train.steps == 6144
-  assert len(study.expand(cap)) == 9 and study.confirm_seeds(cap) == [1, 2]
+  assert len(study.expand(cap)) == 10 and study.confirm_seeds(cap) == [1, 2]
   cap.reference = "cola"
   with pytest.raises(ValueError, match="reference='cola'"):
     study.study_option(cap, "reference")
