@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import math
@@ -499,3 +500,45 @@ def test_baseline_presets_and_ablation_grids():
   cap.reference = "cola"
   with pytest.raises(ValueError, match="reference='cola'"):
     study.study_option(cap, "reference")
+
+
+def test_a_second_grid_in_the_same_directory_keeps_the_first_grids_results(tmp_path, monkeypatch):
+  """The `tuned` grid shares the `cpu` grid's runs: its tables and figures get a `tuned_` prefix, so the `cpu`
+  grid's results.md/csv and figures stay as they were (no training: the runs are stubbed)."""
+  losses = {}
+
+  def fake_train(specs, workdir, jobs, log, done, total):
+    out = []
+    for s in specs:
+      losses[s["name"]] = 2.0 + 0.01 * len(losses)
+      out.append({"status": "ok", "final_step": s["config"]["train"]["steps"], "wall_s": 1.0})
+    return out
+
+  def fake_row(spec, rdir, result, mem):
+    r = _row(spec["run"], spec["lr"], losses[spec["name"]], seed=spec["seed"], phase=spec["phase"],
+             mult=spec["group_mult"])
+    return dict(r, name=spec["name"])
+
+  monkeypatch.setattr(study, "_measure_all", lambda specs, workdir, log: collections.defaultdict(dict))
+  monkeypatch.setattr(study, "_train_all", fake_train)
+  monkeypatch.setattr(study, "collect_row", fake_row)
+  monkeypatch.setattr(study, "plot", lambda rows, best, workdir, prefix="": open(
+      os.path.join(workdir, prefix + "curves.png"), "w").close())
+  wd = str(tmp_path)
+  cpu = grids.get_config("cpu")
+  cpu.only = "dense,lost"
+  study.run_study(cpu, wd, log=lambda s: None)
+  first = {f: open(os.path.join(wd, f)).read() for f in ("results.md", "results.csv", "study_config.json")}
+  assert "Study `cpu`" in first["results.md"]
+  tuned = grids.get_config("tuned")
+  tuned.only = "dense,lost"
+  lines = []
+  study.run_study(tuned, wd, log=lines.append)
+  assert {f: open(os.path.join(wd, f)).read() for f in first} == first
+  md = open(os.path.join(wd, "tuned_results.md")).read()
+  assert "Study `tuned`" in md and "×3" in md and os.path.exists(os.path.join(wd, "tuned_curves.png"))
+  assert json.load(open(os.path.join(wd, "tuned_study_config.json")))["grid"] == "tuned"
+  assert any("holds the 'cpu' grid's results" in x for x in lines)
+  # the grid that owns the directory keeps the plain names when it runs again
+  assert study.output_paths(wd, "cpu")["results.md"] == os.path.join(wd, "results.md")
+  assert study.output_paths(str(tmp_path / "new"), "tuned")["prefix"] == ""

@@ -751,7 +751,7 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
   return buf.getvalue()
 
 
-def plot(rows: list[dict], best: dict, workdir: str) -> None:
+def plot(rows: list[dict], best: dict, workdir: str, prefix: str = "") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -775,7 +775,7 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   if best:
     ax1.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
+  fig.savefig(os.path.join(workdir, prefix + "curves.png"), dpi=100)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -797,11 +797,11 @@ def plot(rows: list[dict], best: dict, workdir: str) -> None:
   if best:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "lr.png"), dpi=100)
+  fig.savefig(os.path.join(workdir, prefix + "lr.png"), dpi=100)
   plt.close(fig)
 
 
-def plot_ablations(findings: list[dict], workdir: str, ref: str = "lost") -> str | None:
+def plot_ablations(findings: list[dict], workdir: str, ref: str = "lost", prefix: str = "") -> str | None:
   """`ablations.png`: each variant's paired difference to `ref` in % of ref's mean loss, with its 95 % interval
   (a point without a bar: one seed) and the ±TOLERANCE margin; returns the path, or None without findings."""
   pts = [(f["run"], f["interval"]) for f in findings if f["interval"] is not None]
@@ -826,7 +826,7 @@ def plot_ablations(findings: list[dict], workdir: str, ref: str = "lost") -> str
   ax.set_xlabel(f"final eval loss − {ref}'s, % of {ref}'s (paired over seeds; 95 % interval)")
   ax.grid(alpha=0.3, axis="x")
   fig.tight_layout()
-  path = os.path.join(workdir, "ablations.png")
+  path = os.path.join(workdir, prefix + "ablations.png")
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
@@ -862,6 +862,18 @@ def _load() -> str:
     return "load average unknown"
 
 
+OUTPUTS = ("study_config.json", "results.csv", "results.md", "curves.png", "lr.png", "ablations.png")
+
+
+def output_paths(workdir: str, grid: str) -> dict:
+  """Where a grid writes its tables and figures in `workdir`: the plain names (results.md, ...) for the grid that
+  first used the directory, `<grid>_results.md` etc. for another grid sharing it (the `tuned` grid shares the
+  `cpu` grid's runs), so neither overwrites the other's results."""
+  owner = (_read_json(os.path.join(workdir, "study_config.json")) or {}).get("grid", grid)
+  prefix = "" if owner == grid else f"{str(grid).replace(':', '_')}_"
+  return {"prefix": prefix, "owner": owner, **{name: os.path.join(workdir, prefix + name) for name in OUTPUTS}}
+
+
 def run_study(cfg, workdir: str, log=print, jobs: int = 1) -> list[dict]:
   """Sweep, then confirm: trains (or resumes, or skips) every run of the grid's sweep, then the confirmation seeds
   at each run's best learning rate; writes results.csv, results.md and the figures. `jobs` runs train at once."""
@@ -871,7 +883,10 @@ def run_study(cfg, workdir: str, log=print, jobs: int = 1) -> list[dict]:
   n_confirm = len(confirm_seeds(cfg))
   min_steps = study_option(cfg, "min_steps")
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "study_config.json"), "w") as f:
+  out = output_paths(workdir, cfg.grid)
+  if out["prefix"]:
+    log(f"{workdir} holds the {out['owner']!r} grid's results; this grid's go to {out['prefix']}*")
+  with open(out["study_config.json"], "w") as f:
     json.dump(cfg.to_dict(), f, indent=1, default=str)
   t0, load0 = time.time(), _load()
   mems = _measure_all(specs, workdir, log)
@@ -888,19 +903,19 @@ def run_study(cfg, workdir: str, log=print, jobs: int = 1) -> list[dict]:
   for r in rows:
     r["best"] = r["edge"] = False
   best = pick_best(rows)
-  write_csv(rows, os.path.join(workdir, "results.csv"))
+  write_csv(rows, out["results.csv"])
   wall = time.time() - t0
   steps = cfg.to_dict()["train"]["steps"]
   header = (f"## Study `{cfg.grid}`: {len(rows)} runs ({len(specs)} in the sweep, {len(rows) - len(specs)} "
             f"confirmation runs), {steps} steps each\n\nThis invocation: {wall / 60:.1f} min wall time with "
             f"--jobs={jobs} (runs skipped as finished take no time); {_load()} at the end ({load0} at the start) on "
             f"{os.cpu_count()} cores.")
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with open(out["results.md"], "w") as f:
     f.write(markdown(rows, best, verdicts(best, steps=steps, min_steps=min_steps), header,
                      reference=study_option(cfg, "reference")))
-  plot(rows, best, workdir)
+  plot(rows, best, workdir, prefix=out["prefix"])
   if study_option(cfg, "reference") == "lost":
-    plot_ablations(ablation_findings(best), workdir)
+    plot_ablations(ablation_findings(best), workdir, prefix=out["prefix"])
   log(f"study wall time {wall:.1f} s ({_load()})")
   return rows
 
