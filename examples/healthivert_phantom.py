@@ -64,6 +64,9 @@ def parse_args(argv=None):
   p.add_argument("--lr_d", type=float, default=2e-4, help="Adam learning rate of the discriminators")
   p.add_argument("--warmup", type=int, default=0,
                  help="first steps without the adversarial term and the discriminators (generator only)")
+  p.add_argument("--decay", type=int, default=0,
+                 help="the last steps over which both learning rates fall linearly to 0 (the reference's schedule: "
+                      "constant, then linear decay)")
   p.add_argument("--cnum", type=int, default=16, help="generator width (16 = the reference's 986,888 parameters)")
   p.add_argument("--ndf", type=int, default=64, help="discriminator width (64 = the reference's 2,763,585)")
   p.add_argument("--mask_mode", default="soft", choices=("soft", "hard"))
@@ -188,6 +191,12 @@ def training_batch(rng, args):
 
 # ------------------------------------------------------------------------------------------------ training
 
+def lr_schedule(lr, steps, decay, offset=0):
+  """The reference's schedule: lr until step `steps - decay`, then linearly down to 0 at `steps`; the optimizer's
+  step t is the training step t + offset (the discriminators start after the warm-up)."""
+  return (lambda t: lr * jnp.clip((steps - t - offset) / decay, 0., 1.)) if decay else lr
+
+
 def build(args, key):
   """Graph definitions, initial states and optimizers of G and D1..D3 (created under jit: one compilation)."""
   make_g = lambda k: Generator(args.cnum, rngs=nnx.Rngs(k))
@@ -197,8 +206,8 @@ def build(args, key):
   kg, *kd = jax.random.split(key, 4)
   g = jax.jit(lambda k: nnx.split(make_g(k), nnx.Param, ...)[1:])(kg)
   ds = [jax.jit(lambda k: nnx.split(make_d(k), nnx.Param, ...)[1:])(k) for k in kd]
-  tx_g = optax.adam(args.lr, b1=0.5, b2=0.999)
-  tx_d = optax.adam(args.lr_d, b1=0.5, b2=0.999)
+  tx_g = optax.adam(lr_schedule(args.lr, args.steps, args.decay), b1=0.5, b2=0.999)
+  tx_d = optax.adam(lr_schedule(args.lr_d, args.steps, args.decay, offset=args.warmup), b1=0.5, b2=0.999)
   state = {"g": g, "d": ds, "opt_g": tx_g.init(g[0]), "opt_d": [tx_d.init(d[0]) for d in ds]}
   return g_def, d_def, (tx_g, tx_d), state
 
@@ -427,6 +436,8 @@ def main(argv=None):
                      f"{args.band}")
   if not 0 <= args.warmup <= args.steps:
     raise SystemExit(f"--warmup must lie in [0, --steps={args.steps}], got {args.warmup}")
+  if not 0 <= args.decay <= args.steps:
+    raise SystemExit(f"--decay must lie in [0, --steps={args.steps}], got {args.decay}")
   if args.cnum < 2 or args.cnum % 2:
     raise SystemExit(f"--cnum must be an even number >= 2, got {args.cnum}")
   os.makedirs(args.outdir, exist_ok=True)
@@ -445,7 +456,7 @@ def main(argv=None):
   mid, ideal_mid = np.array([r["rhlv"]["mid"] for r in rows]), np.array([r["ideal"]["mid"] for r in rows])
   result = {
       "steps": args.steps, "warmup": args.warmup, "batch": args.batch, "size": args.size, "cnum": args.cnum,
-      "ndf": args.ndf, "lr": args.lr, "lr_d": args.lr_d, "train_seconds": round(t_train, 1),
+      "ndf": args.ndf, "lr": args.lr, "lr_d": args.lr_d, "decay": args.decay, "train_seconds": round(t_train, 1),
       "train_cpu_seconds": round(c_train, 1), "timing": timing,
       "losses_finite": bool(finite), "first": history[0], "last": history[-1],
       "grade_counts": np.bincount([r["grade"] for r in rows], minlength=len(GRADE_CUTS) + 1).tolist(),

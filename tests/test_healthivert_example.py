@@ -75,11 +75,23 @@ def test_training_schedule_runs_the_warmup_first():
   assert set(timing) == {"adversarial"}
 
 
+def test_learning_rate_schedule_is_constant_then_linear_to_zero():
+  """The reference's schedule: constant, then linear decay to 0 over the last `decay` steps; the discriminators'
+  optimizer counts from the end of the warm-up (offset)."""
+  ex = _example()
+  got = [float(ex.lr_schedule(2., 10, 4)(t)) for t in range(12)]
+  np.testing.assert_allclose(got, [2.] * 7 + [1.5, 1., 0.5, 0., 0.])
+  np.testing.assert_allclose(float(ex.lr_schedule(2., 10, 4, offset=5)(2)), 1.5)
+  assert ex.lr_schedule(2., 10, 0) == 2.
+
+
 @pytest.mark.slow
 def test_example_runs_with_tiny_settings(tmp_path):
   ex = _example()
-  out = ex.main(["--steps=20", "--batch=2", "--n_grade=16", "--n_val=2", f"--outdir={tmp_path}"])
+  out = ex.main(["--steps=20", "--warmup=10", "--decay=10", "--batch=2", "--n_grade=16", "--n_val=2",
+                 f"--outdir={tmp_path}"])
   assert out["losses_finite"]
+  assert {k: v["steps"] for k, v in out["timing"].items()} == {"warmup": 10, "adversarial": 10}
   for f in ("healthivert_phantom.png", "results.md", "results.json"):
     assert (tmp_path / f).stat().st_size > 0
   assert json.loads((tmp_path / "results.json").read_text())["steps"] == 20
