@@ -60,18 +60,21 @@ def test_assumed_defaults_pinned():
 
 
 def test_retrain_averages_subsamples_and_tunes_l2():
+  # float64 features with the shapes and steps of the test above (every subsample pads to 128 rows of 4 features,
+  # 3 classes, 60 L-BFGS steps): all fits here reuse its compiled solver
   rng = np.random.default_rng(1)
-  x = rng.normal(size=(90, 3)).astype(np.float32)
-  y = rng.integers(0, 2, 90)
-  r = np.array(["A", "B", "C"])[rng.integers(0, 3, 90)]
-  head = R.retrain_last_layer(x, y, r, 2, num_subsamples=2, steps=30)
-  mean, std = x.mean(0), x.std(0) + 1e-8
-  h = (x - mean) / std
-  ws = [R.fit_linear_head(h[R.region_balanced_indices(r, seed=s)], y[R.region_balanced_indices(r, seed=s)], 2,
-                          l2=1e-4, steps=30) for s in (0, 1)]
-  np.testing.assert_allclose(head.kernel, np.mean([w for w, _ in ws], 0), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(head(x)), h @ head.kernel + head.bias, rtol=1e-5, atol=1e-5)
-  tuned = R.retrain_last_layer(x, y, r, 2, l2=(1e-4, 10.0), num_subsamples=1, steps=30)
+  x = rng.normal(size=(120, 4))
+  y = rng.integers(0, 3, 120)
+  r = np.array(["A", "B", "C"])[rng.integers(0, 3, 120)]
+  with jax.enable_x64(True):
+    head = R.retrain_last_layer(x, y, r, 3, num_subsamples=2, steps=60)
+    mean, std = x.mean(0), x.std(0) + 1e-8
+    h = (x - mean) / std
+    ws = [R.fit_linear_head(h[R.region_balanced_indices(r, seed=s)], y[R.region_balanced_indices(r, seed=s)], 3,
+                            l2=1e-4, steps=60) for s in (0, 1)]
+    np.testing.assert_allclose(head.kernel, np.mean([w for w, _ in ws], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(head(x)), h @ head.kernel + head.bias, rtol=1e-5, atol=1e-5)
+    tuned = R.retrain_last_layer(x, y, r, 3, l2=(1e-4, 10.0), num_subsamples=1, steps=60)
   assert tuned.l2 in (1e-4, 10.0)
   with pytest.raises(ValueError, match="select_by"):
     R.retrain_last_layer(x, y, r, 2, select_by="best")
