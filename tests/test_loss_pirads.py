@@ -44,12 +44,18 @@ def np_total(la, lb, y, sa, sb, pa_sdm, pb_sdm, lambda_mt=1.0, lambda_co=0.0):
 
 def test_soft_dice_and_dice_loss_vs_numpy():
   p = np_softmax(LOGITS_A)
+
+  @jax.jit  # one compilation for the four calls
+  def run(p, y):
+    return (L.pirads_soft_dice(p, y), L.pirads_soft_dice(p, y, smooth=0.0), L.pirads_dice_loss(p, y),
+            L.pirads_dice_loss(p, y, classes=(1, 3)))
+
   with jax.enable_x64(True):
-    np.testing.assert_allclose(jax.jit(L.pirads_soft_dice)(p, ONEHOT), np_dice(p, ONEHOT), rtol=1e-12)
-    np.testing.assert_allclose(L.pirads_soft_dice(p, ONEHOT, smooth=0.0), np_dice(p, ONEHOT, 0.0), rtol=1e-12)
-    assert float(L.pirads_dice_loss(p, ONEHOT)) == pytest.approx(-np_dice(p, ONEHOT).sum(), rel=1e-12)
-    assert float(L.pirads_dice_loss(p, ONEHOT, classes=(1, 3))) == pytest.approx(
-        -np_dice(p, ONEHOT)[[1, 3]].sum(), rel=1e-12)
+    dice, dice0, loss, loss13 = run(p, ONEHOT)
+    np.testing.assert_allclose(dice, np_dice(p, ONEHOT), rtol=1e-12)
+    np.testing.assert_allclose(dice0, np_dice(p, ONEHOT, 0.0), rtol=1e-12)
+    assert float(loss) == pytest.approx(-np_dice(p, ONEHOT).sum(), rel=1e-12)
+    assert float(loss13) == pytest.approx(-np_dice(p, ONEHOT)[[1, 3]].sum(), rel=1e-12)
   # a perfect prediction of an absent class scores 1 thanks to smooth = 1 (default)
   perfect = np.eye(5)[np.zeros((4, 4), int)]
   np.testing.assert_allclose(L.pirads_soft_dice(perfect.astype(np.float32), perfect), np.ones(5), rtol=1e-6)
@@ -57,18 +63,23 @@ def test_soft_dice_and_dice_loss_vs_numpy():
 
 def test_consistency_and_sdm_vs_numpy():
   pa, pb = np_softmax(LOGITS_A), np_softmax(LOGITS_B)
+  w = RNG.random(SDM_A.shape) < 0.5
+
+  @jax.jit  # one compilation for every value and gradient below
+  def run(pa, pb, pred, sdm, w):
+    return (L.pirads_consistency_loss(pa, pb), L.pirads_consistency_loss(pa, pa), L.pirads_sdm_loss(pred, sdm),
+            L.pirads_sdm_loss(pred, sdm, where=w), jax.grad(L.pirads_consistency_loss, argnums=(0, 1))(pa, pb),
+            jax.grad(lambda b: P.pirads_consistency_loss(pa, b, stop_gradient=True))(pb))
+
   with jax.enable_x64(True):
-    assert float(L.pirads_consistency_loss(pa, pb)) == pytest.approx(np.mean((pa - pb) ** 2), rel=1e-12)
-    assert float(L.pirads_consistency_loss(pa, pa)) == 0.0
-    assert float(L.pirads_sdm_loss(PRED_A, SDM_A)) == pytest.approx(np.mean((PRED_A - SDM_A) ** 2), rel=1e-12)
-    w = RNG.random(SDM_A.shape) < 0.5
-    assert float(L.pirads_sdm_loss(PRED_A, SDM_A, where=w)) == pytest.approx(
-        np.mean((PRED_A - SDM_A)[w] ** 2), rel=1e-12)
+    co, co_same, sdm, sdm_w, (ga, gb), gb_sg = run(pa, pb, PRED_A, SDM_A, w)
+    assert float(co) == pytest.approx(np.mean((pa - pb) ** 2), rel=1e-12)
+    assert float(co_same) == 0.0
+    assert float(sdm) == pytest.approx(np.mean((PRED_A - SDM_A) ** 2), rel=1e-12)
+    assert float(sdm_w) == pytest.approx(np.mean((PRED_A - SDM_A)[w] ** 2), rel=1e-12)
     # symmetric by default: both paths get gradients; stop_gradient=True leaves path B fixed
-    ga, gb = jax.grad(L.pirads_consistency_loss, argnums=(0, 1))(pa, pb)
     np.testing.assert_allclose(ga, -gb, rtol=1e-12)
     np.testing.assert_allclose(ga, 2 * (pa - pb) / pa.size, rtol=1e-12)
-    gb_sg = jax.grad(lambda b: P.pirads_consistency_loss(pa, b, stop_gradient=True))(pb)
     assert float(jnp.abs(gb_sg).max()) == 0.0
 
 
@@ -93,12 +104,17 @@ def test_dual_path_loss_stages_vs_numpy(lambda_co):
 
 def test_default_weights_pinned():
   out = {"logits_a": LOGITS_A, "logits_b": LOGITS_B, "sdm_a": PRED_A, "sdm_b": PRED_B}
+
+  @jax.jit  # one compilation for both calls
+  def run(out, y, sa, sb):
+    # default weights; without SDM heads only the Dice terms (and the co term when weighted) remain
+    return (L.pirads_dual_path_loss(out, y, own_a=OWN_A, own_b=OWN_B, sdm_a=sa, sdm_b=sb),
+            L.pirads_dual_path_loss({"logits_a": out["logits_a"], "logits_b": out["logits_b"]}, y, own_a=OWN_A,
+                                    own_b=OWN_B, lambda_co=2.0))
+
   with jax.enable_x64(True):
-    loss, parts = L.pirads_dual_path_loss(out, ONEHOT, own_a=OWN_A, own_b=OWN_B, sdm_a=SDM_A, sdm_b=SDM_B)
+    (loss, parts), (loss2, parts2) = run(out, ONEHOT, SDM_A, SDM_B)
     assert float(loss) == pytest.approx(float(parts["dice_a"] + parts["dice_b"] + 1.0 * parts["sdm"]), rel=1e-12)
-    # without SDM heads only the Dice terms (and the co term when weighted) remain
-    loss2, parts2 = L.pirads_dual_path_loss({"logits_a": LOGITS_A, "logits_b": LOGITS_B}, ONEHOT, own_a=OWN_A,
-                                            own_b=OWN_B, lambda_co=2.0)
     assert float(loss2) == pytest.approx(float(parts2["dice_a"] + parts2["dice_b"] + 2.0 * parts2["co"]), rel=1e-12)
 
 
