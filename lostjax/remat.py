@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _is_float(x) -> bool:
@@ -46,3 +47,47 @@ def checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable):
 
   call.defvjp(fwd, bwd)
   return call
+
+
+def switch(index, branches, *operands):
+  """`jax.lax.switch(index, branches, *operands)` whose backward recomputes the chosen branch only.
+
+  Differentiating `lax.switch` keeps the residuals of every branch for the backward pass: JAX merges the
+  branches' residual lists and each branch zero-fills the slots it does not produce, so branches of different
+  shapes (the dropless capacities of a mixture of experts) keep the sum of all their intermediates alive. Here
+  the forward keeps only the operands, and the backward runs one `lax.switch` whose chosen branch recomputes its
+  forward and applies its VJP; nothing crosses from the forward but the operands, and no other branch's buffers
+  exist. Operands and outputs that are not floating point (indices, masks) get zero (float0) cotangents.
+  Gradients equal those of `lax.switch`; the branch's forward runs twice.
+  """
+  @jax.custom_vjp
+  def call(index, *ops):
+    return jax.lax.switch(index, branches, *ops)
+
+  def fwd(index, *ops):
+    return call(index, *ops), (index, ops)
+
+  def bwd(res, ct):
+    index, ops = res
+    flat, tree = jax.tree.flatten(ops)
+    is_f = [_is_float(x) for x in flat]
+    cts = [c for c in jax.tree.leaves(ct) if c.dtype != jax.dtypes.float0]
+
+    def grad_of(fn):
+      def g(cts, floats):
+        def f(*fl):
+          it = iter(fl)
+          return fn(*jax.tree.unflatten(tree, [next(it) if k else x for x, k in zip(flat, is_f)]))
+        out, vjp = jax.vjp(f, *floats)
+        it = iter(cts)
+        full = [next(it) if _is_float(o) else np.zeros(o.shape, jax.dtypes.float0) for o in jax.tree.leaves(out)]
+        return vjp(jax.tree.unflatten(jax.tree.structure(out), full))
+      return g
+
+    grads = iter(jax.lax.switch(index, [grad_of(fn) for fn in branches], cts,
+                                [x for x, k in zip(flat, is_f) if k]))
+    full = [next(grads) if k else np.zeros(x.shape, jax.dtypes.float0) for x, k in zip(flat, is_f)]
+    return (np.zeros((), jax.dtypes.float0), *jax.tree.unflatten(tree, full))
+
+  call.defvjp(fwd, bwd)
+  return call(index, *operands)

@@ -219,8 +219,7 @@ class Embed(nnx.Module):
     self.embedding = common.param(w.astype(param_dtype), ("vocab", "embed"))
 
   def __call__(self, tokens):
-    return sharding.gathered_call(lambda w, t: jnp.take(w, t, axis=0), (self.embedding,), tokens,
-                                  scatter_grad=False)
+    return sharding.sharded_lookup(self.embedding, tokens)
 
 
 class Llama(nnx.Module):

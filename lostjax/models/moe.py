@@ -34,6 +34,16 @@ Choices (the papers leave them open or differ between them):
     smallest one that holds the busiest expert's load, so the result is exactly dropless while a balanced router
     pays about 1.25x the active compute (an expert that takes every token costs E/k times as much). This was
     faster on CPU than sorting the assignments into blocks with per-block gathered weights (docs/benchmarks/moe.md).
+  * Dropless mode on a device mesh: the tokens are dispatched in groups, one per batch shard (the rows a device
+    holds), each group with its own slots and the capacities computed from its T/G tokens; the branch is chosen
+    by the busiest expert of any group. Every assignment is still computed, so the result is the one-group result
+    (up to the order of float additions), while each device routes, dispatches and combines only its own rows:
+    the [E, slots, d] dispatched tokens are redistributed to the experts' devices (all-to-all) and back. With one
+    group on every device the small preset's train step on 8 devices kept 10x the memory (docs/benchmarks/sharding.md).
+    Capacity mode keeps one group, so which assignments are dropped does not depend on the mesh.
+  * Dropless mode keeps only its inputs for the backward pass and recomputes the chosen capacity there
+    (`lostjax.remat.switch`): differentiating `lax.switch` keeps the intermediates of every branch (E·Σ capacities
+    slots per layer, 7.25 times the balanced load for top-2), at the price of the routed experts' forward twice.
   * The experts are `nnx.vmap`-stacked `Mlp`s, so they use any linear kind (`make_linear`: dense, low-rank, LOST,
     each expert with its own LOST channel set) and carry the logical axis `expert` in front of every parameter
     (`lostjax.sharding` maps it to the `expert` mesh axis).
@@ -49,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lostjax import remat, sharding
 from lostjax.layers import make_linear
 from lostjax.models.config import LlamaConfig
 from lostjax.models.mlp import Mlp  # the expert is the dense model's SwiGLU MLP
@@ -128,40 +139,63 @@ class MoeMlp(nnx.Module):
     self.experts = experts(rngs)
 
   def route(self, x2: jax.Array):
-    """x2 [T, d] -> (probs [T, E], ids [T, k] int32, gates [T, k]) in float32."""
+    """x2 [..., d] -> (probs [..., E], ids [..., k] int32, gates [..., k]) in float32."""
     probs = jax.nn.softmax(self.router(x2.astype(jnp.float32)), axis=-1)
     top, ids = jax.lax.top_k(probs, self.top_k)
     return probs, ids.astype(jnp.int32), top / jnp.sum(top, axis=-1, keepdims=True)
 
+  def _groups(self, b: int) -> int:
+    """How many groups the tokens are dispatched in: in dropless mode the batch shards of the current mesh
+    (`lostjax.sharding.batch_divisor`; each device routes, dispatches and combines its own rows) when they divide
+    the batch, else 1. Capacity mode keeps one group, so which assignments are dropped does not depend on the mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if self.capacity_factor > 0 or mesh.empty or mesh.size == 1:
+      return 1
+    g = sharding.batch_divisor(mesh)
+    return g if b % g == 0 else 1
+
   def __call__(self, x: jax.Array):
     b, s, d = x.shape
-    t, k, e = b * s, self.top_k, self.num_experts
-    x2 = x.reshape(t, d)
-    probs, ids, gates = self.route(x2)
+    k, e = self.top_k, self.num_experts
+    g = self._groups(b)
+    t = b * s // g                                              # tokens per group
+    xg = sharding.constrain(x.reshape(g, t, d), ("activation_batch", None, "activation_embed"))
+    probs, ids, gates = self.route(xg)                         # [g, t, E], [g, t, k], [g, t, k]
     graphdef, state = nnx.split(self.experts)
 
-    def run(rows, state, x2, ids, gates):
-      """The routed experts' output [T, d] (float32) with `rows` slots per expert, and the kept mask."""
-      plan = dispatch_plan(ids, e, rows)
+    def run(rows, state, xg, ids, gates):
+      """The routed experts' output [g, t, d] (float32) with `rows` slots per expert and group, and the kept mask
+      [g, t·k]."""
+      plan = jax.vmap(lambda i: dispatch_plan(i, e, rows))(ids)
       n = t * k
-      valid = plan.slot_src < n
-      token = jnp.where(valid, plan.slot_src % t, t)            # row t of the padded input is zeros
-      flat_gates = jnp.concatenate([gates.T.reshape(-1), jnp.zeros((1,), gates.dtype)])
-      gate = jnp.where(valid, flat_gates[plan.slot_src], 0.0)
-      x_pad = jnp.concatenate([x2, jnp.zeros((1, d), x2.dtype)])
-      ys = jax.vmap(lambda st, xb: nnx.merge(graphdef, st)(xb))(state, x_pad[token].reshape(e, rows, d))
-      contrib = ys.reshape(-1, d).astype(jnp.float32) * gate[:, None]
-      return jnp.zeros((t + 1, d), jnp.float32).at[token].add(contrib)[:t], plan.kept
+      valid = plan.slot_src < n                                   # [g, E·rows]
+      token = jnp.where(valid, plan.slot_src % t, t)              # row t of the padded input is zeros
+      flat_gates = jnp.concatenate([jnp.swapaxes(gates, 1, 2).reshape(g, n), jnp.zeros((g, 1), gates.dtype)], 1)
+      gate = jnp.where(valid, jnp.take_along_axis(flat_gates, plan.slot_src, axis=1), 0.0)
+      x_pad = jnp.concatenate([xg, jnp.zeros((g, 1, d), xg.dtype)], axis=1)
+      xs = jax.vmap(lambda xp, tok: xp[tok])(x_pad, token)        # [g, E·rows, d]
+      # to the experts: [E, g·rows, d], experts over the expert axis, the groups' slots over the other batch axes
+      xs = jnp.swapaxes(xs.reshape(g, e, rows, d), 0, 1).reshape(e, g * rows, d)
+      xs = sharding.constrain(xs, ("activation_expert", "activation_batch", None))
+      ys = jax.vmap(lambda st, xb: nnx.merge(graphdef, st)(xb))(state, xs)
+      ys = sharding.constrain(ys, ("activation_expert", "activation_batch", None))
+      ys = jnp.swapaxes(ys.reshape(e, g, rows, d), 0, 1).reshape(g, e * rows, d)   # back to the groups
+      ys = sharding.constrain(ys, ("activation_batch", None, None))
+      contrib = ys.astype(jnp.float32) * gate[..., None]
+      combine = lambda tok, c: jnp.zeros((t + 1, d), jnp.float32).at[tok].add(c)[:t]
+      return jax.vmap(combine)(token, contrib), plan.kept
 
     if self.capacity_factor > 0:
-      y, kept = run(capacity(t, k, e, self.capacity_factor), state, x2, ids, gates)
-    else:   # dropless: the smallest compiled capacity that holds the busiest expert's load
+      y, kept = run(capacity(t, k, e, self.capacity_factor), state, xg, ids, gates)
+    else:   # dropless: the smallest compiled capacity that holds the busiest expert's load in any group
       caps = dropless_capacities(t, k, e)
-      load = jnp.max(jnp.bincount(ids.reshape(-1), length=e))
+      load = jnp.max(jax.vmap(lambda i: jnp.bincount(i.reshape(-1), length=e))(ids))
       branch = jnp.searchsorted(jnp.asarray(caps, jnp.int32), load.astype(jnp.int32))
-      y, kept = jax.lax.switch(branch, [functools.partial(run, c) for c in caps], state, x2, ids, gates)
+      # lax.switch would keep every capacity's intermediates for the backward (E·Σ capacities slots per layer, 7.25x
+      # the balanced load for top-2): remat.switch keeps the inputs and recomputes the chosen capacity there.
+      y, kept = remat.switch(branch, [functools.partial(run, c) for c in caps], state, xg, ids, gates)
     aux = {
-        "aux_loss": load_balancing_loss(probs, ids),
+        "aux_loss": load_balancing_loss(probs.reshape(b * s, e), ids.reshape(b * s, k)),
         "dropped_frac": jnp.mean((~kept).astype(jnp.float32)),
         "expert_ids": ids.reshape(b, s, k),
         "expert_gates": gates.reshape(b, s, k),
