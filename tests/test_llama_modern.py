@@ -172,7 +172,7 @@ def test_counts_and_flops_closed_form():
     assert counts["total"] == v * d + head + L * layer + d
     assert counts["lm_head"] == head and counts["embedding"] == v * d
     assert flops.matmul_params(cfg) == L * (2 * d * d + 2 * d * kv_dim + 3 * d * ff) + d * v   # head computed
-    assert activation_values_per_token_layer(cfg) == 7 * d + 2 * kv_dim + 5 * ff
+    assert activation_values_per_token_layer(cfg) == 7 * d + 2 * kv_dim + 4 * ff
   lost = LlamaConfig(**TINY, attn_kind="lost", attn_rank=4, sparsity=0.25)
   k = math.floor(0.25 * d)
   assert flops.matmul_params(lost) == L * (2 * (4 * 2 * d + k * d) + 2 * (4 * (d + kv) + k * kv) + 3 * d * ff) + d * v

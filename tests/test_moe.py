@@ -337,29 +337,22 @@ def test_expert_mesh_equals_single_device(cf):
 def test_dropless_experts_dispatch_each_devices_rows():
   """On data 8 each device routes, dispatches and combines its own rows (dropless mode, one group per batch
   shard): the compiled forward and backward of a layer keep the temporaries of one device running its ⅛ of the
-  batch, not of the whole batch; the output and gradients equal one device's."""
+  batch, not of the whole batch (8x). Values: test_expert_mesh_equals_single_device (forward) and
+  tests/test_sharding.py's expert-mesh training (slow set)."""
   cfg = _cfg(d_model=32, d_ff=64, moe_capacity_factor=0.0)
-  moe = MoeMlp(cfg, nnx.Rngs(0))
-  graphdef, state = nnx.split(moe)
-  x = jnp.asarray(jax.random.normal(jax.random.key(1), (16, 16, cfg.d_model)), jnp.float32)
+  graphdef, state = nnx.split(MoeMlp(cfg, nnx.Rngs(0)))
+  x = jax.ShapeDtypeStruct((16, 16, cfg.d_model), jnp.float32)
 
   def loss(st, v):
     y, aux = nnx.merge(graphdef, st)(v)
     return jnp.sum(y * y) + aux["aux_loss"]
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  one_row_share = grad.lower(state, x[:2]).compile().memory_analysis().temp_size_in_bytes
+  temp = lambda *args: grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  one_row_share = temp(state, jax.ShapeDtypeStruct((2, 16, cfg.d_model), jnp.float32))
   mesh = sharding.make_mesh(data=8)
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
-    compiled = grad.lower(state, xs).compile()
-    value, (g_state, g_x) = compiled(state, xs)
-  assert compiled.memory_analysis().temp_size_in_bytes <= 1.5 * one_row_share, (
-      compiled.memory_analysis().temp_size_in_bytes, one_row_share)
-  ref_value, (ref_state, ref_x) = grad(state, x)
-  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(g_x), np.asarray(ref_x), rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(g_state), jax.tree.leaves(ref_state)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    sharded = temp(state, jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, 3)))
+  assert sharded <= 1.5 * one_row_share, (sharded, one_row_share)
 
 
 def test_make_mesh_expert_argument():

@@ -108,3 +108,31 @@ def test_unknown_device_memory_on_cpu_and_bad_value():
   c.system.device_memory_gib = -1.0
   with pytest.raises(ValueError, match="-1"):
     summary.summarize(c)
+
+
+def test_optimizer_bytes_follow_the_trainers_placement():
+  """The optimizer term places each state leaf as the trainer does (`train.state.optimizer_shardings`): AdamW's
+  moments split like their parameters, FRUGAL's moments stacked over the parameters of one shape replicated."""
+  import jax
+  import numpy as np
+  from train.state import abstract_train_state, llama_config, make_mesh
+  for opt in ("adamw", "frugal"):
+    c = _cfg(opt=opt, batch=16, devices=8)
+    c.mesh.fsdp = 8
+    est = summary.summarize(c)["memory_estimate_per_device_bytes"]
+    run = abstract_train_state(c, mesh=make_mesh(c), model_cfg=llama_config(c))
+    held = sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(run.state["opt"]) if hasattr(leaf, "shape"))
+    assert est["optimizer"] == pytest.approx(held, rel=1e-3, abs=64), (opt, est, held)
+    if opt == "adamw":
+      assert est["optimizer"] == pytest.approx(2 * est["params"], rel=1e-3, abs=64)
+
+
+def test_estimate_when_the_optimizer_update_dominates():
+  """One short row: the parameters outweigh the activations and the step peaks in the optimizer update, whose
+  temporaries (about 2.2x the parameter bytes) the estimate counts instead of the activations."""
+  cfg = _cfg(batch=1, seq=16)
+  est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
+  assert est["update"] > 0
+  ratio = est["total"] / summary.compiled_memory(cfg)["total"]
+  assert 0.9 <= ratio <= 1.1, (est, ratio)

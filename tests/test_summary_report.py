@@ -63,7 +63,8 @@ def test_json_keys_are_stable():
                      "memory_estimate_per_device_gib", "memory_fit", "flops_per_token", "devices", "batch"]
   assert list(s["memory_fit"]) == ["device_memory_bytes", "fits", "suggestions", "device_memory_source"]
   assert s["memory_fit"]["device_memory_bytes"] == 80 * 2**30 and s["memory_fit"]["fits"] is True
-  assert list(s["memory_estimate_per_device_bytes"]) == ["params", "grads", "optimizer", "activations", "total"]
+  assert list(s["memory_estimate_per_device_bytes"]) == [
+      "params", "grads", "optimizer", "activations", "update", "total"]
 
 
 def _rows(text):

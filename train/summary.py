@@ -9,26 +9,36 @@ rows per device = global_batch / grad_accum / (data·fsdp·expert), tokens = row
                 places it on that mesh (param_dtype; a dimension a mesh axis does not divide stays whole)
   grads       = params (float32 gradients of float32 parameters; under fsdp each is reduce-scattered onto the
                 parameter's shards as its layer's backward produces it)
-  optimizer   = optimizer-state bytes (exact, from `optim.state_size`) × the share of the parameters one device holds
-  activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  tokens · (2·V·4/t + 2·d·act_bytes)
+  optimizer   = the bytes of every optimizer-state leaf one device holds, placed as the trainer places it
+                (`train.state.optimizer_shardings`: moments like their parameter; FRUGAL's stacked moments replicated)
+  activations = tokens · n_layers · v_layer · act_bytes  +  n_layers · scores  +  experts  +  head
+  update      = max(0, 2.2 · params − activations): the step peaks in the backward pass or in the optimizer update,
+                whose float32 temporaries take about 2.2 times the parameter bytes a device holds (measured at 60M
+                on data 8, where the parameters outweigh the activations)
 with, per token and layer, the values the backward pass keeps (no rematerialisation):
   v_layer = 4·d (two norm inputs and outputs; never split: activations keep whole feature vectors)
           + (3·d + 2·d_kv)/t (q, k, v after RoPE, attention output, o input; d_kv = n_kv_heads·head_dim, = d
             without grouped-query attention; heads split over `tensor`)
-          + 5·d_ff/t (gate, up, SiLU(gate), its sigmoid, product; the MLP hidden features split over `tensor`)
-          + LOST/low-rank intermediates (rank r per projection, and the k gathered input channels of LOST; whole)
-          + for experts: top_k copies of the MLP terms, 2·top_k·d dispatched input/output and E router values;
+          + 4·d_ff/t (gate, up, their product and one more d_ff-wide buffer: XLA:CPU's step kept 3 of them on 8
+            devices at 2 rows each, about 4 on one device at 8 rows; the MLP hidden features split over `tensor`)
+          + LOST/low-rank intermediates (rank r per projection, and the k gathered input channels of LOST; whole;
+            under fsdp without tensor parallelism none: `gathered_call`'s checkpoint recomputes them)
+          + for experts, instead of the MLP terms: E router probabilities and top_k ids and gates;
   scores  = 3 · rows · heads/t · T² · 4 bytes with `model.attention_impl='xla'` (the float32 attention logits,
             probabilities and their gradient live at once); 0 for fused attention kernels;
-  the last term: the float32 logits (vocabulary split over `tensor`) and their softmax gradient, and the final
-  norm's input/output. A dimension that t does not divide is counted whole, as the sharding rules leave it.
+  experts = the routed experts (`moe_bytes`: dropless, (1.22·n_layers + 4) · E·tokens slots of d + d_ff values,
+            fitted to the compiled step; capacity mode keeps E·C slots per layer);
+  head    = tokens · (3·V·4/t + 2·d·act_bytes): the float32 logits (vocabulary split over `tensor`), their softmax
+            gradient and a third buffer of that size (two on data × tensor meshes without fsdp, as measured at 60M),
+            and the final norm's input/output. A dimension that t does not divide is counted whole.
 With model.remat=True each block keeps what `model.remat_policy` saves (`saved_values_per_token_layer`: its input
 for 'nothing_saveable'; the matmul outputs for the dots policies) plus one block's worth during its recomputation.
-The coefficients were counted from the dataflow and checked against XLA's memory analysis of the compiled train
-step (`compiled_memory`): within ±10 % for dense, LOST, FRUGAL and GaLore on one device and on data and tensor
-meshes of 8 CPU devices, 1.01–1.13 (over) on fsdp meshes, small at float32; 0.95–0.97 with remat
-(tests/test_summary.py, tests/test_sharding.py, `bench/memory_estimate.py --mesh_table`,
-docs/benchmarks/sharding.md). Mixtures of experts are far under: their dispatch buffers are not counted.
+The coefficients were counted from the dataflow and the buffers of XLA's memory-usage report, and checked against
+XLA's memory analysis of the compiled train step (`compiled_memory`): 0.95–1.08 of it over the 44 cases of
+`bench/memory_estimate.py --mesh_table` (small and 60M; dense, LOST, FRUGAL, GaLore on data 8, fsdp 8, data 4 ×
+tensor 2, fsdp 4 × tensor 2, data 2 × fsdp 2 × tensor 2; the mixture of experts on data 8 and data 4 × expert 2),
+within ±10 % on one device (tests/test_summary.py, tests/test_sharding.py, docs/benchmarks/sharding.md);
+with remat, small, one device: see docs/benchmarks/memory.md.
 
 `fits`: the total against the device memory (`system.device_memory_gib`, else the device's reported limit, else a
 table of common accelerators in train/flops.py); when it does not fit, `suggestions` lists the first settings of
@@ -48,6 +58,8 @@ from lostjax.layers.lost import num_sparse_channels
 from lostjax.models import Llama, count_params
 
 GIB = 2.0 ** 30
+# The optimizer update's temporaries, in units of the parameter bytes one device holds (memory_estimate).
+UPDATE_TEMPORARIES = 2.2
 # Share of the device memory the estimate may use: XLA and the runtime need some headroom (fragmentation,
 # collectives' buffers, the input batch).
 FIT_FRACTION = 0.9
@@ -72,7 +84,7 @@ def _tensor_split(mc, t: int) -> tuple[int, int, int]:
 def _factor_values(mc) -> tuple[int, int]:
   """Per token and layer: (low-rank/LOST rank intermediates, LOST gathered input channels); never split."""
   d, ff = mc.d_model, mc.d_ff
-  m = mc.moe_top_k if mc.moe_experts else 1
+  m = 0 if mc.moe_experts else 1   # the experts' own intermediates are counted per slot (moe_bytes)
   ranks = gathered = 0
   for kind, rank, shapes, copies in ((mc.attn_kind, mc.attn_rank, [(d, d)] * 4, 1),  # every d_in is d
                                      (mc.mlp_kind, mc.mlp_rank, [(d, ff), (d, ff), (ff, d)], m)):
@@ -88,10 +100,10 @@ def activation_values_per_token_layer(mc, tensor: int = 1) -> float:
   excluded), with the heads and MLP hidden features split `tensor` ways (module docstring)."""
   d, ff = mc.d_model, mc.d_ff
   th, tf, _ = _tensor_split(mc, tensor)
-  m = mc.moe_top_k if mc.moe_experts else 1
   ranks, gathered = _factor_values(mc)
-  base = 4 * d + (3 * d + 2 * mc.kv_dim) / th + m * 5 * ff / tf + (2 * m * d + mc.moe_experts if mc.moe_experts else 0)
-  return base + ranks + gathered
+  if mc.moe_experts:   # the routed experts are counted per slot (moe_bytes); kept here: router probabilities, ids
+    return 4 * d + (3 * d + 2 * mc.kv_dim) / th + mc.moe_experts + 2 * mc.moe_top_k + ranks + gathered   # and gates
+  return 4 * d + (3 * d + 2 * mc.kv_dim) / th + 4 * ff / tf + ranks + gathered
 
 
 def saved_values_per_token_layer(mc, tensor: int = 1) -> float:
@@ -151,9 +163,37 @@ def param_bytes_per_device(params, axes: dict) -> float:
   return total
 
 
-def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, params=None) -> dict:
+
+def _abstract_mesh(axes: dict):
+  from lostjax import sharding
+  return jax.sharding.AbstractMesh(tuple(axes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+
+
+def _ways(spec, axes: dict) -> int:
+  from lostjax import sharding
+  return int(np.prod([axes[a] for e in spec for a in sharding.spec_axes(e)] or [1]))
+
+
+def optimizer_bytes_per_device(opt_shapes, params, axes: dict) -> float:
+  """Bytes of the optimizer state `opt_shapes` (`jax.eval_shape(tx.init, params)`) one device holds, placed
+  exactly as the trainer places it (`train.state.optimizer_shardings`: moments like their parameter, projections
+  split on the side they share with it, FRUGAL's stacked moments and counters replicated)."""
+  from lostjax import sharding
+  from train.state import optimizer_shardings
+  mesh = _abstract_mesh(axes)
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                        sharding.state_shardings(params, mesh))
+  total = 0.0
+  for leaf, sh in zip(jax.tree.leaves(opt_shapes), jax.tree.leaves(optimizer_shardings(opt_shapes, placed, mesh))):
+    if hasattr(leaf, "shape"):
+      total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize / _ways(sh.spec, axes)
+  return total
+
+
+def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, params=None, opt_shapes=None) -> dict:
   """Per-device bytes: params, grads, optimizer, activations, total (see the module docstring). `params` (the
-  abstract parameter state) places every parameter by the sharding rules; without it, bytes / (fsdp·tensor)."""
+  abstract parameter state) places every parameter by the sharding rules, and with `opt_shapes` (the abstract
+  optimizer state) every optimizer leaf as the trainer places it; without them, bytes / (fsdp·tensor)."""
   t = cfg.train
   axes = mesh_axes(cfg, n_dev)
   model_shards, batch_shards = _shards(cfg, n_dev)
@@ -166,9 +206,10 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
   rows = t.global_batch / t.grad_accum / batch_shards
   tokens = rows * t.seq_len
   values = activation_values_per_token_layer(mc, tensor)
-  if axes["fsdp"] > 1 and not mc.remat and not mc.moe_experts:
+  if axes["fsdp"] > 1 and tensor == 1 and not mc.remat and not mc.moe_experts:
     # each projection runs inside gathered_call's checkpoint, which keeps only its input: the low-rank / LOST
-    # intermediates are recomputed in the backward instead of kept
+    # intermediates are recomputed in the backward instead of kept (measured: with tensor parallelism as well
+    # they are kept, split over `tensor` by sharding.constrain_saved)
     values -= sum(_factor_values(mc))
   per_layer = values * tokens * act_bytes
   scores = attention_score_bytes(mc, rows, t.seq_len, tensor)
@@ -179,12 +220,44 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
     act = mc.n_layers * saved + per_layer + scores
   else:
     act = mc.n_layers * (per_layer + scores)
+  if mc.moe_experts:
+    act += moe_bytes(cfg, mc, axes, tokens, act_bytes)
   tv = _tensor_split(mc, tensor)[2]
-  head = tokens * (2 * mc.vocab_size * 4 / tv + 2 * mc.d_model * act_bytes)
-  mem = {"params": local, "grads": grads, "optimizer": opt_bytes * local / max(param_bytes, 1),
-         "activations": act + head}
+  # float32 logits [tokens, V/t], their gradient and a third buffer of that size (two on data × tensor meshes
+  # without fsdp: measured at 60M, where the vocabulary dominates), and the final norm's input and output
+  logit_buffers = 2 if tv > 1 and axes["fsdp"] == 1 else 3
+  head = tokens * (logit_buffers * mc.vocab_size * 4 / tv + 2 * mc.d_model * act_bytes)
+  opt = (optimizer_bytes_per_device(opt_shapes, params, axes) if params is not None and opt_shapes is not None
+         else opt_bytes * local / max(param_bytes, 1))
+  mem = {"params": local, "grads": grads, "optimizer": opt, "activations": act + head}
+  # The step peaks in the backward pass (activations) or in the optimizer update, whichever holds more: the
+  # update's float32 temporaries (all-reduced gradients, moments and updates in flight) take about
+  # UPDATE_TEMPORARIES times the parameter bytes one device holds (measured at 60M and the 60M mixture of experts
+  # on data 8, where the parameters outweigh the activations).
+  mem["update"] = max(0.0, UPDATE_TEMPORARIES * local - mem["activations"])
   mem["total"] = sum(mem.values())
   return mem
+
+
+def moe_bytes(cfg, mc, axes: dict, tokens: float, act_bytes: int) -> float:
+  """Bytes of the routed experts on one device (`lostjax.models.moe`), beyond what the decoder keeps per token.
+
+  Dropless (capacity_factor 0): each device dispatches its own rows (one group per batch shard) and the compiled
+  layer is sized for its largest capacity, T tokens per expert: S = E·tokens slots of d + d_ff values each (the
+  gathered input and the hidden features). The backward recomputes the chosen capacity (`lostjax.remat.switch`),
+  so nothing of a layer's slots is kept for it; yet the compiled step holds about (1.22·n_layers + 4)·S·(d + d_ff)
+  values: the two coefficients are fitted to XLA's memory analysis of the tiny and small mixtures (8 and 4
+  experts, top 2) on data 8 and on data 4 × expert 2 (within 6 % of all four; the part per layer suggests that
+  XLA:CPU does not share one layer's conditional buffers with another's, not verified). Capacity mode keeps E·C
+  slots of 3·d + 6·d_ff values per layer (C from the whole microbatch, one group; not measured)."""
+  t = cfg.train
+  e, k, cf = mc.moe_experts, mc.moe_top_k, float(mc.moe_capacity_factor)
+  if cf > 0:
+    from lostjax.models.moe import capacity
+    group = int(t.global_batch // t.grad_accum * t.seq_len)
+    slots = e * capacity(group, k, e, cf) / axes["expert"]
+    return mc.n_layers * slots * (3 * mc.d_model + 6 * mc.d_ff) * act_bytes
+  return (1.22 * mc.n_layers + 4) * e * tokens * (mc.d_model + mc.d_ff) * act_bytes
 
 
 UNKNOWN_HINT = ("pass --device=<name> (v5e, v5p, h100, h200, ...: train/flops.py DEVICES) or "
@@ -268,7 +341,8 @@ def summarize(cfg, device: str | None = None) -> dict:
   n_dev = cfg.mesh.num_devices or jax.device_count()
   t = cfg.train
   pbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
-  mem = memory_estimate(cfg, mc, pbytes, size.bytes, n_dev, params=params)
+  opt_shapes = jax.eval_shape(tx.init, params)
+  mem = memory_estimate(cfg, mc, pbytes, size.bytes, n_dev, params=params, opt_shapes=opt_shapes)
   limit, source = device_memory(cfg, device)
   fit = {"device_memory_bytes": None if limit is None else int(limit), "fits": None, "suggestions": [],
          "device_memory_source": source}
@@ -278,7 +352,7 @@ def summarize(cfg, device: str | None = None) -> dict:
     if not fit["fits"]:
       for change, c in _variants(cfg, n_dev):
         total = memory_estimate(c, llama_config(c, vocab_size=mc.vocab_size), pbytes, size.bytes, n_dev,
-                                params=params)["total"]
+                                params=params, opt_shapes=opt_shapes)["total"]
         if total <= budget:
           fit["suggestions"].append({**change, "total_gib": round(total / GIB, 3)})
           if len(fit["suggestions"]) == 3:
