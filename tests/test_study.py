@@ -42,7 +42,7 @@ def test_cpu_grid_runs_and_sweeps():
   # directory name, same config), so sharing the directory reuses it
   cpu_specs = {s["name"]: s["config"] for s in specs}
   tuned = study.expand(grids.get_config("tuned"))
-  assert len(tuned) == 5 * 4 * 3 and len({s["name"] for s in tuned}) == 60
+  assert len(tuned) == 4 * 5 * 4 + 4 * 4 and len({s["name"] for s in tuned}) == 96
   for s in tuned:
     m = s["group_mult"]
     assert s["config"]["optim"]["lr_mult"] == {g: m for g in ("embed", "head", "norm")}
@@ -51,7 +51,7 @@ def test_cpu_grid_runs_and_sweeps():
     else:
       assert s["name"].endswith(f"_lr{s['lr']:g}_m{m:g}") and s["name"] not in cpu_specs, s["name"]
     mults.setdefault(s["run"], set()).add(m)
-  assert mults["dense"] == mults["lost"] == {1.0, 3.0, 10.0} and mults["dense_galore"] == {0.1, 0.3, 1.0}
+  assert mults["dense"] == mults["lost"] == {1.0, 3.0, 10.0, 30.0} and mults["dense_galore"] == {0.1, 0.3, 1.0, 3.0}
   assert set(mults) == {"dense", "lowrank", "lost", "dense_frugal", "dense_galore"}
   # Every run sweeps >= 3 values a factor ~3 apart, including the papers' own learning rates.
   for name, r in cfg.runs.items():

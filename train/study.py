@@ -935,7 +935,7 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {os.path.join(f.workdir, 'results.md')}")
+  print(f"wrote {output_paths(f.workdir, f.config.grid)['results.md']}")
   return 0
 
 

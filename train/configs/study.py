@@ -62,11 +62,13 @@ RUNS = {
 }
 
 # The `cpu` grid's per-group learning-rate sweep (`group_mults`: the embedding, head and norms at m × the learning
-# rate, swept together with it): AdamW-based runs try those groups at 1-10× their matrices' rate, GaLore (whose
-# best rate is ~30× AdamW's) at 0.1-1×, so both reach embedding rates of 1e-3 … 3e-2. A verdict then compares each
+# rate, swept together with it): AdamW-based runs try those groups at 1-30× their matrices' rate, GaLore (whose
+# best rate is ~30× AdamW's) at 0.1-3×, so both reach embedding rates of 1e-3 … 0.1. (A first sweep, 1-10× and
+# 0.1-1×, put dense, FRUGAL and GaLore at its top multiplier and LOST at its top learning rate, hence one more
+# multiplier and the AdamW runs' extra 3e-2.) A verdict then compares each
 # method at its own best pair, not one method's lucky group rate.
-GROUP_MULTS = {"dense": (1.0, 3.0, 10.0), "lowrank": (1.0, 3.0, 10.0), "lost": (1.0, 3.0, 10.0),
-               "dense_frugal": (1.0, 3.0, 10.0), "dense_galore": (0.1, 0.3, 1.0)}
+GROUP_MULTS = {"dense": (1.0, 3.0, 10.0, 30.0), "lowrank": (1.0, 3.0, 10.0, 30.0), "lost": (1.0, 3.0, 10.0, 30.0),
+               "dense_frugal": (1.0, 3.0, 10.0, 30.0), "dense_galore": (0.1, 0.3, 1.0, 3.0)}
 
 
 def _runs(sweeps: dict, galore_rank: int, update_gap: int) -> ml_collections.ConfigDict:
@@ -133,13 +135,16 @@ def tuned_config():
   """The `cpu` grid's dense, low-rank, LOST, FRUGAL and GaLore runs with the embedding, head and norms' learning
   rate tuned together with the learning rate (GROUP_MULTS), so that a verdict compares methods at their own best
   group rates. Meant to share the `cpu` grid's directory: its multiplier-1 runs are the `cpu` grid's runs and are
-  skipped when finished. 60 sweep runs (5 × 4 learning rates × 3 multipliers), then 2 seeds × 5."""
+  skipped when finished. 96 sweep runs (4 AdamW-based runs × 5 learning rates × 4 multipliers, GaLore 4 × 4), then
+  2 seeds × 5."""
   c = cpu_config()
   c.grid = "tuned"
   runs = ml_collections.ConfigDict()
   for name, mults in GROUP_MULTS.items():
     runs[name] = c.runs[name]
     runs[name].group_mults = mults
+    if runs[name].optimizer != "galore":
+      runs[name].lrs = tuple(runs[name].lrs) + (3e-2,)
   c.runs = runs
   return c
 
