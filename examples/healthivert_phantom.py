@@ -10,11 +10,16 @@ the real vertebra. Here the CT is replaced by phantoms with known heights:
    level, rounded), so a vertebra's healthy height follows from its neighbours; widths 26-32 px; `--slices`
    sagittal slices per volume whose widths shrink away from the mid-sagittal slice. The target is vertebra 1, 2
    or 3; the others are the neighbours the coarse stage segments.
-2. Training (healthy spines only, as the method): `--steps` iterations of the reference's update order on batches
-   of `--batch` random slices: one generator forward (spectral-norm vectors updated), one Adam step for each of
-   the three PatchGAN discriminators, then one generator step through the updated discriminators with every loss
-   term at its official weight (`losses.healthivert`); Adam 2e-4, beta1 0.5. The HGAM input is zero (no fracture
-   classifier is trained here) and the local discriminator's window is scaled with the image.
+2. Training (healthy spines only, as the method), on batches of `--batch` random slices, Adam with beta1 0.5:
+   `--warmup` (500) steps of the generator alone on the L1, both Dice and the height terms (official weights),
+   then `--steps - --warmup` (100) iterations of the reference's update order: one generator forward
+   (spectral-norm vectors updated), one Adam step for each of the three PatchGAN discriminators, then one
+   generator step through the updated discriminators with every loss term at its official weight
+   (`losses.healthivert`). Learning rates 1e-3 (generator) and 2e-4 (discriminators), constant, then falling
+   linearly to 0 over the last `--decay` (300) steps (the reference's schedule). Reduced widths for the CPU budget:
+   generator `--cnum` 8 (248,656 parameters; 16 is the reference's 986,888) and discriminators `--ndf` 16
+   (174,801 each; 64 is the reference's 2,763,585). The HGAM input is zero (no fracture classifier is trained
+   here) and the local discriminator's window is scaled with the image.
 3. Evaluation: `--n_grade` phantoms, a quarter healthy and a quarter each with a crush, wedge or biconcave fracture
    of requested height loss in [0.05, 0.6]; heights are whole pixels, so the grade is that of the drawn loss
    r = 1 - (smallest fractured column) / (healthy height) in the mid slice: Genant-like grade = digitize(r, [0.2,
@@ -58,17 +63,17 @@ def parse_args(argv=None):
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--band", type=int, default=10)
   p.add_argument("--slices", type=int, default=10, help="sagittal slices per phantom volume")
-  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--steps", type=int, default=600)
   p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of the generator")
+  p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the generator (2e-4 in the reference)")
   p.add_argument("--lr_d", type=float, default=2e-4, help="Adam learning rate of the discriminators")
-  p.add_argument("--warmup", type=int, default=0,
-                 help="first steps without the adversarial term and the discriminators (generator only)")
-  p.add_argument("--decay", type=int, default=0,
+  p.add_argument("--warmup", type=int, default=500,
+                 help="first steps of the generator alone: no discriminators, no adversarial and no edge term")
+  p.add_argument("--decay", type=int, default=300,
                  help="the last steps over which both learning rates fall linearly to 0 (the reference's schedule: "
                       "constant, then linear decay)")
-  p.add_argument("--cnum", type=int, default=16, help="generator width (16 = the reference's 986,888 parameters)")
-  p.add_argument("--ndf", type=int, default=64, help="discriminator width (64 = the reference's 2,763,585)")
+  p.add_argument("--cnum", type=int, default=8, help="generator width (16 = the reference's 986,888 parameters)")
+  p.add_argument("--ndf", type=int, default=16, help="discriminator width (64 = the reference's 2,763,585)")
   p.add_argument("--mask_mode", default="soft", choices=("soft", "hard"))
   p.add_argument("--n_grade", type=int, default=80, help="phantoms for the grading (a quarter healthy)")
   p.add_argument("--n_val", type=int, default=8, help="healthy phantoms for the generation metrics")
@@ -272,10 +277,14 @@ def make_train_step(g_def, d_def, txs, args):
 
 
 def make_reconstruction_step(g_def, tx, args, *, weights=None):
-  """Generator-only step of the warm-up: every generator loss term but the adversarial one, no discriminator.
+  """Generator-only step of the warm-up: the L1, both Dice and the height terms at their official weights; no
+  discriminator, no adversarial term, and no edge term.
 
+  The edge loss compares Sobel magnitudes, which are blind to the mask's polarity: from the uninformative start
+  (fine_seg near 0.5 everywhere) it drew the fine segmentation towards the inverse of the vertebra (the hole rows
+  outside the vertebra's columns) in a run with it, so it joins with the adversarial terms after the warm-up.
   weights: optional keyword overrides of `healthivert_generator_loss` (diagnostics)."""
-  weights = dict(weights or {})
+  weights = {"edge_weight": 0., **(weights or {})}
   dummy = [jnp.zeros((1, 1, 1, 1))] * 3  # logits of the absent discriminators; their term has weight 0
 
   def step(state, batch):

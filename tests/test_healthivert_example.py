@@ -85,6 +85,49 @@ def test_learning_rate_schedule_is_constant_then_linear_to_zero():
   assert ex.lr_schedule(2., 10, 0) == 2.
 
 
+def test_warmup_step_drops_the_adversarial_and_edge_terms(monkeypatch):
+  """The warm-up step calls the generator objective with the adversarial and edge weights at 0 and every other
+  weight at its official value, updates the generator only (a stand-in model and forward: no compilation of the
+  GAN)."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  ex = _example()
+  seen = {}
+
+  def fake_loss(out, batch, logits, **kw):
+    seen.update(kw)
+    total = jnp.sum(out["w"] ** 2)
+    return total, {"l1": total}
+
+  monkeypatch.setattr(ex, "healthivert_generator_loss", fake_loss)
+  monkeypatch.setattr(ex, "healthivert_forward", lambda g, batch, **kw: {"w": g.kernel[...]})
+  g_def, params, rest = nnx.split(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  tx = optax.sgd(0.5)
+  w0 = float(params["kernel"][...][0, 0])
+  state = {"g": (params, rest), "opt_g": tx.init(params), "d": jnp.ones(2)}
+  state, m = ex.make_reconstruction_step(g_def, tx, ex.parse_args([]))(state, {})
+  assert seen == {"band": 10, "gan_scale": 0., "edge_weight": 0.}
+  np.testing.assert_allclose(float(m["total"]), w0 ** 2, rtol=1e-6)
+  np.testing.assert_allclose(float(state["g"][0]["kernel"][...][0, 0]), w0 - 0.5 * 2 * w0, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(state["d"]), 1.)
+
+
+def test_example_defaults_are_the_reported_configuration():
+  """docs/healthivert.md reports a run with these defaults (reduced widths; the models' defaults stay the
+  reference's, pinned in tests/test_vision_healthivert.py)."""
+  a = _example().parse_args([])
+  assert (a.size, a.band, a.batch, a.steps, a.warmup, a.decay) == (64, 10, 4, 600, 500, 300)
+  assert (a.cnum, a.ndf, a.lr, a.lr_d, a.mask_mode, a.seed) == (8, 16, 1e-3, 2e-4, "soft", 0)
+
+
+@pytest.mark.slow  # the full default run (about 190 CPU-s)
+def test_default_run_learns_the_synthesis(tmp_path):
+  out = _example().main([f"--outdir={tmp_path}"])
+  assert out["generation"]["dice"] > 0.8 and out["n_without_synthesised_columns"] == 0
+  assert out["mid_rhlv_spearman"] > 0.8
+
+
 @pytest.mark.slow
 def test_example_runs_with_tiny_settings(tmp_path):
   ex = _example()
