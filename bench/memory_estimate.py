@@ -16,6 +16,10 @@ ratio = estimate total / compiled total (argument + output + temp − alias).
 
 --mesh_table runs the sharding table (small and 60M; dense, LOST, FRUGAL, GaLore; global batch 16×256 on 8 devices;
 meshes d8, f8, d4t2, f4t2, d2f2t2, and a mixture of experts on d4e2).
+
+--reestimate FILE reads the JSON lines of an earlier run and prints them again with the estimate (and ratio)
+recomputed by the current `train/summary.py`, compiling nothing: the compiled figures depend on the model and the
+step only, so a change to the estimate alone is checked against all cases in seconds instead of recompiling them.
 """
 
 from __future__ import annotations
@@ -88,7 +92,17 @@ def main():
   p.add_argument("--mesh_table", action="store_true", help="run the sharding table (module docstring)")
   p.add_argument("--devices", type=int, default=8, help="devices of the mesh for cases with an fsdp field")
   p.add_argument("--dtype", default="float32", help="model.dtype (compute); parameters stay float32")
+  p.add_argument("--reestimate", default="", help="JSON lines of an earlier run: recompute their estimates only")
   args = p.parse_args()
+  if args.reestimate:
+    for line in open(args.reestimate):
+      row = json.loads(line)
+      cfg = case_config(row["case"], row.get("devices", args.devices))
+      cfg.model.dtype = row["dtype"]
+      est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
+      print(json.dumps({**row, "estimate": est, "state_bytes": est["params"] + est["grads"] + est["optimizer"],
+                        "ratio": round(est["total"] / row["compiled"]["total"], 3), "reestimated": True}), flush=True)
+    return
   for case in (MESH_TABLE if args.mesh_table else args.cases).split(","):
     cfg = case_config(case, args.devices)
     cfg.model.dtype = args.dtype
@@ -96,7 +110,7 @@ def main():
     sharded = len(case.split(":")) == 5
     compiled = sharded_compiled_memory(cfg) if sharded else summary.compiled_memory(cfg)
     est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
-    print(json.dumps({"case": case, "dtype": args.dtype, "estimate": est, "compiled": compiled,
+    print(json.dumps({"case": case, "dtype": args.dtype, "devices": args.devices, "estimate": est, "compiled": compiled,
                       "state_bytes": est["params"] + est["grads"] + est["optimizer"],
                       "ratio": round(est["total"] / compiled["total"], 3),
                       "seconds": round(time.perf_counter() - t0, 1)}), flush=True)

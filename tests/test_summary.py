@@ -136,3 +136,29 @@ def test_estimate_when_the_optimizer_update_dominates():
   assert est["update"] > 0
   ratio = est["total"] / summary.compiled_memory(cfg)["total"]
   assert 0.9 <= ratio <= 1.1, (est, ratio)
+
+
+@pytest.mark.slow   # a subprocess importing JAX: seconds on an idle machine, half a minute under load
+def test_bench_reestimate_recomputes_only_the_estimate(tmp_path):
+  """`bench/memory_estimate.py --reestimate FILE`: each earlier row comes back with the current estimate and
+  ratio = estimate / the row's compiled total, nothing compiled (the compiled figures here are made up)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  compiled = {"argument": 10**6, "output": 0, "temp": 2 * 10**6, "alias": 0, "total": 3 * 10**6,
+              "involuntary_remat": 0}
+  rows = tmp_path / "rows.json"
+  rows.write_text(json.dumps({"case": "tiny:dense:adamw:8", "dtype": "float32", "compiled": compiled,
+                              "estimate": {"total": 1}, "ratio": 1.0}) + "\n")
+  out = subprocess.run([sys.executable, os.path.join(root, "bench", "memory_estimate.py"), "--reestimate",
+                        str(rows)], capture_output=True, text=True, check=True, cwd=root).stdout
+  row = json.loads(out.strip().splitlines()[-1])
+  from train.configs.llama import get_config
+  cfg = get_config("tiny,dense")   # as the script builds the case
+  cfg.optim.name, cfg.train.global_batch, cfg.mesh.num_devices, cfg.model.vocab_size = "adamw", 8, 1, 257
+  est = summary.summarize(cfg)["memory_estimate_per_device_bytes"]
+  assert row["compiled"] == compiled and row["reestimated"] is True
+  assert row["estimate"]["total"] == est["total"]
+  assert row["ratio"] == round(est["total"] / compiled["total"], 3)

@@ -26,8 +26,8 @@ with, per token and layer, the values the backward pass keeps (no rematerialisat
           + for experts, instead of the MLP terms: E router probabilities and top_k ids and gates;
   scores  = 3 · rows · heads/t · T² · 4 bytes with `model.attention_impl='xla'` (the float32 attention logits,
             probabilities and their gradient live at once); 0 for fused attention kernels;
-  experts = the routed experts (`moe_bytes`: dropless, (1.22·n_layers + 4) · E·tokens slots of d + d_ff values,
-            fitted to the compiled step; capacity mode keeps E·C slots per layer);
+  experts = the routed experts (`moe_bytes`: dropless, 5 · E·tokens slots of d + d_ff values and 1.16 times the
+            expert weights on the device, fitted to the compiled step; capacity mode keeps E·C slots per layer);
   head    = tokens · (3·V·4/t + 2·d·act_bytes): the float32 logits (vocabulary split over `tensor`), their softmax
             gradient and a third buffer of that size (two on data × tensor meshes without fsdp, as measured at 60M),
             and the final norm's input/output. A dimension that t does not divide is counted whole.
@@ -221,7 +221,7 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
   else:
     act = mc.n_layers * (per_layer + scores)
   if mc.moe_experts:
-    act += moe_bytes(cfg, mc, axes, tokens, act_bytes)
+    act += moe_bytes(cfg, mc, axes, tokens, act_bytes, params)
   tv = _tensor_split(mc, tensor)[2]
   # float32 logits [tokens, V/t], their gradient and a third buffer of that size (two on data × tensor meshes
   # without fsdp: measured at 60M, where the vocabulary dominates), and the final norm's input and output
@@ -239,17 +239,25 @@ def memory_estimate(cfg, mc, param_bytes: int, opt_bytes: int, n_dev: int, param
   return mem
 
 
-def moe_bytes(cfg, mc, axes: dict, tokens: float, act_bytes: int) -> float:
+def _expert_bytes_per_device(params, axes: dict) -> float:
+  """Bytes of the stacked expert weights (all layers) one device holds."""
+  from flax import nnx as _nnx
+  flat = [(path, v) for path, v in _nnx.to_flat_state(params) if "experts" in path]
+  return param_bytes_per_device(_nnx.from_flat_state(flat), axes) if flat else 0.0
+
+
+def moe_bytes(cfg, mc, axes: dict, tokens: float, act_bytes: int, params=None) -> float:
   """Bytes of the routed experts on one device (`lostjax.models.moe`), beyond what the decoder keeps per token.
 
   Dropless (capacity_factor 0): each device dispatches its own rows (one group per batch shard) and the compiled
   layer is sized for its largest capacity, T tokens per expert: S = E·tokens slots of d + d_ff values each (the
   gathered input and the hidden features). The backward recomputes the chosen capacity (`lostjax.remat.switch`),
-  so nothing of a layer's slots is kept for it; yet the compiled step holds about (1.22·n_layers + 4)·S·(d + d_ff)
-  values: the two coefficients are fitted to XLA's memory analysis of the tiny and small mixtures (8 and 4
-  experts, top 2) on data 8 and on data 4 × expert 2 (within 6 % of all four; the part per layer suggests that
-  XLA:CPU does not share one layer's conditional buffers with another's, not verified). Capacity mode keeps E·C
-  slots of 3·d + 6·d_ff values per layer (C from the whole microbatch, one group; not measured)."""
+  so nothing of a layer's slots is kept for it; the compiled step holds about 5·S·(d + d_ff) values plus 1.16
+  times the expert weights on the device (their gradients leave each layer's conditional in buffers of their
+  own). Both coefficients are fitted to XLA's memory analysis of the small mixture (8 experts, top 2) on data 8,
+  data 4 × expert 2 and one device, and checked on the tiny test mixture (4 experts) on data 8 and data 4 ×
+  expert 2. Capacity mode keeps E·C slots of 3·d + 6·d_ff values per layer (C from the whole microbatch, one
+  group; not measured)."""
   t = cfg.train
   e, k, cf = mc.moe_experts, mc.moe_top_k, float(mc.moe_capacity_factor)
   if cf > 0:
@@ -257,7 +265,8 @@ def moe_bytes(cfg, mc, axes: dict, tokens: float, act_bytes: int) -> float:
     group = int(t.global_batch // t.grad_accum * t.seq_len)
     slots = e * capacity(group, k, e, cf) / axes["expert"]
     return mc.n_layers * slots * (3 * mc.d_model + 6 * mc.d_ff) * act_bytes
-  return (1.22 * mc.n_layers + 4) * e * tokens * (mc.d_model + mc.d_ff) * act_bytes
+  weights = _expert_bytes_per_device(params, axes) if params is not None else 0.0
+  return 5 * e * tokens * (mc.d_model + mc.d_ff) * act_bytes + 1.16 * weights
 
 
 UNKNOWN_HINT = ("pass --device=<name> (v5e, v5p, h100, h200, ...: train/flops.py DEVICES) or "
