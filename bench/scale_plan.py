@@ -8,6 +8,7 @@ token, `train.flops.flops_per_token`), and what `--summary_only` estimates and a
 
     python3 bench/scale_plan.py                        # every row (slow: 7B on 64 devices compiles for minutes)
     python3 bench/scale_plan.py --rows 1b-lost-v5e16   # one row (names: --list)
+    python3 bench/scale_plan.py --estimate_only        # the estimates alone, no compile (seconds)
 
 Prints one JSON line per row. Caveats: XLA:CPU's memory analysis, not the TPU/GPU compiler's (XLA:CPU keeps
 float32-sized temporaries under bfloat16 compute, docs/benchmarks/memory.md); compute in bfloat16 with float32
@@ -66,34 +67,45 @@ def row_config(row: dict):
   return cfg
 
 
-def worker(names):
+def row_result(name: str, estimate_only: bool = False) -> dict:
+  """One row's JSON record; `estimate_only` skips the compile and reports `--summary_only`'s closed form alone."""
   from train import flops, summary
   from train import state as state_lib
+  row = ROWS[name]
+  cfg = row_config(row)
+  devices, kind, axes = SLICES[row["slice"]]
+  t0 = time.perf_counter()
+  mc = state_lib.llama_config(cfg)
+  s = summary.summarize(cfg)
+  memory = flops.device_memory(kind)
+  estimate = s["memory_estimate_per_device_bytes"]["total"]
+  step_flops = flops.flops_per_token(mc, cfg.train.seq_len) * cfg.train.global_batch * cfg.train.seq_len
+  out = {"row": name, **row, "devices": devices, "device": kind, "mesh": axes, "device_gib": round(memory / GIB, 1),
+         "estimate_gib": round(estimate / GIB, 2),
+         "step_s_at_50pct_mfu": round(step_flops / (devices * flops.peak_flops(kind) * 0.5), 2)}
+  if estimate_only:
+    out.update(fits=estimate <= summary.FIT_FRACTION * memory,
+               command=f"python3 bench/scale_plan.py --estimate_only --rows {name}")
+    return out
+  compiled = state_lib.compiled_memory(cfg, mesh=state_lib.make_mesh(cfg))
+  out.update(compiled_gib=round(compiled["total"] / GIB, 2), temp_gib=round(compiled["temp"] / GIB, 2),
+             fits=compiled["total"] <= summary.FIT_FRACTION * memory,
+             involuntary_remat=compiled["involuntary_remat"], command=f"python3 bench/scale_plan.py --rows {name}",
+             compile_s=round(time.perf_counter() - t0, 1))
+  return out
+
+
+def worker(names, estimate_only: bool = False):
   for name in names:
-    row = ROWS[name]
-    cfg = row_config(row)
-    devices, kind, axes = SLICES[row["slice"]]
-    t0 = time.perf_counter()
-    compiled = state_lib.compiled_memory(cfg, mesh=state_lib.make_mesh(cfg))
-    mc = state_lib.llama_config(cfg)
-    s = summary.summarize(cfg)
-    memory = flops.device_memory(kind)
-    step_flops = flops.flops_per_token(mc, cfg.train.seq_len) * cfg.train.global_batch * cfg.train.seq_len
-    print(json.dumps({
-        "row": name, **row, "devices": devices, "device": kind, "mesh": axes,
-        "compiled_gib": round(compiled["total"] / GIB, 2), "temp_gib": round(compiled["temp"] / GIB, 2),
-        "device_gib": round(memory / GIB, 1), "fits": compiled["total"] <= summary.FIT_FRACTION * memory,
-        "estimate_gib": round(s["memory_estimate_per_device_bytes"]["total"] / GIB, 2),
-        "step_s_at_50pct_mfu": round(step_flops / (devices * flops.peak_flops(kind) * 0.5), 2),
-        "involuntary_remat": compiled["involuntary_remat"],
-        "command": f"python3 bench/scale_plan.py --rows {name}",
-        "compile_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    print(json.dumps(row_result(name, estimate_only)), flush=True)
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--rows", default="", help="comma-separated row names (default: all)")
   p.add_argument("--list", action="store_true")
+  p.add_argument("--estimate_only", action="store_true",
+                 help="skip the compile: print only the `--summary_only` estimate (seconds, any device count)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   names = [r for r in args.rows.split(",") if r] or list(ROWS)
@@ -103,8 +115,8 @@ def main():
   if args.list:
     print("\n".join(ROWS))
     return
-  if args.worker:
-    worker(names)
+  if args.worker or args.estimate_only:
+    worker(names, args.estimate_only)
     return
   by_devices = {}
   for n in names:
