@@ -249,3 +249,32 @@ def test_lost_residuals_are_split_over_tensor():
   assert len(saved) == 2
   for r in saved:
     assert r.sharding.spec == jax.P("data", None, "tensor"), r.sharding
+
+
+def test_lost_backward_reads_its_saved_values_after_the_cotangent():
+  """The fused LOST layer's backward reads h and x[..., I] only through an exact zero computed from its cotangent:
+  on a tensor mesh their all-gathers then wait for that layer's backward instead of all being issued (whole copies
+  of every layer's values alive) before the first backward layer. Gradients are unchanged (the zero is exact);
+  without a tensor split (nothing gathered) the backward reads them directly."""
+  from lostjax.kernels.lost_matmul import lost_matmul
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 4, 16)), jnp.float32)
+  a, b = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+  idx, w = jnp.array([1, 5], jnp.int32), jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+  with jax.set_mesh(sharding.make_mesh(4, 1, 2)):
+    y, vjp = jax.vjp(lambda x: lost_matmul(x, a, b, idx, w, 0.5, impl="fused_concat"), x)
+    closed = jax.make_jaxpr(vjp)(y)
+  jaxpr = closed.jaxpr
+  saved = [v for v, c in zip(jaxpr.constvars, closed.consts) if c.shape in ((8, 4, 4), (8, 4, 2))]
+  assert len(saved) == 2
+  from_ct = set(jaxpr.invars)   # everything computed from the cotangent
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jax.extend.core.Literal) and v in from_ct for v in eqn.invars):
+      from_ct.update(eqn.outvars)
+  for eqn in jaxpr.eqns:
+    for v in saved:
+      if v in eqn.invars:
+        others = [u for u in eqn.invars if u is not v]
+        assert eqn.primitive.name == "add" and all(u in from_ct for u in others), eqn
+  _, vjp1 = jax.vjp(lambda x: lost_matmul(x, a, b, idx, w, 0.5, impl="fused_concat"), x)
+  assert "gt" not in {e.primitive.name for e in jax.make_jaxpr(vjp1)(y).jaxpr.eqns}
