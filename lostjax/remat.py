@@ -38,15 +38,21 @@ def checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable):
     return jax.vjp(ckpt, *args)
 
   def bwd(vjp, ct):
-    floats = [c for c in jax.tree.leaves(ct) if _is_float(c) and c.size]
-    if floats:
-      zero = (floats[0].reshape(-1)[0] > 0).astype(jnp.float32) * 0.0
-      leaves, tree = jax.tree.flatten(vjp)
-      vjp = jax.tree.unflatten(tree, [l + zero.astype(l.dtype) if _is_float(l) else l for l in leaves])
-    return vjp(ct)
+    return after(ct, vjp)(ct)
 
   call.defvjp(fwd, bwd)
   return call
+
+
+def after(ct, tree):
+  """`tree` with each floating leaf plus an exact zero computed from the cotangent `ct`, so that whatever reads
+  those leaves cannot be scheduled before `ct` exists (module docstring). Unchanged when `ct` has no non-empty
+  floating leaf."""
+  floats = [c for c in jax.tree.leaves(ct) if _is_float(c) and c.size]
+  if not floats:
+    return tree
+  zero = (floats[0].reshape(-1)[0] > 0).astype(jnp.float32) * 0.0
+  return jax.tree.map(lambda l: l + zero.astype(l.dtype) if _is_float(l) else l, tree)
 
 
 def switch(index, branches, *operands):

@@ -115,14 +115,13 @@ def _fwd(x, a, b, idx, w, gamma, cfg):
 
 def _bwd(cfg, res, dys):
   x, a, b, idx, w, gamma, h, xg = res
-  # On a tensor mesh h and xg are stored split over `tensor` and all-gathered where they are read below. An exact
-  # zero computed from the cotangent (as in `lostjax.remat`) makes each layer's gathers wait for its own backward:
-  # XLA:CPU otherwise issues the gathers of every layer before the first backward layer, each whole copy alive from
-  # there on. Without a tensor split there is nothing to gather and the added copies would only cost memory.
-  from lostjax import sharding
+  # On a tensor mesh h and xg are stored split over `tensor` and all-gathered where they are read below. Tying them
+  # to the cotangent (`lostjax.remat.after`) makes each layer's gathers wait for its own backward: XLA:CPU
+  # otherwise issues the gathers of every layer before the first backward layer, each whole copy alive from there
+  # on. Without a tensor split there is nothing to gather and the added copies would only cost memory.
+  from lostjax import remat, sharding
   if sharding.splits_features():
-    zero = (dys[0].reshape(-1)[0] > 0).astype(h.dtype) * 0
-    h, xg = h + zero, xg + zero.astype(xg.dtype)
+    h, xg = remat.after(dys, (h, xg))
   # Everything as 2-D [tokens, features] (free reshapes): weight gradients are then single-axis contractions,
   # which XLA:CPU runs without transposed copies (docs/benchmarks/train_step_cpu.md).
   x_shape = x.shape
