@@ -109,7 +109,8 @@ def test_other_grids_and_bad_input():
 def _row(run, lr, loss, method="dense", optimizer="adamw", linear=1000, state=800, status="ok", seed=0,
          phase="sweep", mult=None):
   return {"name": f"{run}_lr{lr:g}" + (f"_m{mult:g}" if mult else "") + (f"_s{seed}" if seed else ""), "run": run,
-          "method": method, "optimizer": optimizer, "lr": lr, "group_mult": mult, "seed": seed, "phase": phase, "status": status, "best": False,
+          "method": method, "optimizer": optimizer, "lr": lr, "group_mult": mult, "seed": seed,
+          "phase": phase, "status": status, "best": False,
           "edge": False, "final_step": 10, "tokens": 100, "eval_loss": loss,
           "eval_ppl": None if loss is None else math.exp(loss), "eval_bpb": None, "train_loss": loss,
           "params_total": 2 * linear, "params_non_embedding": linear + 5, "params_linear": linear,

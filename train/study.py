@@ -73,8 +73,8 @@ RUN_CONFIG_FILE = "study_config.json"
 LOG_FILE = "study.log"
 TOLERANCE = 0.02  # "close to" / "within": relative eval-loss difference
 
-CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "group_mult", "seed", "phase", "status", "best", "edge", "final_step",
-              "tokens",
+CSV_FIELDS = ("name", "run", "method", "optimizer", "lr", "group_mult", "seed", "phase", "status", "best", "edge",
+              "final_step", "tokens",
               "eval_loss", "eval_ppl", "eval_bpb", "train_loss", "params_total", "params_non_embedding",
               "params_linear", "opt_state_bytes", "peak_bytes", "peak_source", "estimate_bytes", "tokens_per_s",
               "wall_s", "error")
@@ -435,8 +435,8 @@ def collect_row(spec: dict, rdir: str, result: dict, mem: dict) -> dict:
   status = result.get("status", "not run")
   return {
       "name": spec["name"], "run": spec["run"], "method": spec["method"], "optimizer": spec["optimizer"],
-      "lr": spec["lr"], "group_mult": spec.get("group_mult"), "seed": spec["seed"], "phase": spec.get("phase", "sweep"), "status": status, "best": False,
-      "edge": False,
+      "lr": spec["lr"], "group_mult": spec.get("group_mult"), "seed": spec["seed"],
+      "phase": spec.get("phase", "sweep"), "status": status, "best": False, "edge": False,
       "final_step": result.get("final_step", max(train) // _tokens_per_step(spec) if train else 0),
       "tokens": max(train) if train else 0,
       "eval_loss": last_eval.get("eval_loss"), "eval_ppl": last_eval.get("eval_ppl"),
@@ -684,8 +684,9 @@ def markdown(rows: list[dict], best: dict, verdict_list, header: str = "", refer
               f"| {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['wall_s'], 1)} | {status} |\n")
   buf.write("\nPeak memory: the compiled step's `memory_analysis()` (arguments + outputs + temporaries − donated "
             "aliases), or the training process's device `peak_bytes_in_use` where marked (device); estimate: "
-            "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept. `×m`: the embedding, head "
-            "and norms trained at m times the learning rate (the best of the run's swept `group_mults`).\n\n")
+            "`--summary_only`. `edge`: the best learning rate is the smallest or largest swept. `×m`: the "
+            "embedding, head and norms trained at m times the learning rate (the best of the run's swept "
+            "`group_mults`).\n\n")
   buf.write("### Final eval loss over seeds at the best learning rate\n\n")
   buf.write(f"| run | lr | seeds | mean ± std | 95 % interval | per seed | vs {reference} (paired, same seeds) | "
             "95 % interval of the difference | still falling: last ¼ |\n|---|---|---|---|---|---|---|---|---|\n")

@@ -260,5 +260,5 @@ def get_config(arg: str = "cpu"):
                        f"{did_you_mean(size, llama.STEPS, prefix='paper:')}")
     return paper_config(size)
   names = ["cpu", "tuned", "capacity", "ablate", "gpu60m"] + [f"paper:{s}" for s in llama.STEPS]
-  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, tuned, capacity, ablate[:<question>], gpu60m, paper:<size>)"
-                   f"{did_you_mean(grid, names)}")
+  raise ValueError(f"unknown study grid {grid!r} (grids: cpu, tuned, capacity, ablate[:<question>], gpu60m, "
+                   f"paper:<size>){did_you_mean(grid, names)}")
