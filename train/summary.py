@@ -146,32 +146,29 @@ def _shards(cfg, n_dev: int) -> tuple[int, int]:
   return axes["fsdp"] * axes["tensor"], max(axes["data"] * axes["fsdp"] * axes["expert"], 1)
 
 
-def param_bytes_per_device(params, axes: dict) -> float:
-  """Bytes of `params` (abstract nnx.State) one device holds on a mesh of these axis sizes, placed exactly as
-  `lostjax.sharding.state_shardings` places them (a dimension an axis does not divide stays whole)."""
-  from flax import nnx as _nnx
-  from lostjax import sharding
-  mesh = jax.sharding.AbstractMesh(tuple(axes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
-  total = 0.0
-  for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _nnx.Variable)):
-    spec = sharding.param_spec(v.get_metadata().get("out_sharding"), v.shape, mesh)
-    ways = 1
-    for e in spec:
-      for a in (() if e is None else ((e,) if isinstance(e, str) else e)):
-        ways *= axes[a]
-    total += int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize / ways
-  return total
-
-
-
 def _abstract_mesh(axes: dict):
   from lostjax import sharding
   return jax.sharding.AbstractMesh(tuple(axes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
 
 
 def _ways(spec, axes: dict) -> int:
+  """How many pieces a PartitionSpec cuts an array into on a mesh of these axis sizes."""
   from lostjax import sharding
   return int(np.prod([axes[a] for e in spec for a in sharding.spec_axes(e)] or [1]))
+
+
+def param_bytes_per_device(params, axes: dict) -> float:
+  """Bytes of `params` (abstract nnx.State) one device holds on a mesh of these axis sizes, placed exactly as
+  `lostjax.sharding.state_shardings` places them (a dimension an axis does not divide stays whole)."""
+  from flax import nnx as _nnx
+  from lostjax import sharding
+  mesh = _abstract_mesh(axes)
+  total = 0.0
+  for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _nnx.Variable)):
+    spec = sharding.param_spec(v.get_metadata().get("out_sharding"), v.shape, mesh)
+    total += int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize / _ways(spec, axes)
+  return total
+
 
 
 def optimizer_bytes_per_device(opt_shapes, params, axes: dict) -> float:
